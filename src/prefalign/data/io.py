@@ -1,0 +1,329 @@
+"""Reading rows from preference-data files, and writing JSON Lines.
+
+Supported inputs: ``.jsonl`` files, ``.json`` files (a list of objects, or JSON Lines saved
+as ``.json``), ``.parquet`` files, and folders saved with ``datasets``' ``save_to_disk``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError, DataFileNotFoundError
+from .records import PreferenceRecord
+
+SUPPORTED_FORMATS = (
+    ".jsonl, .json (a list of objects or one object per line), .parquet, "
+    "or a folder saved with datasets' save_to_disk"
+)
+
+_BOM = b"\xef\xbb\xbf"
+
+# (row number, parsed row or the error that row produced)
+RowItem = tuple[int, "dict | DataError"]
+
+
+def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(number, row)`` for each row of a data file.
+
+    ``number`` is the 1-based line for JSON Lines and the 1-based row otherwise. Problems with
+    the file itself (missing, unknown format) raise at once; problems with a row raise a
+    :class:`DataError` naming it when that row is reached.
+    """
+    _unit, items = open_rows(path)
+
+    def gen() -> Iterator[tuple[int, dict]]:
+        for number, row in items:
+            if isinstance(row, DataError):
+                raise row
+            yield number, row
+
+    return gen()
+
+
+def open_rows(path: str | os.PathLike) -> tuple[str, Iterator[RowItem]]:
+    """Check ``path`` and return ``(unit, items)``.
+
+    ``unit`` is ``"line"`` or ``"row"``; ``items`` yields ``(number, dict)`` or, for a row that
+    could not be read (bad UTF-8, invalid JSON, not an object), ``(number, DataError)`` so that
+    callers may skip it and carry on. Errors that spoil the whole file are raised.
+    """
+    p = Path(path)
+    shown = str(path)
+    if not p.exists():
+        raise DataFileNotFoundError(
+            f"file not found (supported: {SUPPORTED_FORMATS})", path=shown
+        )
+    if p.is_dir():
+        return "row", _dataset_folder_rows(p, shown)
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        return "line", _jsonl_rows(p, shown)
+    if suffix == ".json":
+        return _json_rows(p, shown)
+    if suffix == ".parquet":
+        return "row", _parquet_rows(p, shown)
+    raise DataError(
+        f"unsupported file type {p.suffix or '(no extension)'!r}; supported: {SUPPORTED_FORMATS}",
+        path=shown,
+        kind="format",
+    )
+
+
+# --------------------------------------------------------------------------- JSON Lines
+
+
+def _utf8_error(exc: UnicodeDecodeError, raw: bytes, path: str, line: int) -> DataError:
+    bad = raw[exc.start]
+    return DataError(
+        f"not valid UTF-8 (byte 0x{bad:02x} at column {exc.start + 1})",
+        path=path,
+        line=line,
+        kind="encoding",
+    )
+
+
+def _parse_line(raw: bytes, number: int, path: str, is_last_unterminated: bool):
+    """Parse one JSON Lines line; returns a dict, a DataError, or None for a blank line."""
+    if number == 1 and raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _utf8_error(exc, raw, path, number)
+    text = text.rstrip("\r\n")
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if is_last_unterminated:
+            return DataError(
+                "truncated last line (file ends mid-record)",
+                path=path,
+                line=number,
+                kind="truncated",
+            )
+        return DataError(
+            f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=number, kind="json"
+        )
+    if not isinstance(value, dict):
+        hint = ""
+        if isinstance(value, list):
+            hint = " (a JSON array on one line? save a list of objects as .json)"
+        return DataError(
+            f"expected a JSON object, found {type_name(value)}{hint}",
+            path=path,
+            line=number,
+            kind="not_object",
+        )
+    return value
+
+
+def _jsonl_rows(p: Path, path: str) -> Iterator[RowItem]:
+    with open(p, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            row = _parse_line(raw, number, path, not raw.endswith(b"\n"))
+            if row is not None:
+                yield number, row
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _json_rows(p: Path, path: str) -> tuple[str, Iterator[RowItem]]:
+    data = p.read_bytes()
+    body = data[len(_BOM):] if data.startswith(_BOM) else data
+    if not body.lstrip().startswith(b"["):
+        # JSON Lines saved as .json -- unless the file is one object spread over many lines.
+        nonblank = [ln for ln in body.splitlines() if ln.strip()]
+        if len(nonblank) > 1:
+            try:
+                whole = json.loads(body.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                whole = None
+            if whole is not None:
+                raise DataError(
+                    f"a .json file must hold a list of objects or one object per line "
+                    f"(JSON Lines); found a single {type_name(whole)} over several lines",
+                    path=path,
+                    kind="format",
+                )
+        return "line", _jsonl_rows(p, path)
+
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = body.rfind(b"\n", 0, exc.start) + 1
+        line = body.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"not valid UTF-8 (byte 0x{body[exc.start]:02x} at column {exc.start - line_start + 1})",
+            path=path,
+            line=line,
+            kind="encoding",
+        ) from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.pos >= len(text.rstrip()):
+            raise DataError(
+                "truncated JSON array (file ends mid-record)",
+                path=path,
+                line=exc.lineno,
+                kind="truncated",
+            ) from None
+        raise DataError(
+            f"invalid JSON: {exc.msg} (column {exc.colno})",
+            path=path,
+            line=exc.lineno,
+            kind="json",
+        ) from None
+
+    def gen() -> Iterator[RowItem]:
+        for number, row in enumerate(value, 1):
+            if isinstance(row, dict):
+                yield number, row
+            else:
+                yield number, DataError(
+                    f"expected a JSON object, found {type_name(row)}",
+                    path=path,
+                    line=number,
+                    unit="row",
+                    kind="not_object",
+                )
+
+    return "row", gen()
+
+
+# --------------------------------------------------------------------------- Parquet / datasets
+
+
+def _clean_arrow_row(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("__index_level_")}
+
+
+def _parquet_rows(p: Path, path: str) -> Iterator[RowItem]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(p)
+    except Exception as exc:  # pyarrow raises ArrowInvalid and friends
+        raise DataError(f"not a readable Parquet file ({exc})", path=path, kind="format") from None
+
+    def gen() -> Iterator[RowItem]:
+        number = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, _clean_arrow_row(row)
+
+    return gen()
+
+
+def _dataset_folder_rows(p: Path, path: str) -> Iterator[RowItem]:
+    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+    if not any((p / m).exists() for m in markers):
+        raise DataError(
+            f"folder is not a dataset saved with save_to_disk (no {' / '.join(markers)}); "
+            f"supported: {SUPPORTED_FORMATS}",
+            path=path,
+            kind="format",
+        )
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as exc:
+        raise DataError(f"could not load dataset folder ({exc})", path=path, kind="format") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds.keys())
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(splits) == 1:
+            ds = ds[splits[0]]
+        else:
+            raise DataError(
+                f"dataset has splits {splits} and none is called 'train'; "
+                "save the split to use on its own",
+                path=path,
+                kind="format",
+            )
+
+    def gen() -> Iterator[RowItem]:
+        for number, row in enumerate(ds, 1):
+            yield number, _clean_arrow_row(dict(row))
+
+    return gen()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def record_to_dict(record: PreferenceRecord | dict) -> dict:
+    """A record as a plain dict: None fields, an empty ``meta`` and ``source`` are dropped."""
+    if isinstance(record, dict):
+        return dict(record)
+    out: dict[str, Any] = {}
+    for f in fields(record):
+        if f.name == "source":
+            continue
+        value = getattr(record, f.name)
+        if value is None or (f.name == "meta" and not value):
+            continue
+        out[f.name] = value
+    return out
+
+
+def write_jsonl(
+    path: str | os.PathLike,
+    records_or_dicts: Iterable[PreferenceRecord | dict],
+    append: bool = False,
+) -> int:
+    """Write one JSON object per line (UTF-8, ``ensure_ascii=False``); returns the count written.
+
+    With ``append=True`` rows are added to the end; if the file ends mid-line (an interrupted
+    write) a newline is added first so the new rows are not glued onto it.
+    """
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    needs_newline = False
+    if append and p.exists() and p.stat().st_size > 0:
+        with open(p, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            needs_newline = fh.read(1) != b"\n"
+    n = 0
+    with open(p, "a" if append else "w", encoding="utf-8", newline="\n") as fh:
+        if needs_newline:
+            fh.write("\n")
+        for item in records_or_dicts:
+            row = record_to_dict(item)
+            try:
+                line = json.dumps(row, ensure_ascii=False, allow_nan=False)
+            except ValueError as exc:
+                raise ValueError(f"cannot write row {n + 1} to {path} as JSON: {exc}") from None
+            fh.write(line + "\n")
+            n += 1
+        fh.flush()
+    return n
+
+
+def type_name(value: Any) -> str:
+    """JSON-style name of a value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return type(value).__name__

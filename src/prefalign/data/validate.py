@@ -1,0 +1,327 @@
+"""Validating preference rows into :class:`PreferenceRecord` objects before any model is loaded.
+
+Field names follow TRL's preference format, so existing datasets load unchanged:
+
+* ``prompt``: non-empty text, or a list of chat messages.
+* ``chosen`` / ``rejected`` / ``toxic``: text, an assistant message, or a list of messages whose
+  last one is the assistant response (TRL conversational). Without ``prompt`` ("implicit
+  prompt"), the prompt is the messages the response conversations share before their final
+  assistant message.
+* ``anchors``: a non-empty list of responses (D2O's K self-sampled responses).
+* ``reward_chosen`` / ``reward_rejected``: finite numbers.
+* ``meta``: an object. Unknown fields (``id``, ...) are kept in ``meta``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DataError, format_location
+from .io import open_rows, type_name
+from .records import PreferenceRecord
+
+logger = logging.getLogger("prefalign.data")
+
+KNOWN_FIELDS = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "anchors",
+    "toxic",
+    "reward_chosen",
+    "reward_rejected",
+    "meta",
+)
+RESPONSE_FIELDS = ("chosen", "rejected", "toxic")
+REWARD_FIELDS = ("reward_chosen", "reward_rejected")
+ROLES = ("system", "user", "assistant")
+
+_REWARD_MISSING = "missing: this loss needs reward_chosen/reward_rejected (score the file first)"
+
+
+@dataclass
+class LoadResult:
+    records: list[PreferenceRecord]
+    skipped: list[DataError] = field(default_factory=list)
+    path: str = ""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+
+class _RowError(Exception):
+    """Internal: a problem found in a row, turned into a DataError with the row's location."""
+
+    def __init__(self, field: str | None, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_missing(row: dict, name: str) -> bool:
+    return row.get(name) is None
+
+
+def _check_message(msg: Any, fld: str, index: int) -> dict:
+    if not isinstance(msg, dict):
+        raise _RowError(
+            fld,
+            f"message {index}: expected an object with 'role' and 'content', "
+            f"found {type_name(msg)}",
+            "type",
+        )
+    role = msg.get("role")
+    if role not in ROLES:
+        found = "no role" if role is None else f"role {role!r}"
+        raise _RowError(
+            fld, f"message {index}: expected role system/user/assistant, found {found}", "type"
+        )
+    content = msg.get("content")
+    if not isinstance(content, str):
+        raise _RowError(
+            fld,
+            f"message {index}: expected 'content' to be a string, found {type_name(content)}",
+            "type",
+        )
+    return msg
+
+
+def _check_messages(value: list, fld: str) -> list[dict]:
+    if not value:
+        raise _RowError(fld, "expected a non-empty list of messages, found an empty list", "empty")
+    return [_check_message(m, fld, i) for i, m in enumerate(value)]
+
+
+def _response_text(value: Any, fld: str) -> tuple[str, list[dict] | None]:
+    """Normalise a response; returns (text, leading messages if it was a conversation)."""
+    history: list[dict] | None = None
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict):
+        msg = _check_message(value, fld, 0)
+        if msg["role"] != "assistant":
+            raise _RowError(
+                fld, f"expected an assistant message, found role {msg['role']!r}", "type"
+            )
+        text = msg["content"]
+    elif isinstance(value, list):
+        msgs = _check_messages(value, fld)
+        last = msgs[-1]
+        if last["role"] != "assistant":
+            raise _RowError(
+                fld,
+                f"expected the last message to be the assistant response, "
+                f"found role {last['role']!r}",
+                "type",
+            )
+        text = last["content"]
+        history = msgs[:-1]
+    else:
+        raise _RowError(
+            fld,
+            "expected a string, an assistant message or a list of messages, "
+            f"found {type_name(value)}",
+            "type",
+        )
+    if not text.strip():
+        raise _RowError(fld, "response is empty", "empty")
+    return text, history
+
+
+def _prompt(value: Any) -> str | list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise _RowError("prompt", "prompt is empty", "empty")
+        return value
+    if isinstance(value, list):
+        msgs = _check_messages(value, "prompt")
+        if not any(m["content"].strip() for m in msgs):
+            raise _RowError("prompt", "prompt is empty (all messages have empty content)", "empty")
+        return msgs
+    raise _RowError(
+        "prompt",
+        f"expected a string or a list of chat messages, found {type_name(value)}",
+        "type",
+    )
+
+
+def _reward(value: Any, fld: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _RowError(fld, f"expected a number, found {type_name(value)}", "type")
+    value = float(value)
+    if not math.isfinite(value):
+        raise _RowError(fld, f"reward is not finite (found {value})", "non_finite")
+    return value
+
+
+def _validate_row(row: dict, required: frozenset[str]) -> PreferenceRecord:
+    histories: list[tuple[str, list[dict]]] = []
+    out: dict[str, Any] = {}
+
+    # Responses first, so the implicit prompt can be taken from their conversations.
+    for name in ("chosen", "rejected"):
+        if _is_missing(row, name):
+            if name in required:
+                raise _RowError(name, "missing required field", "missing")
+            continue
+        out[name], hist = _response_text(row[name], name)
+        if hist is not None:
+            histories.append((name, hist))
+
+    if _is_missing(row, "anchors"):
+        if "anchors" in required:
+            raise _RowError("anchors", "missing required field", "missing")
+    else:
+        anchors = row["anchors"]
+        if not isinstance(anchors, list):
+            raise _RowError(
+                "anchors", f"expected a list of responses, found {type_name(anchors)}", "type"
+            )
+        if not anchors:
+            raise _RowError(
+                "anchors", "expected a non-empty list of responses (K >= 1), found []", "empty"
+            )
+        texts = []
+        for i, item in enumerate(anchors):
+            text, hist = _response_text(item, f"anchors[{i}]")
+            texts.append(text)
+            if hist is not None:
+                histories.append((f"anchors[{i}]", hist))
+        out["anchors"] = texts
+
+    if _is_missing(row, "toxic"):
+        if "toxic" in required:
+            raise _RowError("toxic", "missing required field", "missing")
+    else:
+        out["toxic"], hist = _response_text(row["toxic"], "toxic")
+        if hist is not None:
+            histories.append(("toxic", hist))
+
+    # Prompt: explicit, or implicit (TRL) from the conversations' shared leading messages.
+    if not _is_missing(row, "prompt"):
+        out["prompt"] = _prompt(row["prompt"])
+    else:
+        if not histories:
+            raise _RowError("prompt", "missing required field", "missing")
+        first_name, first = histories[0]
+        for name, hist in histories[1:]:
+            if hist != first:
+                raise _RowError(
+                    "prompt",
+                    f"missing, and the implicit prompt is ambiguous: '{first_name}' and '{name}' "
+                    "differ before their final assistant message",
+                    "missing",
+                )
+        if not first:
+            raise _RowError(
+                "prompt",
+                f"missing required field ('{first_name}' holds only the assistant response)",
+                "missing",
+            )
+        out["prompt"] = _prompt(first)
+
+    needs_reward = any(f in required for f in REWARD_FIELDS)
+    for name in REWARD_FIELDS:
+        if _is_missing(row, name):
+            if needs_reward:
+                raise _RowError(name, _REWARD_MISSING, "reward_missing")
+            continue
+        out[name] = _reward(row[name], name)
+
+    meta: dict = {}
+    if not _is_missing(row, "meta"):
+        if not isinstance(row["meta"], dict):
+            raise _RowError("meta", f"expected an object, found {type_name(row['meta'])}", "type")
+        meta = row["meta"]
+    extras = {k: v for k, v in row.items() if k not in KNOWN_FIELDS and v is not None}
+    out["meta"] = {**extras, **meta}
+    return PreferenceRecord(**out)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_records(
+    path: str | os.PathLike,
+    required_fields: Iterable[str],
+    *,
+    skip_invalid: bool = False,
+) -> LoadResult:
+    """Read and validate every row of a data file.
+
+    ``required_fields`` names the fields the loss needs (e.g. ``("prompt", "chosen",
+    "rejected")``; add ``reward_chosen``/``reward_rejected`` for losses that use rewards). The
+    first invalid row raises a :class:`DataError` unless ``skip_invalid`` is true, in which case
+    it is skipped, recorded in ``skipped`` and logged as a warning. A file with no valid records
+    raises a :class:`DataError`.
+    """
+    required = frozenset(required_fields)
+    unknown = required - set(KNOWN_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown required field(s) {sorted(unknown)}; known: {KNOWN_FIELDS}")
+    shown = str(path)
+    unit, items = open_rows(path)
+    records: list[PreferenceRecord] = []
+    skipped: list[DataError] = []
+    for number, row in items:
+        if isinstance(row, DataError):
+            err = row
+        else:
+            try:
+                record = _validate_row(row, required)
+            except _RowError as exc:
+                err = DataError(
+                    exc.message, path=shown, line=number, field=exc.field, unit=unit, kind=exc.kind
+                )
+            else:
+                record.source = format_location(shown, number, unit)
+                records.append(record)
+                continue
+        if not skip_invalid:
+            raise err
+        skipped.append(err)
+        logger.warning("skipping invalid row: %s", err)
+    if not records:
+        if skipped:
+            raise DataError(
+                f"no valid records ({len(skipped)} invalid row(s) skipped; first: {skipped[0]})",
+                path=shown,
+                kind="no_records",
+            )
+        raise DataError("no records (the file is empty)", path=shown, kind="no_records")
+    if skipped:
+        logger.warning(
+            "%s: skipped %d invalid row(s), kept %d", shown, len(skipped), len(records)
+        )
+    return LoadResult(records=records, skipped=skipped, path=shown)
+
+
+def filter_positive_reward_gap(
+    records: Iterable[PreferenceRecord],
+) -> tuple[list[PreferenceRecord], int]:
+    """Keep pairs whose ``reward_chosen - reward_rejected > 0`` (ODPO); returns (kept, n_dropped)."""
+    kept: list[PreferenceRecord] = []
+    dropped = 0
+    for rec in records:
+        for name in REWARD_FIELDS:
+            if getattr(rec, name) is None:
+                raise DataError(_REWARD_MISSING, path=rec.source or None, field=name,
+                                kind="reward_missing")
+        gap = rec.reward_chosen - rec.reward_rejected
+        if gap > 0:
+            kept.append(rec)
+        else:
+            dropped += 1
+    return kept, dropped

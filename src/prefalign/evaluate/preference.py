@@ -1,0 +1,56 @@
+"""Held-out preference accuracy: how often a model gives the chosen response a higher summed
+log-probability than the rejected one, and by how much on average."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from prefalign.data.records import PreferenceRecord
+from prefalign.data.tokenize import TokenizeSettings, tokenize_record
+from prefalign.train.reference import score_examples
+
+
+@dataclass
+class PreferenceScore:
+    n: int
+    share: float  # share of pairs with logp(chosen) > logp(rejected)
+    share_ci95: tuple[float, float]  # Wilson score interval
+    mean_gap: float  # mean of logp(chosen) - logp(rejected), nats
+    gap_stderr: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def pair_logps(model, tokenizer, records: Sequence[PreferenceRecord], settings: TokenizeSettings, batch_size: int = 8):
+    """Summed response log-probs of chosen and rejected for each record: two [N] tensors."""
+    examples = [tokenize_record(r, i, tokenizer, ("chosen", "rejected"), settings) for i, r in enumerate(records)]
+    chosen, rejected = [], []
+    for start in range(0, len(examples), batch_size):
+        scores = score_examples(model, examples[start : start + batch_size], ("chosen", "rejected"), tokenizer.pad_token_id)
+        chosen.append(scores["chosen"])
+        rejected.append(scores["rejected"])
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def preference_score(model, tokenizer, records, settings: TokenizeSettings | None = None, batch_size: int = 8) -> PreferenceScore:
+    chosen, rejected = pair_logps(model, tokenizer, records, settings or TokenizeSettings(), batch_size)
+    gaps = chosen - rejected
+    wins = int((gaps > 0).sum())
+    n = len(gaps)
+    stderr = float(gaps.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return PreferenceScore(n, wins / n, wilson_interval(wins, n), float(gaps.mean()), stderr)

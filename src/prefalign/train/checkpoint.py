@@ -1,0 +1,49 @@
+"""Atomic checkpoints: model/adapters, optimizer, scheduler and RNG through ``accelerate``,
+plus the trainer's own position. A checkpoint folder appears under its final name only once it
+is complete, so a ``kill -9`` at any moment leaves the previous one intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> Path:
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['step']:08d}"
+    tmp = root / f".partial-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    root = checkpoints_dir(output_dir)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text())

@@ -1,0 +1,134 @@
+"""Typed configuration for ``prefalign train``: one model drives both the YAML file and the flags,
+and everything is validated before a model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from prefalign.losses import LOSSES
+from prefalign.models.lora import LoraSettings
+
+ReferenceMode = Literal["auto", "precompute", "copy", "disable-adapters"]
+
+
+class ConfigError(ValueError):
+    """A config file or flag combination is invalid; the message names the file and field."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "smollm2-135m-instruct"
+    data: Path
+    output_dir: Path
+    loss: str = "dpo"
+    beta: float | None = Field(None, gt=0, description="shortcut for loss_params.beta")
+    loss_params: dict[str, float] = Field(default_factory=dict)
+
+    # What the reference is: ``precompute`` scores the data once with the starting weights and
+    # caches the log-probs on disk (no second model in memory); ``copy`` keeps a frozen copy;
+    # ``disable-adapters`` (LoRA only) runs the policy with adapters switched off. ``auto`` picks
+    # ``precompute``.
+    reference: ReferenceMode = "auto"
+    reference_model: str | None = None  # another model as reference (default: the starting model)
+    toxic_reference_model: str | None = None  # ADPO inner toxic model (default: the reference)
+    toxic_control_token: str = "[TOXIC]"
+    ref_cache_dir: Path | None = None  # default: <cache>/ref-logps
+
+    lora: LoraSettings | None = None
+    merge: bool = False  # with LoRA: also save merged full weights
+
+    lr: float = Field(5e-6, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_length: int = Field(512, gt=8)
+    max_prompt_length: int = Field(256, gt=0)
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+
+    eval_data: Path | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    eval_every: int = Field(0, ge=0)  # 0: only at the end (when there is eval data)
+
+    save_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    skip_invalid: bool = False
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
+        spec = LOSSES[self.loss]
+        unknown = set(self.loss_params) - set(spec.defaults)
+        if unknown:
+            raise ValueError(
+                f"loss_params: {sorted(unknown)} not accepted by '{self.loss}' (accepts {sorted(spec.defaults)})"
+            )
+        if self.beta is not None and "beta" not in spec.defaults:
+            raise ValueError(f"beta: loss '{self.loss}' has no beta")
+        if self.reference == "disable-adapters" and self.lora is None:
+            raise ValueError("reference: 'disable-adapters' needs LoRA (set lora: {r: 16})")
+        if self.merge and self.lora is None:
+            raise ValueError("merge: only meaningful with LoRA")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be below max_length")
+        if self.eval_data is not None and self.eval_fraction > 0:
+            raise ValueError("eval_fraction: give either eval_data or eval_fraction, not both")
+        return self
+
+    def resolved_loss_params(self) -> dict[str, float]:
+        params = dict(LOSSES[self.loss].defaults)
+        params.update(self.loss_params)
+        if self.beta is not None:
+            params["beta"] = self.beta
+        return params
+
+    def reference_mode(self) -> str:
+        return "precompute" if self.reference == "auto" else self.reference
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(config)"
+        message = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: field '{where}': {message}")
+    return "\n".join(lines)
+
+
+def load_train_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML file (optional), apply flag overrides (flags win), validate everything."""
+    values: dict[str, Any] = {}
+    source = "flags"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: config file not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of field: value")
+        # A recipe may nest the training section under ``train:``.
+        values.update(loaded.get("train", loaded) if isinstance(loaded.get("train"), dict) else loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None

@@ -1,0 +1,378 @@
+"""The training loop, top to bottom: ``setup`` (data, model, reference, optimizer), ``train``
+(steps, logging, checkpoints), ``finish`` (final save). The loss comes from the registry; nothing
+here branches on its name."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from prefalign.data.tokenize import TokenizedExample, TokenizeSettings, tokenize_record
+from prefalign.data.validate import filter_positive_reward_gap, load_records
+from prefalign.data.sources import stable_split
+from prefalign.losses import LossSpec, get_loss, implicit_rewards
+from prefalign.models.loading import load_model, load_tokenizer
+from prefalign.models.lora import apply_lora
+from prefalign.models.registry import cache_root, model_fingerprint, resolve_model
+from prefalign.train.checkpoint import latest_checkpoint, read_state, save_checkpoint
+from prefalign.train.config import TrainConfig
+from prefalign.train.logging import MetricsLogger
+from prefalign.train.reference import ModelReference, cache_key, precompute_reference
+from prefalign.train.sequences import collate, sequence_logps, split_groups
+
+log = logging.getLogger("prefalign.train")
+
+#: Config fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = {"max_steps", "epochs", "save_every", "eval_every", "log_every", "keep_checkpoints", "merge"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    model_dir: Path
+    adapter_dir: Path | None = None
+    history: list[dict] = field(default_factory=list)
+    data_summary: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def prepare_examples(config: TrainConfig, spec: LossSpec, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], dict]:
+    """Validate and tokenise the training (and evaluation) data; returns a summary of skips."""
+    summary: dict = {}
+
+    def load(path: Path, name: str):
+        result = load_records(path, spec.required_fields, skip_invalid=config.skip_invalid)
+        records = result.records
+        summary[f"{name}_skipped_invalid"] = len(result.skipped)
+        if spec.requires_positive_reward_gap:
+            records, dropped = filter_positive_reward_gap(records)
+            summary[f"{name}_dropped_nonpositive_reward_gap"] = dropped
+            if dropped:
+                log.warning("%s: dropped %d pairs whose reward gap is <= 0 (%s needs a positive gap)", path, dropped, spec.name)
+            if not records:
+                raise ValueError(f"{path}: no pair left with reward_chosen > reward_rejected")
+        return records
+
+    train_records = load(config.data, "train")
+    eval_records = load(config.eval_data, "eval") if config.eval_data else []
+    if config.eval_fraction > 0:
+        train_records, eval_records = stable_split(train_records, key=lambda r: str(r.meta.get("id", r.prompt)), eval_fraction=config.eval_fraction)
+    settings = TokenizeSettings(config.max_length, config.max_prompt_length, config.chat_template, config.toxic_control_token)
+    groups = spec.responses
+
+    def tokenize(records, offset):
+        return [
+            tokenize_record(r, offset + i, tokenizer, groups, settings, with_toxic_prompt=spec.needs_toxic_reference)
+            for i, r in enumerate(records)
+        ]
+
+    train = tokenize(train_records, 0)
+    evaluation = tokenize(eval_records, len(train))
+    summary.update(train_examples=len(train), eval_examples=len(evaluation))
+    return train, evaluation, summary
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example order of one epoch: a permutation fixed by (seed, epoch), so resuming needs
+    only the epoch and the batch position."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def batch_metrics(spec: LossSpec, policy: dict, reference: dict, beta: float) -> dict[str, float]:
+    with torch.no_grad():
+        chosen = implicit_rewards(policy[spec.positive].detach(), reference[spec.positive], beta)
+        rejected = implicit_rewards(policy[spec.negative].detach(), reference[spec.negative], beta)
+        return {
+            "rewards/chosen": chosen.mean().item(),
+            "rewards/rejected": rejected.mean().item(),
+            "rewards/margin": (chosen - rejected).mean().item(),
+            "rewards/accuracy": (chosen > rejected).float().mean().item(),
+            "logps/chosen": policy[spec.positive].detach().float().mean().item(),
+            "logps/rejected": policy[spec.negative].detach().float().mean().item(),
+        }
+
+
+def rewards_of(examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+    names = examples[0].rewards.keys()
+    return {n: torch.tensor([ex.rewards[n] for ex in examples], dtype=torch.float32) for n in names}
+
+
+# -------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, resume: bool = False, show_progress: bool = True):
+        self.config, self.resume, self.show_progress = config, resume, show_progress
+        self.spec = get_loss(config.loss)
+        self.params = config.resolved_loss_params()
+        self.output_dir = Path(config.output_dir)
+
+    # -- setup --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        config = self.config
+        # Data first: a bad file fails in seconds, before any model is loaded.
+        self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        self.train_examples, self.eval_examples, self.data_summary = prepare_examples(config, self.spec, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._check_resume_compatible()
+        (self.output_dir / "train_config.json").write_text(config.model_dump_json(indent=1))
+        set_seed(config.seed)
+        self.accelerator = Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=not torch.cuda.is_available())
+        model = load_model(config.model, trust_remote_code=config.trust_remote_code)
+        self.reference, self.eval_reference = self._build_reference(model)
+        if config.lora is not None:
+            model = apply_lora(model, config.lora)
+            if config.reference_mode() == "disable-adapters":
+                self.reference = self.eval_reference = ModelReference(
+                    model, self.spec.responses, self.pad_id, toxic_model=self._toxic_model, context=model.disable_adapter
+                )
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.total_steps = self._total_steps()
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.logger = MetricsLogger(self.output_dir)
+        if self.resume:
+            self._load_checkpoint()
+
+    def _total_steps(self) -> int:
+        if self.config.max_steps:
+            return self.config.max_steps
+        per_epoch = math.ceil(len(self.train_examples) / (self.config.batch_size * self.config.grad_accum))
+        return max(1, math.ceil(per_epoch * self.config.epochs))
+
+    def _build_reference(self, model):
+        config, spec = self.config, self.spec
+        ref_name = config.reference_model or config.model
+        self._toxic_model = None
+        if spec.needs_toxic_reference and config.toxic_reference_model:
+            self._toxic_model = load_model(config.toxic_reference_model, trust_remote_code=config.trust_remote_code).eval()
+            self._toxic_model.requires_grad_(False)
+        mode = config.reference_mode()
+        if mode == "disable-adapters":
+            return None, None  # set once the adapters exist
+        ref_model = model if config.reference_model is None else load_model(ref_name, trust_remote_code=config.trust_remote_code)
+        if mode == "copy":
+            import copy
+
+            frozen = copy.deepcopy(ref_model) if ref_model is model else ref_model
+            frozen.requires_grad_(False).eval()
+            ref = ModelReference(frozen, spec.responses, self.pad_id, toxic_model=self._toxic_model)
+            return ref, ref
+        # precompute: score with the starting weights now, before any update, and cache on disk.
+        cache_dir = config.ref_cache_dir or cache_root() / "ref-logps"
+        model_id = model_fingerprint(resolve_model(ref_name))
+        toxic_id = model_fingerprint(resolve_model(config.toxic_reference_model)) if self._toxic_model is not None else None
+        tables = []
+        for name, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
+            if not examples:
+                tables.append(None)
+                continue
+            key = cache_key(model_id, toxic_id, spec.responses, examples)
+            tables.append(
+                precompute_reference(
+                    ref_model, examples, spec.responses, self.pad_id, Path(cache_dir), key,
+                    toxic_model=self._toxic_model, batch_size=config.batch_size * 2, desc=f"reference log-probs ({name})",
+                )
+            )
+        return tables[0], tables[1]
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _check_resume_compatible(self) -> None:
+        saved = self.output_dir / "train_config.json"
+        if not (self.resume and saved.exists()):
+            return
+        before = json.loads(saved.read_text())
+        now = json.loads(self.config.model_dump_json())
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
+        if changed:
+            raise ValueError(f"--resume: {self.output_dir} was trained with different settings for {changed}; use a new output dir")
+
+    def _state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "loss": self.config.loss}
+
+    def _load_checkpoint(self) -> None:
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            log.warning("--resume: no checkpoint in %s, starting from step 0", self.output_dir)
+            self.logger.truncate_after(0)
+            return
+        self.accelerator.load_state(str(checkpoint))
+        state = read_state(checkpoint)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        # Steps the killed run logged after its last checkpoint are run again: drop their lines.
+        self.logger.truncate_after(self.step)
+        log.info("resumed from %s (step %d)", checkpoint, self.step)
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.accelerator, self.output_dir, self._state(), self.config.keep_checkpoints)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def loss_on(self, examples: Sequence[TokenizedExample], reference_fn, *, train: bool):
+        batch = collate(examples, self.spec.responses, self.pad_id)
+        batch.input_ids = batch.input_ids.to(self.accelerator.device)
+        batch.attention_mask = batch.attention_mask.to(self.accelerator.device)
+        batch.response_mask = batch.response_mask.to(self.accelerator.device)
+        context = torch.enable_grad() if train else torch.no_grad()
+        with context:
+            policy = split_groups(sequence_logps(self.model, batch), batch.rows)
+        reference = {k: v.to(policy[next(iter(policy))].device) for k, v in reference_fn(examples).items()}
+        rewards = rewards_of(examples)
+        losses = self.spec.compute(policy, reference, rewards, **self.params)
+        return losses, policy, reference, batch.num_tokens
+
+    def next_batch(self) -> list[TokenizedExample]:
+        batches = epoch_batches(len(self.train_examples), self.config.batch_size, self.config.seed, self.epoch)
+        if self.batch_in_epoch >= len(batches):
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            batches = epoch_batches(len(self.train_examples), self.config.batch_size, self.config.seed, self.epoch)
+        indices = batches[self.batch_in_epoch]
+        self.batch_in_epoch += 1
+        return [self.train_examples[i] for i in indices]
+
+    def train_step(self) -> dict[str, float]:
+        config, accelerator = self.config, self.accelerator
+        started = time.perf_counter()
+        totals: dict[str, float] = {}
+        tokens, loss_sum = 0, 0.0
+        for micro in range(config.grad_accum):
+            examples = self.next_batch()
+            sync = micro == config.grad_accum - 1
+            ctx = accelerator.no_sync(self.model) if not sync else _null()
+            with ctx:
+                losses, policy, reference, n_tokens = self.loss_on(examples, self.reference, train=True)
+                loss = losses.mean()
+                if not torch.isfinite(loss):
+                    last = latest_checkpoint(self.output_dir)
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {self.step + 1}; training stopped. "
+                        f"Last good checkpoint: {last or 'none yet'} (resume from it with a lower lr)"
+                    )
+                accelerator.backward(loss / config.grad_accum)
+            loss_sum += loss.item() / config.grad_accum
+            tokens += n_tokens
+            for k, v in batch_metrics(self.spec, policy, reference, self.params.get("beta", 0.1)).items():
+                totals[k] = totals.get(k, 0.0) + v / config.grad_accum
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        return {
+            "step": self.step, "epoch": self.epoch, "loss": loss_sum, **totals,
+            "grad_norm": float(grad_norm), "lr": lr,
+            "tokens_per_s": tokens / elapsed, "samples_per_s": config.batch_size * config.grad_accum / elapsed,
+            "step_time_s": elapsed,
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        totals: dict[str, float] = {}
+        n = 0
+        was_training = self.model.training
+        self.model.eval()
+        size = self.config.batch_size * 2
+        for start in range(0, len(self.eval_examples), size):
+            chunk = self.eval_examples[start : start + size]
+            losses, policy, reference, _ = self.loss_on(chunk, self.eval_reference, train=False)
+            metrics = {"loss": losses.mean().item(), **batch_metrics(self.spec, policy, reference, self.params.get("beta", 0.1))}
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * len(chunk)
+            n += len(chunk)
+        self.model.train(was_training)
+        return {f"eval/{k}": v / n for k, v in totals.items()}
+
+    # -- run -----------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        config = self.config
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {config.loss}", unit="step", disable=not self.show_progress)
+        last: dict = {}
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            if config.eval_every and self.step % config.eval_every == 0:
+                metrics.update(self.evaluate())
+            if self.step % config.log_every == 0 or self.step == self.total_steps:
+                self.logger.log(metrics)
+            last = metrics
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if self.step % config.save_every == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        final_eval = self.evaluate()
+        if final_eval:
+            self.logger.log({"step": self.step, **final_eval})
+        return self.finish(last.get("loss"), final_eval)
+
+    def finish(self, final_loss, final_eval) -> TrainResult:
+        model = self.accelerator.unwrap_model(self.model)
+        adapter_dir = None
+        if self.config.lora is not None:
+            adapter_dir = self.output_dir / "adapter"
+            model.save_pretrained(adapter_dir)
+            self.tokenizer.save_pretrained(adapter_dir)
+            model_dir = self.output_dir / "model"
+            if self.config.merge:
+                merged = model.merge_and_unload()
+                merged.save_pretrained(model_dir)
+                self.tokenizer.save_pretrained(model_dir)
+            else:
+                model_dir = adapter_dir
+        else:
+            model_dir = self.output_dir / "model"
+            model.save_pretrained(model_dir)
+            self.tokenizer.save_pretrained(model_dir)
+        self.logger.close()
+        summary = {
+            "steps": self.step, "final_loss": final_loss, "model_dir": str(model_dir),
+            "adapter_dir": str(adapter_dir) if adapter_dir else None, "data": self.data_summary, **final_eval,
+        }
+        (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        return TrainResult(self.output_dir, self.step, final_loss, model_dir, adapter_dir, self.logger.history(), self.data_summary)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_training(config: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    trainer = Trainer(config, resume=resume, show_progress=show_progress)
+    trainer.setup()
+    return trainer.train()

@@ -1,0 +1,138 @@
+"""Reference log-probs: precomputed and cached on disk, a frozen copy, or the policy with its
+LoRA adapters disabled. All three answer the same call: examples in, ``{group: logps}`` out."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from prefalign.data.tokenize import TokenizedExample
+from prefalign.train.sequences import collate, sequence_logps, split_groups
+
+log = logging.getLogger("prefalign.train")
+
+ReferenceFn = Callable[[Sequence[TokenizedExample]], dict[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def score_examples(
+    model,
+    examples: Sequence[TokenizedExample],
+    groups: Sequence[str],
+    pad_id: int,
+    *,
+    toxic_reference: bool = False,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, torch.Tensor]:
+    """Score ``groups`` (and ``toxic_ref`` rows) of ``examples`` with ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with context():
+            batch = collate(examples, groups, pad_id, toxic_reference=toxic_reference)
+            batch_device = _to_device(batch, _device_of(model))
+            return {k: v.detach().float().cpu() for k, v in split_groups(sequence_logps(model, batch_device), batch_device.rows).items()}
+    finally:
+        model.train(was_training)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_device(batch, device):
+    if batch.input_ids.device == device:
+        return batch
+    batch.input_ids = batch.input_ids.to(device)
+    batch.attention_mask = batch.attention_mask.to(device)
+    batch.response_mask = batch.response_mask.to(device)
+    return batch
+
+
+class ModelReference:
+    """Scores each batch with a frozen model: a copy, or the policy with adapters disabled."""
+
+    def __init__(self, model, groups, pad_id, *, toxic_model=None, context=contextlib.nullcontext):
+        self.model, self.groups, self.pad_id = model, tuple(groups), pad_id
+        self.toxic_model, self.context = toxic_model, context
+
+    def __call__(self, examples):
+        same_model_scores_toxic = self.toxic_model is None and "toxic" in self.groups
+        out = score_examples(
+            self.model, examples, self.groups, self.pad_id,
+            toxic_reference=same_model_scores_toxic and examples[0].toxic_prompt_ids is not None,
+            context=self.context,
+        )
+        if self.toxic_model is not None:
+            out.update(score_examples(self.toxic_model, examples, (), self.pad_id, toxic_reference=True))
+        return out
+
+
+class PrecomputedReference:
+    """Log-probs computed once per (model, tokenised data) and looked up by example index."""
+
+    def __init__(self, table: dict[str, torch.Tensor], index_of: dict[int, int]):
+        self.table, self.index_of = table, index_of
+
+    def __call__(self, examples):
+        rows = torch.tensor([self.index_of[ex.index] for ex in examples], dtype=torch.long)
+        return {group: values[rows] for group, values in self.table.items()}
+
+
+def cache_key(model_id: str, toxic_model_id: str | None, groups: Sequence[str], examples: Sequence[TokenizedExample]) -> str:
+    """Keyed by the model's identity and the exact token ids, so any change to the data, the
+    tokenizer or the truncation settings gives a new key."""
+    h = hashlib.sha256()
+    h.update(f"{model_id}|{toxic_model_id}|{','.join(groups)}".encode())
+    for ex in examples:
+        h.update(repr((ex.index, ex.prompt_ids, ex.toxic_prompt_ids, [ex.responses[g] for g in groups])).encode())
+    return h.hexdigest()[:32]
+
+
+def precompute_reference(
+    model,
+    examples: Sequence[TokenizedExample],
+    groups: Sequence[str],
+    pad_id: int,
+    cache_dir: Path,
+    key: str,
+    *,
+    toxic_model=None,
+    batch_size: int = 8,
+    desc: str = "reference log-probs",
+) -> PrecomputedReference:
+    path = cache_dir / f"{key}.pt"
+    index_of = {ex.index: i for i, ex in enumerate(examples)}
+    if path.exists():
+        log.info("reference log-probs: cache hit %s", path)
+        return PrecomputedReference(torch.load(path), index_of)
+    scorer = ModelReference(model, groups, pad_id, toxic_model=toxic_model)
+    # Longest first: similar lengths share a batch, so little is spent on padding.
+    order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
+    chunks: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        idx = order[start : start + batch_size]
+        for group, values in scorer([examples[i] for i in idx]).items():
+            chunks.setdefault(group, []).append((idx, values))
+    table = {}
+    for group, parts in chunks.items():
+        first = parts[0][1]
+        out = torch.empty((len(examples), *first.shape[1:]), dtype=torch.float32)
+        for idx, values in parts:
+            out[torch.tensor(idx)] = values
+        table[group] = out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    os.close(fd)
+    torch.save(table, tmp)
+    os.replace(tmp, path)
+    log.info("reference log-probs: cached %d examples at %s", len(examples), path)
+    return PrecomputedReference(table, index_of)
