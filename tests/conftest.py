@@ -1,0 +1,53 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name a prime number.",
+    "How do I bake bread?",
+    "Is the earth flat?",
+    "Tell me a fact about cats.",
+    "What colour is the sky?",
+    "Give me a word that rhymes with cat.",
+    "What is two plus two?",
+]
+
+
+def pair_rows(n=8):
+    rows = []
+    for i in range(n):
+        p = PROMPTS[i % len(PROMPTS)]
+        rows.append({
+            "id": f"ex{i}",
+            "prompt": p,
+            "chosen": f"A careful, honest answer number {i}.",
+            "rejected": f"No {i}",
+            "reward_chosen": 1.0 + i * 0.1,
+            "reward_rejected": 0.2,
+            "anchors": [f"Sampled answer {i} a.", f"Sampled answer {i} b, longer."],
+            "toxic": f"Something rude {i}!",
+        })
+    return rows
+
+
+def write_jsonl(path: Path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from prefalign.models.registry import prepare
+
+    return str(prepare("tiny-random"))
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "pairs.jsonl", pair_rows())

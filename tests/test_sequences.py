@@ -1,0 +1,76 @@
+"""The batched, completion-only log-prob path against a plain one-sequence-at-a-time computation."""
+
+import torch
+
+from prefalign.data.records import PreferenceRecord
+from prefalign.data.tokenize import TokenizeSettings, tokenize_record, truncate
+from prefalign.models.loading import load_model, load_tokenizer
+from prefalign.train.sequences import collate, sequence_logps, split_groups
+
+
+def plain_logp(model, prompt_ids, response_ids):
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    logps = logits.log_softmax(-1)
+    start = len(prompt_ids)
+    return sum(logps[t - 1, ids[0, t]].item() for t in range(start, ids.shape[1]))
+
+
+def test_batched_logps_match_plain_per_sequence(tiny_model):
+    model, tok = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
+    records = [
+        PreferenceRecord(prompt="Hi", chosen="Hello there, friend.", rejected="Go away", anchors=["a", "b c d"]),
+        PreferenceRecord(prompt=[{"role": "user", "content": "A much longer prompt with many more words in it"}],
+                         chosen="Ok", rejected="A long long rejected answer here", anchors=["x y", "z"]),
+    ]
+    settings = TokenizeSettings()
+    examples = [tokenize_record(r, i, tok, ("chosen", "rejected", "anchors"), settings) for i, r in enumerate(records)]
+    batch = collate(examples, ("chosen", "rejected", "anchors"), tok.pad_token_id)
+    with torch.no_grad():
+        got = split_groups(sequence_logps(model, batch), batch.rows)
+    assert got["anchors"].shape == (2, 2)
+    for i, ex in enumerate(examples):
+        assert abs(got["chosen"][i].item() - plain_logp(model, ex.prompt_ids, ex.responses["chosen"][0])) < 1e-4
+        assert abs(got["rejected"][i].item() - plain_logp(model, ex.prompt_ids, ex.responses["rejected"][0])) < 1e-4
+        for k in range(2):
+            assert abs(got["anchors"][i, k].item() - plain_logp(model, ex.prompt_ids, ex.responses["anchors"][k])) < 1e-4
+
+
+def test_prompt_tokens_never_count(tiny_model):
+    model, tok = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
+    a = tokenize_record(PreferenceRecord(prompt="short", chosen="same answer", rejected="x"), 0, tok, ("chosen",), TokenizeSettings())
+    batch = collate([a], ("chosen",), tok.pad_token_id)
+    # Masking the response leaves nothing: a zero sum proves prompt positions contribute nothing.
+    batch.response_mask[:] = False
+    with torch.no_grad():
+        assert sequence_logps(model, batch).abs().max().item() == 0.0
+
+
+def test_truncation_keeps_prompt_end_and_response_start():
+    settings = TokenizeSettings(max_length=10, max_prompt_length=4)
+    prompt, responses = truncate(list(range(8)), [list(range(100, 108)), [200, 201]], settings)
+    assert prompt == [4, 5, 6, 7]  # left-truncated: the end of the prompt stays
+    assert responses[0] == list(range(100, 106))  # right-truncated to the budget
+    assert responses[1] == [200, 201]
+    short_prompt, short_responses = truncate([1, 2], [[3, 4]], settings)
+    assert short_prompt == [1, 2] and short_responses == [[3, 4]]
+
+
+def test_response_ends_with_eos_and_chat_template_is_used(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    ex = tokenize_record(PreferenceRecord(prompt="Hi", chosen="Yes", rejected="No"), 0, tok, ("chosen", "rejected"), TokenizeSettings())
+    assert ex.responses["chosen"][-1][-1] == tok.eos_token_id
+    text = tok.decode(ex.prompt_ids)
+    assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_toxic_prompt_carries_control_token(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    rec = PreferenceRecord(prompt="Say something", chosen="Sure.", rejected="No.", toxic="Bad words")
+    ex = tokenize_record(rec, 0, tok, ("chosen", "rejected", "toxic"), TokenizeSettings(), with_toxic_prompt=True)
+    assert "[TOXIC] Say something" in tok.decode(ex.toxic_prompt_ids)
+    assert "[TOXIC]" not in tok.decode(ex.prompt_ids)
+    batch = collate([ex], ("chosen", "rejected", "toxic"), tok.pad_token_id, toxic_reference=True)
+    assert set(batch.rows) == {"chosen", "rejected", "toxic", "toxic_ref"}
+    assert batch.input_ids.shape[0] == 4
