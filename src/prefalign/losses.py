@@ -446,6 +446,31 @@ def adpo_loss(
     return -F.logsigmoid(beta * h - gamma * (policy_toxic_logps - toxic_ref_logps))
 
 
+def sft_loss(policy_logps: Tensor, num_tokens: Tensor | None = None) -> Tensor:
+    """Supervised fine-tuning: negative log-likelihood of the target response.
+
+    Formula::
+
+        loss = -pi_target                 (summed over response tokens)
+        loss = -pi_target / num_tokens    (when ``num_tokens`` is given: per-token mean)
+
+    Not a preference loss: prefalign uses it where a method needs plain SFT, e.g. ADPO's
+    toxic-control model (Kim & Lee 2024, arXiv:2405.12900), which learns to produce unsafe text
+    when the ``[TOXIC]`` control token is in the prompt.
+
+    Args:
+        policy_logps: [B] summed log-probs of the target responses under the policy.
+        num_tokens: optional [B] response lengths in tokens.
+
+    Returns:
+        [B] per-example loss (unreduced).
+    """
+    _check_1d("sft", policy_logps=policy_logps)
+    if num_tokens is None:
+        return -policy_logps
+    return -policy_logps / num_tokens.clamp(min=1)
+
+
 def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
     """Implicit DPO reward ``beta * (policy_logps - ref_logps)``, for logging.
 
@@ -495,6 +520,8 @@ class LossSpec:
         positive: response group logged as the "preferred" side (D2O:
             ``"anchors"``, to be averaged over K by the caller).
         negative: response group logged as the "dispreferred" side.
+        needs_reference: False for losses that ignore the reference (SFT): the trainer then
+            computes no reference log-probs at all.
         requires_positive_reward_gap: the data step drops (and counts) pairs whose
             ``reward_chosen - reward_rejected <= 0`` before training (ODPO's log of the gap).
     """
@@ -509,6 +536,7 @@ class LossSpec:
     positive: str = "chosen"
     negative: str = "rejected"
     requires_positive_reward_gap: bool = False
+    needs_reference: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -619,6 +647,16 @@ LOSSES: dict[str, LossSpec] = {
                 *_pair(p, r), p["toxic"], r["toxic_ref"], beta=k["beta"], gamma=k["gamma"]
             ),
             needs_toxic_reference=True,
+        ),
+        LossSpec(
+            name="sft",
+            fn=sft_loss,
+            responses=("chosen",),
+            required_fields=("prompt", "chosen"),
+            defaults={},
+            bind=lambda p, r, w, k: sft_loss(p["chosen"]),
+            negative="chosen",
+            needs_reference=False,
         ),
     )
 }

@@ -39,6 +39,10 @@ class TrainConfig(BaseModel):
     toxic_control_token: str = "[TOXIC]"
     ref_cache_dir: Path | None = None  # default: <cache>/ref-logps
 
+    # Encode each prompt once for all of its responses (falls back, logged, where the model's
+    # attention takes no custom mask). Same log-probs as the plain layout, far fewer tokens.
+    share_prompt: bool = True
+
     lora: LoraSettings | None = None
     merge: bool = False  # with LoRA: also save merged full weights
 

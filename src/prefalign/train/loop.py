@@ -26,7 +26,7 @@ from prefalign.train.checkpoint import latest_checkpoint, read_state, save_check
 from prefalign.train.config import TrainConfig
 from prefalign.train.logging import MetricsLogger
 from prefalign.train.reference import ModelReference, cache_key, precompute_reference
-from prefalign.train.sequences import collate, sequence_logps, split_groups
+from prefalign.train.sequences import collate, sequence_logps, split_groups, supports_shared_prompt
 
 log = logging.getLogger("prefalign.train")
 
@@ -100,6 +100,8 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
 
 
 def batch_metrics(spec: LossSpec, policy: dict, reference: dict, beta: float) -> dict[str, float]:
+    if not reference:  # a loss without a reference (SFT) has no implicit rewards
+        return {"logps/chosen": policy[spec.positive].detach().float().mean().item()}
     with torch.no_grad():
         chosen = implicit_rewards(policy[spec.positive].detach(), reference[spec.positive], beta)
         rejected = implicit_rewards(policy[spec.negative].detach(), reference[spec.negative], beta)
@@ -148,9 +150,10 @@ class Trainer:
         self.reference, self.eval_reference = self._build_reference(model)
         if config.lora is not None:
             model = apply_lora(model, config.lora)
-            if config.reference_mode() == "disable-adapters":
+            if config.reference_mode() == "disable-adapters" and self.spec.needs_reference:
                 self.reference = self.eval_reference = ModelReference(
-                    model, self.spec.responses, self.pad_id, toxic_model=self._toxic_model, context=model.disable_adapter
+                    model, self.spec.responses, self.pad_id, toxic_model=self._toxic_model, context=model.disable_adapter,
+                    share_prompt=config.share_prompt,
                 )
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -159,6 +162,7 @@ class Trainer:
         from transformers import get_scheduler
 
         scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps)
+        self.share_prompt = config.share_prompt and supports_shared_prompt(model)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.logger = MetricsLogger(self.output_dir)
@@ -179,6 +183,8 @@ class Trainer:
             self._toxic_model = load_model(config.toxic_reference_model, trust_remote_code=config.trust_remote_code).eval()
             self._toxic_model.requires_grad_(False)
         mode = config.reference_mode()
+        if not spec.needs_reference:
+            return _no_reference, _no_reference
         if mode == "disable-adapters":
             return None, None  # set once the adapters exist
         ref_model = model if config.reference_model is None else load_model(ref_name, trust_remote_code=config.trust_remote_code)
@@ -187,7 +193,7 @@ class Trainer:
 
             frozen = copy.deepcopy(ref_model) if ref_model is model else ref_model
             frozen.requires_grad_(False).eval()
-            ref = ModelReference(frozen, spec.responses, self.pad_id, toxic_model=self._toxic_model)
+            ref = ModelReference(frozen, spec.responses, self.pad_id, toxic_model=self._toxic_model, share_prompt=config.share_prompt)
             return ref, ref
         # precompute: score with the starting weights now, before any update, and cache on disk.
         cache_dir = config.ref_cache_dir or cache_root() / "ref-logps"
@@ -203,6 +209,7 @@ class Trainer:
                 precompute_reference(
                     ref_model, examples, spec.responses, self.pad_id, Path(cache_dir), key,
                     toxic_model=self._toxic_model, batch_size=config.batch_size * 2, desc=f"reference log-probs ({name})",
+                    share_prompt=config.share_prompt,
                 )
             )
         return tables[0], tables[1]
@@ -239,15 +246,12 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------------
     def loss_on(self, examples: Sequence[TokenizedExample], reference_fn, *, train: bool):
-        batch = collate(examples, self.spec.responses, self.pad_id)
-        batch.input_ids = batch.input_ids.to(self.accelerator.device)
-        batch.attention_mask = batch.attention_mask.to(self.accelerator.device)
-        batch.response_mask = batch.response_mask.to(self.accelerator.device)
+        batch = collate(examples, self.spec.responses, self.pad_id, share_prompt=self.share_prompt).to(self.accelerator.device)
         context = torch.enable_grad() if train else torch.no_grad()
         with context:
             policy = split_groups(sequence_logps(self.model, batch), batch.rows)
         reference = {k: v.to(policy[next(iter(policy))].device) for k, v in reference_fn(examples).items()}
-        rewards = rewards_of(examples)
+        rewards = rewards_of(examples) if examples[0].rewards else {}
         losses = self.spec.compute(policy, reference, rewards, **self.params)
         return losses, policy, reference, batch.num_tokens
 
@@ -328,7 +332,7 @@ class Trainer:
                 self.logger.log(metrics)
             last = metrics
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracy', float('nan')):.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if self.step % config.save_every == 0 or self.step == self.total_steps:
                 self.save_checkpoint()
         bar.close()
@@ -362,6 +366,10 @@ class Trainer:
         }
         (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         return TrainResult(self.output_dir, self.step, final_loss, model_dir, adapter_dir, self.logger.history(), self.data_summary)
+
+
+def _no_reference(examples) -> dict:
+    return {}
 
 
 class _null:

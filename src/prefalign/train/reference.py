@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefalign.data.tokenize import TokenizedExample
-from prefalign.train.sequences import collate, sequence_logps, split_groups
+from prefalign.train.sequences import collate, sequence_logps, split_groups, supports_shared_prompt
 
 log = logging.getLogger("prefalign.train")
 
@@ -31,15 +31,16 @@ def score_examples(
     *,
     toxic_reference: bool = False,
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    share_prompt: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Score ``groups`` (and ``toxic_ref`` rows) of ``examples`` with ``model`` in eval mode."""
     was_training = model.training
     model.eval()
     try:
         with context():
-            batch = collate(examples, groups, pad_id, toxic_reference=toxic_reference)
-            batch_device = _to_device(batch, _device_of(model))
-            return {k: v.detach().float().cpu() for k, v in split_groups(sequence_logps(model, batch_device), batch_device.rows).items()}
+            shared = share_prompt and supports_shared_prompt(model)
+            batch = collate(examples, groups, pad_id, toxic_reference=toxic_reference, share_prompt=shared).to(_device_of(model))
+            return {k: v.detach().float().cpu() for k, v in split_groups(sequence_logps(model, batch), batch.rows).items()}
     finally:
         model.train(was_training)
 
@@ -48,31 +49,22 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _to_device(batch, device):
-    if batch.input_ids.device == device:
-        return batch
-    batch.input_ids = batch.input_ids.to(device)
-    batch.attention_mask = batch.attention_mask.to(device)
-    batch.response_mask = batch.response_mask.to(device)
-    return batch
-
-
 class ModelReference:
     """Scores each batch with a frozen model: a copy, or the policy with adapters disabled."""
 
-    def __init__(self, model, groups, pad_id, *, toxic_model=None, context=contextlib.nullcontext):
+    def __init__(self, model, groups, pad_id, *, toxic_model=None, context=contextlib.nullcontext, share_prompt=True):
         self.model, self.groups, self.pad_id = model, tuple(groups), pad_id
-        self.toxic_model, self.context = toxic_model, context
+        self.toxic_model, self.context, self.share_prompt = toxic_model, context, share_prompt
 
     def __call__(self, examples):
         same_model_scores_toxic = self.toxic_model is None and "toxic" in self.groups
         out = score_examples(
             self.model, examples, self.groups, self.pad_id,
             toxic_reference=same_model_scores_toxic and examples[0].toxic_prompt_ids is not None,
-            context=self.context,
+            context=self.context, share_prompt=self.share_prompt,
         )
         if self.toxic_model is not None:
-            out.update(score_examples(self.toxic_model, examples, (), self.pad_id, toxic_reference=True))
+            out.update(score_examples(self.toxic_model, examples, (), self.pad_id, toxic_reference=True, share_prompt=self.share_prompt))
         return out
 
 
@@ -108,13 +100,14 @@ def precompute_reference(
     toxic_model=None,
     batch_size: int = 8,
     desc: str = "reference log-probs",
+    share_prompt: bool = True,
 ) -> PrecomputedReference:
     path = cache_dir / f"{key}.pt"
     index_of = {ex.index: i for i, ex in enumerate(examples)}
     if path.exists():
         log.info("reference log-probs: cache hit %s", path)
         return PrecomputedReference(torch.load(path), index_of)
-    scorer = ModelReference(model, groups, pad_id, toxic_model=toxic_model)
+    scorer = ModelReference(model, groups, pad_id, toxic_model=toxic_model, share_prompt=share_prompt)
     # Longest first: similar lengths share a batch, so little is spent on padding.
     order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
     chunks: dict[str, list[tuple[list[int], torch.Tensor]]] = {}

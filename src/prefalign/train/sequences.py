@@ -1,15 +1,25 @@
-"""Pack (prompt, response) pairs into one batch and compute per-sequence summed log-probs.
+"""Pack (prompt, responses) into one batch and compute per-response summed log-probs.
 
-Layout: every row is ``[left-padded prompt | right-padded response]``, so all responses start at
-the same column. One forward pass then needs the LM head only over the response columns
-(``logits_to_keep``), which skips the vocabulary projection for every prompt token — on a 49k
-vocabulary that projection dominates a small model's step. Position ids are recomputed from the
-attention mask, so a left-padded prompt gets exactly the positions it would have unpadded.
+Two layouts, one interface (``collate(...)`` → batch, ``sequence_logps(model, batch)`` → [N]):
+
+* ``PairBatch`` — one row per (prompt, response): ``[left-padded prompt | right-padded response]``.
+  Works with any causal LM.
+* ``SharedPromptBatch`` — one row per prompt: ``[left-padded prompt | resp_1 | resp_2 | ...]`` with a
+  4-D attention mask in which every response sees the prompt and itself, never the other
+  responses, and position ids restart after the prompt for each response. The prompt is encoded
+  once for all of its responses (chosen and rejected, D²O's K anchors, ADPO's toxic sample), and
+  gradients flow through it from every response. Used when the model's attention accepts a custom
+  4-D mask (``sdpa`` or ``eager``); otherwise the pair layout is used and the reason logged once.
+
+In both, prompts are left-padded so every response region starts at the same column; the LM head
+then runs only over that region (``logits_to_keep``), skipping the vocabulary projection for every
+prompt token. A response's first token is predicted from the prompt's last position.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -17,69 +27,167 @@ import torch
 
 from prefalign.data.tokenize import TokenizedExample
 
+log = logging.getLogger("prefalign.train")
+
+SHARED_PROMPT_ATTENTION = {"sdpa", "eager"}
+_fallback_logged: set[str] = set()
+
 
 @dataclass
-class SequenceBatch:
+class _Segment:
+    group: str
+    example_pos: int
+    response: list[int]
+
+
+@dataclass
+class PairBatch:
     input_ids: torch.Tensor  # [R, P + L]
     attention_mask: torch.Tensor  # [R, P + L]
     response_mask: torch.Tensor  # [R, L] True where a response token sits
     prompt_width: int  # P
-    rows: dict[str, torch.Tensor]  # group -> row indices, [B] or [B, K] for anchors
+    rows: dict[str, torch.Tensor]  # group -> response indices, [B] or [B, K] for anchors
 
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def to(self, device) -> "PairBatch":
+        self.input_ids, self.attention_mask, self.response_mask = (
+            t.to(device) for t in (self.input_ids, self.attention_mask, self.response_mask)
+        )
+        return self
 
-def group_pairs(
-    examples: Sequence[TokenizedExample], groups: Sequence[str], *, toxic_reference: bool = False
-) -> list[tuple[str, int, list[int], list[int]]]:
-    """List ``(group, example_pos, prompt_ids, response_ids)`` for every row of the batch.
 
-    ``toxic_ref`` rows hold the toxic response behind the ``[TOXIC]``-prefixed prompt: the
-    reference model scoring them plays the inner toxic model (ADPO).
-    """
-    items = []
-    for group in groups:
-        for pos, ex in enumerate(examples):
-            for response in ex.responses[group]:
-                items.append((group, pos, ex.prompt_ids, response))
+@dataclass
+class SharedPromptBatch:
+    input_ids: torch.Tensor  # [N, P + W]: one row per prompt
+    position_ids: torch.Tensor  # [N, P + W]
+    attention_bias: torch.Tensor  # [N, 1, P + W, P + W] additive: 0 = attend, dtype-min = masked
+    token_row: torch.Tensor  # [M] row of every response token
+    token_col: torch.Tensor  # [M] column of every response token
+    source_col: torch.Tensor  # [M] column whose logits predict it
+    token_response: torch.Tensor  # [M] which response it belongs to
+    num_responses: int
+    prompt_width: int
+    rows: dict[str, torch.Tensor]
+    real_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.real_tokens
+
+    def to(self, device) -> "SharedPromptBatch":
+        for name in ("input_ids", "position_ids", "attention_bias", "token_row", "token_col", "source_col", "token_response"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def _segments(examples: Sequence[TokenizedExample], groups: Sequence[str], toxic_reference: bool):
+    """Per prompt, the responses scored behind it. ``toxic_ref`` rows hold the toxic response
+    behind the ``[TOXIC]``-prefixed prompt: the reference scoring them plays ADPO's inner toxic
+    model."""
+    prompts: list[tuple[list[int], list[_Segment]]] = []
+    for pos, ex in enumerate(examples):
+        prompts.append((ex.prompt_ids, [_Segment(g, pos, r) for g in groups for r in ex.responses[g]]))
     if toxic_reference:
         for pos, ex in enumerate(examples):
             if ex.toxic_prompt_ids is None:
                 raise ValueError(f"example {ex.index} has no [TOXIC] prompt; tokenise with with_toxic_prompt=True")
-            for response in ex.responses["toxic"]:
-                items.append(("toxic_ref", pos, ex.toxic_prompt_ids, response))
-    return items
+            prompts.append((ex.toxic_prompt_ids, [_Segment("toxic_ref", pos, r) for r in ex.responses["toxic"]]))
+    return prompts
 
 
-def collate(
-    examples: Sequence[TokenizedExample], groups: Sequence[str], pad_id: int, *, toxic_reference: bool = False
-) -> SequenceBatch:
-    items = group_pairs(examples, groups, toxic_reference=toxic_reference)
-    width_p = max(len(p) for _, _, p, _ in items)
-    width_r = max(len(r) for _, _, _, r in items)
+def _rows_by_group(segments: list[_Segment], num_examples: int) -> dict[str, torch.Tensor]:
+    slots: dict[str, list[list[int]]] = {}
+    for index, seg in enumerate(segments):
+        slots.setdefault(seg.group, [[] for _ in range(num_examples)])[seg.example_pos].append(index)
+    rows = {}
+    for group, per_example in slots.items():
+        sizes = {len(s) for s in per_example}
+        if len(sizes) != 1:
+            raise ValueError(f"every example in a batch needs the same number of '{group}' responses, got {sorted(sizes)}")
+        tensor = torch.tensor(per_example, dtype=torch.long)
+        rows[group] = tensor if group == "anchors" else tensor[:, 0]
+    return rows
+
+
+def collate_pairs(examples, groups, pad_id, *, toxic_reference=False) -> PairBatch:
+    items = [(p, seg) for p, segs in _segments(examples, groups, toxic_reference) for seg in segs]
+    width_p = max(len(p) for p, _ in items)
+    width_r = max(len(seg.response) for _, seg in items)
     n = len(items)
     input_ids = torch.full((n, width_p + width_r), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width_p + width_r), dtype=torch.long)
     response_mask = torch.zeros((n, width_r), dtype=torch.bool)
-    per_group: dict[str, list[list[int]]] = {}
-    for row, (group, pos, prompt, response) in enumerate(items):
+    for row, (prompt, seg) in enumerate(items):
+        start, length = width_p - len(prompt), len(seg.response)
+        input_ids[row, start:width_p] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[row, width_p : width_p + length] = torch.tensor(seg.response, dtype=torch.long)
+        attention[row, start : width_p + length] = 1
+        response_mask[row, :length] = True
+    return PairBatch(input_ids, attention, response_mask, width_p, _rows_by_group([s for _, s in items], len(examples)))
+
+
+def collate_shared(examples, groups, pad_id, *, toxic_reference=False, dtype=torch.float32) -> SharedPromptBatch:
+    prompts = _segments(examples, groups, toxic_reference)
+    width_p = max(len(p) for p, _ in prompts)
+    width_w = max(sum(len(s.response) for s in segs) for _, segs in prompts)
+    n, total = len(prompts), width_p + width_w
+    input_ids = torch.full((n, total), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, total), dtype=torch.long)
+    # Segment id per column: 0 = prompt, j = j-th response, -1 = padding.
+    segment = torch.full((n, total), -1, dtype=torch.long)
+    token_row, token_col, source_col, token_response = [], [], [], []
+    all_segments: list[_Segment] = []
+    real = 0
+    for row, (prompt, segs) in enumerate(prompts):
         start = width_p - len(prompt)
         input_ids[row, start:width_p] = torch.tensor(prompt, dtype=torch.long)
-        input_ids[row, width_p : width_p + len(response)] = torch.tensor(response, dtype=torch.long)
-        attention[row, start : width_p + len(response)] = 1
-        response_mask[row, : len(response)] = True
-        slots = per_group.setdefault(group, [[] for _ in examples])
-        slots[pos].append(row)
-    rows = {}
-    for group, slots in per_group.items():
-        sizes = {len(s) for s in slots}
-        if len(sizes) != 1:
-            raise ValueError(f"every example in a batch needs the same number of '{group}' responses, got {sorted(sizes)}")
-        tensor = torch.tensor(slots, dtype=torch.long)
-        rows[group] = tensor if group == "anchors" else tensor[:, 0]
-    return SequenceBatch(input_ids, attention, response_mask, width_p, rows)
+        position_ids[row, start:width_p] = torch.arange(len(prompt))
+        segment[row, start:width_p] = 0
+        col = width_p
+        for j, seg in enumerate(segs, start=1):
+            length = len(seg.response)
+            input_ids[row, col : col + length] = torch.tensor(seg.response, dtype=torch.long)
+            position_ids[row, col : col + length] = torch.arange(len(prompt), len(prompt) + length)
+            segment[row, col : col + length] = j
+            token_row += [row] * length
+            token_col += list(range(col, col + length))
+            source_col += [width_p - 1] + list(range(col, col + length - 1))
+            token_response += [len(all_segments)] * length
+            all_segments.append(seg)
+            col += length
+        real += len(prompt) + col - width_p
+    q_seg, k_seg = segment.unsqueeze(2), segment.unsqueeze(1)
+    causal = torch.ones((total, total), dtype=torch.bool).tril()
+    visible = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
+    # Padding queries see themselves only, so no softmax row is empty (their outputs are unused).
+    visible |= torch.eye(total, dtype=torch.bool) & (q_seg < 0)
+    bias = torch.zeros((n, 1, total, total), dtype=dtype)
+    bias.masked_fill_(~visible.unsqueeze(1), torch.finfo(dtype).min)
+    return SharedPromptBatch(
+        input_ids, position_ids, bias,
+        torch.tensor(token_row), torch.tensor(token_col), torch.tensor(source_col), torch.tensor(token_response),
+        len(all_segments), width_p, _rows_by_group(all_segments, len(examples)), real,
+    )
+
+
+def supports_shared_prompt(model) -> bool:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl in SHARED_PROMPT_ATTENTION:
+        return True
+    reason = f"attention implementation {impl!r} takes no custom 4-D mask"
+    if reason not in _fallback_logged:
+        _fallback_logged.add(reason)
+        log.info("prompt sharing off: %s; scoring one (prompt, response) row at a time", reason)
+    return False
+
+
+def collate(examples, groups, pad_id, *, toxic_reference=False, share_prompt=False, dtype=torch.float32):
+    if share_prompt:
+        return collate_shared(examples, groups, pad_id, toxic_reference=toxic_reference, dtype=dtype)
+    return collate_pairs(examples, groups, pad_id, toxic_reference=toxic_reference)
 
 
 def _accepts_logits_to_keep(model) -> bool:
@@ -90,8 +198,12 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def sequence_logps(model, batch: SequenceBatch) -> torch.Tensor:
-    """Summed log-prob of each row's response tokens (prompt tokens never count), shape [R]."""
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _pair_logps(model, batch: PairBatch) -> torch.Tensor:
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     width_r = batch.response_mask.shape[1]
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False)
@@ -100,13 +212,31 @@ def sequence_logps(model, batch: SequenceBatch) -> torch.Tensor:
         logits = model(**kwargs, logits_to_keep=width_r + 1).logits[:, :-1]
     else:
         logits = model(**kwargs).logits[:, batch.prompt_width - 1 : -1]
-    targets = batch.input_ids[:, batch.prompt_width :]
-    logits = logits.float()
-    token_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    token_logps = token_logits - torch.logsumexp(logits, dim=-1)
+    token_logps = _token_logps(logits, batch.input_ids[:, batch.prompt_width :])
     return (token_logps * batch.response_mask).sum(-1)
 
 
+def _shared_logps(model, batch: SharedPromptBatch) -> torch.Tensor:
+    total = batch.input_ids.shape[1]
+    keep = total - batch.prompt_width + 1  # columns P-1 .. end
+    bias = batch.attention_bias.to(next(model.parameters()).dtype)
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids, use_cache=False, logits_to_keep=keep
+    ).logits
+    offset = batch.prompt_width - 1
+    selected = logits[batch.token_row, batch.source_col - offset]  # [M, V]
+    token_logps = _token_logps(selected, batch.input_ids[batch.token_row, batch.token_col])
+    out = torch.zeros(batch.num_responses, dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, batch.token_response, token_logps)
+
+
+def sequence_logps(model, batch) -> torch.Tensor:
+    """Summed log-prob of each response (prompt tokens never count): shape [number of responses]."""
+    if isinstance(batch, SharedPromptBatch):
+        return _shared_logps(model, batch)
+    return _pair_logps(model, batch)
+
+
 def split_groups(logps: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-row log-probs -> ``{group: [B] or [B, K]}``."""
-    return {group: logps[index] for group, index in rows.items()}
+    """Per-response log-probs -> ``{group: [B] or [B, K]}``."""
+    return {group: logps[index.to(logps.device)] for group, index in rows.items()}

@@ -1,0 +1,70 @@
+"""The `prefalign` command: help on every subcommand, clear errors with exit code 2."""
+
+import importlib
+import pkgutil
+
+import pytest
+from typer.testing import CliRunner
+
+import prefalign
+from prefalign.cli import app
+from conftest import pair_rows, write_jsonl
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args", [[], ["train"], ["quickstart"], ["models"], ["models", "list"], ["models", "prepare"], ["data"], ["data", "check"]])
+def test_every_command_has_help(args):
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_every_module_imports():
+    names = [m.name for m in pkgutil.walk_packages(prefalign.__path__, "prefalign.")]
+    assert "prefalign.losses" in names and "prefalign.train.loop" in names
+    for name in names:
+        importlib.import_module(name)
+
+
+def test_models_list_shows_registry():
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0
+    assert "smollm2" in result.output and "tiny-random" in result.output
+
+
+def test_models_prepare_unknown_name_fails_clearly():
+    result = runner.invoke(app, ["models", "prepare", "no-such-model"])
+    assert result.exit_code == 2
+    assert "unknown model 'no-such-model'" in result.output
+
+
+def test_data_check_reports_file_line_field(tmp_path):
+    rows = pair_rows(3)
+    rows[2]["chosen"] = "   "
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    result = runner.invoke(app, ["data", "check", str(path)])
+    assert result.exit_code == 2
+    assert "d.jsonl:3" in result.output and "chosen" in result.output
+    skipped = runner.invoke(app, ["data", "check", str(path), "--skip-invalid"])
+    assert skipped.exit_code == 0 and "2 valid records" in skipped.output and "1 skipped" in skipped.output
+
+
+def test_data_check_needs_rewards_for_odpo(tmp_path):
+    rows = pair_rows(2)
+    for row in rows:
+        row.pop("reward_chosen")
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    result = runner.invoke(app, ["data", "check", str(path), "--loss", "odpo"])
+    assert result.exit_code == 2 and "reward_chosen" in result.output
+
+
+def test_train_flags_and_yaml(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "d.jsonl", pair_rows(4))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model}\ndata: {data}\noutput_dir: {tmp_path / 'out'}\nloss: ipo\nbatch_size: 2\nmax_steps: 5\nref_cache_dir: {tmp_path / 'c'}\n")
+    result = runner.invoke(app, ["train", "--config", str(config), "--max-steps", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "trained 1 steps" in result.output  # the flag overrode the YAML's 5
+    bad = runner.invoke(app, ["train", "--config", str(config), "--loss", "nope"])
+    assert bad.exit_code == 2 and "unknown loss 'nope'" in bad.output
