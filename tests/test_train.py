@@ -140,10 +140,9 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path, tiny_model, pairs_fi
         t.train_step()
         return {k: v.detach().clone() for k, v in t.model.named_parameters()}
 
-    # 2 micro-batches of 2 see the same 4 examples as 1 batch of 4 only if the order agrees; with
-    # the same seed the permutation is the same and batch_size*grad_accum covers the same indices.
-    a = one_step(batch_size=4, grad_accum=1)
-    b = one_step(batch_size=2, grad_accum=2)
+    # In file order, 2 micro-batches of 2 hold the same 4 examples as 1 batch of 4.
+    a = one_step(batch_size=4, grad_accum=1, shuffle=False, group_by_length=False)
+    b = one_step(batch_size=2, grad_accum=2, shuffle=False, group_by_length=False)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
@@ -179,3 +178,44 @@ def test_bad_data_fails_before_any_model_loads(tmp_path, tiny_model, monkeypatch
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
     with pytest.raises(Exception, match=r"bad.jsonl:4: field 'rejected'"):
         run_training(config_for(tmp_path, tiny_model, data), show_progress=False)
+
+
+def test_epoch_batches_cover_every_example_once_and_group_lengths():
+    from prefalign.train.loop import epoch_batches
+
+    lengths = [(i * 37) % 101 for i in range(200)]
+    for kwargs in ({}, {"lengths": lengths}, {"shuffle": False}):
+        batches = epoch_batches(200, 8, seed=3, epoch=1, **kwargs)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(200))
+        assert batches == epoch_batches(200, 8, seed=3, epoch=1, **kwargs)  # deterministic
+    assert epoch_batches(200, 8, 3, 1) != epoch_batches(200, 8, 3, 2)  # a new order each epoch
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(epoch_batches(200, 8, 3, 1, lengths=lengths)) < padding(epoch_batches(200, 8, 3, 1)) / 3
+
+
+def test_d2o_online_anchors_are_resampled_from_the_policy(tmp_path, tiny_model, pairs_file):
+    cfg = config_for(tmp_path, tiny_model, pairs_file, loss="d2o", reference="copy", anchor_refresh_every=1,
+                     anchor_max_new_tokens=6, max_steps=2)
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.setup()
+    before = {ex.index: [list(a) for a in ex.responses["anchors"]] for ex in trainer.train_examples}
+    upcoming = {ex.index for ex in trainer.upcoming_examples(1)}
+    metrics = trainer.train_step()
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    changed = {i for i, ex in ((ex.index, ex) for ex in trainer.train_examples) if ex.responses["anchors"] != before[i]}
+    assert changed == upcoming  # exactly the batch about to be used got new anchors
+    for i in changed:
+        anchors = trainer.train_examples[i].responses["anchors"]
+        assert len(anchors) == 2 and all(a[-1] == trainer.tokenizer.eos_token_id and len(a) <= 7 for a in anchors)
+    assert set(trainer._state()["refreshed_anchors"]) == {str(i) for i in changed}
+
+
+def test_online_anchors_need_a_live_reference(tmp_path, tiny_model, pairs_file):
+    with pytest.raises(ValueError, match="live reference"):
+        config_for(tmp_path, tiny_model, pairs_file, loss="d2o", anchor_refresh_every=2)
+    with pytest.raises(ValueError, match="uses no anchors"):
+        config_for(tmp_path, tiny_model, pairs_file, loss="dpo", reference="copy", anchor_refresh_every=2)

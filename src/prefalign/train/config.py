@@ -43,6 +43,12 @@ class TrainConfig(BaseModel):
     # attention takes no custom mask). Same log-probs as the plain layout, far fewer tokens.
     share_prompt: bool = True
 
+    # D²O online: re-sample the anchors of the coming batches from the current policy every N
+    # steps (0: off). Needs a live reference (copy or disable-adapters).
+    anchor_refresh_every: int = Field(0, ge=0)
+    anchor_max_new_tokens: int = Field(64, gt=0)
+    anchor_temperature: float = Field(1.0, gt=0)
+
     lora: LoraSettings | None = None
     merge: bool = False  # with LoRA: also save merged full weights
 
@@ -60,6 +66,9 @@ class TrainConfig(BaseModel):
     chat_template: Literal["auto", "always", "never"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
+    shuffle: bool = True  # False: the file's order (benchmarks, curricula)
+    # Batch examples of similar length together (within a shuffled window), so padding is small.
+    group_by_length: bool = True
 
     eval_data: Path | None = None
     eval_fraction: float = Field(0.0, ge=0, lt=1)
@@ -85,6 +94,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"beta: loss '{self.loss}' has no beta")
         if self.reference == "disable-adapters" and self.lora is None:
             raise ValueError("reference: 'disable-adapters' needs LoRA (set lora: {r: 16})")
+        if self.anchor_refresh_every:
+            if "anchors" not in spec.responses:
+                raise ValueError(f"anchor_refresh_every: loss '{self.loss}' uses no anchors (d2o does)")
+            if self.reference_mode() == "precompute":
+                raise ValueError("anchor_refresh_every: new anchors need a live reference: set reference: copy (or disable-adapters with LoRA)")
         if self.merge and self.lora is None:
             raise ValueError("merge: only meaningful with LoRA")
         if self.max_prompt_length >= self.max_length:

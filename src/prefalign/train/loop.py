@@ -25,6 +25,7 @@ from prefalign.models.registry import cache_root, model_fingerprint, resolve_mod
 from prefalign.train.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from prefalign.train.config import TrainConfig
 from prefalign.train.logging import MetricsLogger
+from prefalign.train.online_anchors import refresh_anchors
 from prefalign.train.reference import ModelReference, cache_key, precompute_reference
 from prefalign.train.sequences import collate, sequence_logps, split_groups, supports_shared_prompt
 
@@ -88,12 +89,28 @@ def prepare_examples(config: TrainConfig, spec: LossSpec, tokenizer) -> tuple[li
     return train, evaluation, summary
 
 
-def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The example order of one epoch: a permutation fixed by (seed, epoch), so resuming needs
-    only the epoch and the batch position."""
+LENGTH_WINDOW_BATCHES = 16
+
+
+def epoch_batches(
+    num_examples: int, batch_size: int, seed: int, epoch: int, *, shuffle: bool = True, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
+    """The batches of one epoch, fixed by (seed, epoch) so that resuming needs only the epoch and
+    the batch position. With ``lengths``, each window of ``LENGTH_WINDOW_BATCHES`` batches of the
+    shuffled order is sorted by length before it is cut into batches, and the batches are then
+    shuffled again: similar lengths share a batch (little padding) while the order stays random."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_examples, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+    order = torch.randperm(num_examples, generator=generator).tolist() if shuffle else list(range(num_examples))
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+    window = batch_size * LENGTH_WINDOW_BATCHES
+    batches = []
+    for start in range(0, num_examples, window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -165,6 +182,7 @@ class Trainer:
         self.share_prompt = config.share_prompt and supports_shared_prompt(model)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.refreshed_anchors: dict[int, list[list[int]]] = {}
         self.logger = MetricsLogger(self.output_dir)
         if self.resume:
             self._load_checkpoint()
@@ -226,7 +244,10 @@ class Trainer:
             raise ValueError(f"--resume: {self.output_dir} was trained with different settings for {changed}; use a new output dir")
 
     def _state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "loss": self.config.loss}
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "loss": self.config.loss}
+        if self.refreshed_anchors:
+            state["refreshed_anchors"] = {str(k): v for k, v in self.refreshed_anchors.items()}
+        return state
 
     def _load_checkpoint(self) -> None:
         checkpoint = latest_checkpoint(self.output_dir)
@@ -237,6 +258,10 @@ class Trainer:
         self.accelerator.load_state(str(checkpoint))
         state = read_state(checkpoint)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        by_index = {ex.index: ex for ex in self.train_examples}
+        for index, anchors in state.get("refreshed_anchors", {}).items():
+            by_index[int(index)].responses["anchors"] = anchors
+            self.refreshed_anchors[int(index)] = anchors
         # Steps the killed run logged after its last checkpoint are run again: drop their lines.
         self.logger.truncate_after(self.step)
         log.info("resumed from %s (step %d)", checkpoint, self.step)
@@ -255,17 +280,45 @@ class Trainer:
         losses = self.spec.compute(policy, reference, rewards, **self.params)
         return losses, policy, reference, batch.num_tokens
 
+    def _epoch_batches(self) -> list[list[int]]:
+        config = self.config
+        lengths = [ex.num_tokens() for ex in self.train_examples] if config.group_by_length else None
+        return epoch_batches(len(self.train_examples), config.batch_size, config.seed, self.epoch, shuffle=config.shuffle, lengths=lengths)
+
     def next_batch(self) -> list[TokenizedExample]:
-        batches = epoch_batches(len(self.train_examples), self.config.batch_size, self.config.seed, self.epoch)
+        batches = self._epoch_batches()
         if self.batch_in_epoch >= len(batches):
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            batches = epoch_batches(len(self.train_examples), self.config.batch_size, self.config.seed, self.epoch)
+            batches = self._epoch_batches()
         indices = batches[self.batch_in_epoch]
         self.batch_in_epoch += 1
         return [self.train_examples[i] for i in indices]
 
+    def upcoming_examples(self, num_batches: int) -> list[TokenizedExample]:
+        """The examples of the next ``num_batches`` batches, without moving the data position."""
+        saved = (self.epoch, self.batch_in_epoch)
+        try:
+            return [ex for _ in range(num_batches) for ex in self.next_batch()]
+        finally:
+            self.epoch, self.batch_in_epoch = saved
+
+    def maybe_refresh_anchors(self) -> None:
+        every = self.config.anchor_refresh_every
+        if not every or self.step % every:
+            return
+        examples = self.upcoming_examples(every * self.config.grad_accum)
+        tokenizer = self.tokenizer
+        refreshed = refresh_anchors(
+            self.accelerator.unwrap_model(self.model), list({ex.index: ex for ex in examples}.values()),
+            pad_id=self.pad_id, eos_id=tokenizer.eos_token_id, max_new_tokens=self.config.anchor_max_new_tokens,
+            temperature=self.config.anchor_temperature, seed=self.config.seed * 1_000_003 + self.step,
+            max_length=self.config.max_length, batch_size=self.config.batch_size,
+        )
+        self.refreshed_anchors.update(refreshed)
+
     def train_step(self) -> dict[str, float]:
         config, accelerator = self.config, self.accelerator
+        self.maybe_refresh_anchors()
         started = time.perf_counter()
         totals: dict[str, float] = {}
         tokens, loss_sum = 0, 0.0

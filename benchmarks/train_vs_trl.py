@@ -1,0 +1,194 @@
+"""prefalign train vs TRL's DPOTrainer on the same DPO work, in alternating A/B runs.
+
+Same model (fp32), same synthetic pairs (fixed token lengths, fixed seed), same batch size, lr,
+optimizer (AdamW), constant schedule, grad clipping, steps, data order (sequential). Each run is
+its own process, so peak RSS is that run's alone. Prints samples/s, tokens/s, peak RSS, achieved
+FLOP/s as a share of an fp32 matmul peak measured in the same run, and the per-step losses of
+both: if they disagree by more than 1e-3 on the first steps the comparison is void.
+
+    python benchmarks/train_vs_trl.py                       # SmolLM2-135M-Instruct, 8 steps
+    python benchmarks/train_vs_trl.py --model tiny-random --steps 3 --pairs 12   # smoke run
+
+Needs ``pip install trl`` (an optional benchmark dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, matmul_peak_flops, peak_rss_mib, synthetic_pairs, write_json  # noqa: E402
+
+LOSS_TOLERANCE = 1e-3
+COMPARED_STEPS = 3
+
+
+def model_flops_per_token(model) -> float:
+    """Matmul FLOPs of one token's forward pass (2 x non-embedding parameters)."""
+    embed = model.get_input_embeddings().weight.numel()
+    return 2.0 * (sum(p.numel() for p in model.parameters()) - embed)
+
+
+def dpo_work_flops(model, pairs_tokens: list[tuple[int, int, int]]) -> float:
+    """Nominal work of DPO on the pairs: policy forward+backward (3x) and one reference forward
+    (1x) over prompt+chosen and prompt+rejected; the same number for both trainers."""
+    per_token = model_flops_per_token(model)
+    tokens = sum(2 * p + c + r for p, c, r in pairs_tokens)
+    return 4 * per_token * tokens
+
+
+def run_prefalign(args, data: Path, workdir: Path) -> dict:
+    from prefalign.train.config import TrainConfig
+    from prefalign.train.loop import Trainer
+
+    config = TrainConfig(
+        model=args.model, data=data, output_dir=workdir / "out", loss="dpo", beta=args.beta, lr=args.lr,
+        schedule="constant", warmup_steps=0, batch_size=args.batch_size, max_steps=args.steps, max_length=1024,
+        max_prompt_length=768, chat_template="never", shuffle=False, group_by_length=False, seed=args.seed,
+        save_every=10_000, ref_cache_dir=workdir / "refcache", max_grad_norm=1.0,
+    )
+    trainer = Trainer(config, show_progress=False)
+    start = time.perf_counter()
+    trainer.setup()  # includes the reference precompute: it is part of the work
+    setup_s = time.perf_counter() - start
+    losses = []
+    train_start = time.perf_counter()
+    while trainer.step < trainer.total_steps:
+        losses.append(trainer.train_step()["loss"])
+    train_s = time.perf_counter() - train_start
+    return {"losses": losses, "setup_s": setup_s, "train_s": train_s, "share_prompt": trainer.share_prompt}
+
+
+def run_trl(args, data: Path, workdir: Path) -> dict:
+    import datasets
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from prefalign.models.loading import load_model, load_tokenizer
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    dataset = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    cfg = DPOConfig(
+        output_dir=str(workdir / "trl"), per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
+        max_steps=args.steps, beta=args.beta, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
+        report_to="none", use_cpu=True, seed=args.seed, train_sampling_strategy="sequential", save_strategy="no",
+        max_length=1024, max_grad_norm=1.0, weight_decay=0.0, dataloader_num_workers=0, disable_dropout=True,
+        optim="adamw_torch",
+    )
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            self.end = time.perf_counter()
+
+    clock = Clock()
+    start = time.perf_counter()
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock])
+    setup_s = time.perf_counter() - start
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"losses": losses, "setup_s": setup_s, "train_s": clock.end - clock.start}
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.manual_seed(args.seed)
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{args.worker}-"))
+    runner = {"prefalign": run_prefalign, "trl": run_trl}[args.worker]
+    result = runner(args, Path(args.data), workdir)
+    result["peak_rss_mib"] = peak_rss_mib()
+    write_json(Path(args.result), result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=200)
+    parser.add_argument("--response-tokens", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="A/B rounds (prefalign, trl, prefalign, trl, ...)")
+    parser.add_argument("--worker", choices=["prefalign", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    from prefalign.models.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    pairs = synthetic_pairs(tokenizer, args.pairs, args.prompt_tokens, args.response_tokens, args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    data = tmp / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    used = pairs[: args.steps * args.batch_size]
+    lengths = [
+        (len(tokenizer(p["prompt"])["input_ids"]), len(tokenizer(p["chosen"], add_special_tokens=False)["input_ids"]) + 1,
+         len(tokenizer(p["rejected"], add_special_tokens=False)["input_ids"]) + 1)
+        for p in used
+    ]
+    work = dpo_work_flops(load_model(args.model), lengths)
+    tokens = sum(2 * p + c + r for p, c, r in lengths)
+    peak = matmul_peak_flops()
+
+    runs: dict[str, list[dict]] = {"prefalign": [], "trl": []}
+    for round_ in range(args.repeats):
+        for name in ("prefalign", "trl"):
+            out = tmp / f"{name}-{round_}.json"
+            cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--result", str(out),
+                   *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in {"worker", "data", "result", "repeats"}]]
+            subprocess.run(cmd, check=True)
+            runs[name].append(json.loads(out.read_text()))
+            print(f"round {round_ + 1}: {name} done", flush=True)
+
+    samples = len(used)
+    print(f"\nmachine: {machine()}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"model {args.model}; {samples} pairs ({args.steps} steps x batch {args.batch_size}); "
+          f"prompt ~{args.prompt_tokens} tokens, responses ~{args.response_tokens}; {tokens} DPO tokens\n")
+    header = f"{'trainer':<10} {'run':>3} {'setup s':>8} {'train s':>8} {'samples/s':>10} {'tokens/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'peak RSS MiB':>13}"
+    print(header)
+    print("-" * len(header))
+    best = {}
+    for name, results in runs.items():
+        for i, r in enumerate(results):
+            # prefalign's setup holds the reference precompute, so it counts; TRL computes the
+            # reference inside its steps.
+            seconds = r["train_s"] + (r["setup_s"] if name == "prefalign" else 0.0)
+            rate = samples / seconds
+            best[name] = max(best.get(name, 0.0), rate)
+            print(f"{name:<10} {i + 1:>3} {r['setup_s']:>8.1f} {r['train_s']:>8.1f} {rate:>10.3f} {tokens / seconds:>9.0f} "
+                  f"{work / seconds / 1e9:>8.1f} {100 * work / seconds / peak:>6.1f}% {r['peak_rss_mib']:>13.0f}")
+    print(f"\nspeed-up (best prefalign samples/s / best TRL samples/s): {best['prefalign'] / best['trl']:.2f}x")
+    print("  (prefalign time = reference precompute + training steps; TRL time = training steps)")
+    print("\nper-step loss")
+    a, b = runs["prefalign"][0]["losses"], runs["trl"][0]["losses"]
+    worst = 0.0
+    for step, (x, y) in enumerate(zip(a, b), start=1):
+        print(f"  step {step:>2}: prefalign {x:.6f}  trl {y:.6f}  |diff| {abs(x - y):.2e}")
+        if step <= COMPARED_STEPS:
+            worst = max(worst, abs(x - y))
+    verdict = "MATCH" if worst <= LOSS_TOLERANCE else "VOID (losses differ: the comparison does not hold)"
+    print(f"losses over the first {COMPARED_STEPS} steps agree within {LOSS_TOLERANCE}: {verdict} (max |diff| {worst:.2e})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""D²O's online variant: re-sample the K anchor responses from the current policy every N steps.
+
+Anchors are sampled straight from the prompt's token ids (the same ids the loss scores), so the
+new anchors sit exactly where the loss reads them. Their reference log-probs cannot come from a
+precomputed table, so this needs a live reference (``reference: copy`` or ``disable-adapters``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from prefalign.data.tokenize import TokenizedExample
+
+
+@torch.no_grad()
+def sample_anchor_ids(
+    model, prompts: Sequence[list[int]], k: int, *, pad_id: int, eos_id: int, max_new_tokens: int,
+    temperature: float, seed: int, max_response_tokens: int,
+) -> list[list[list[int]]]:
+    """For each prompt, ``k`` sampled responses as token ids ending with ``eos_id``."""
+    was_training = model.training
+    model.eval()
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p):] = torch.tensor(p)
+        attention[row, width - len(p):] = 1
+    device = next(model.parameters()).device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # reproducible anchors without disturbing the training RNG
+    try:
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
+            temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+            num_return_sequences=k, pad_token_id=pad_id, eos_token_id=eos_id,
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    new = out[:, width:].tolist()
+    responses = []
+    for seq in new:
+        ids = seq[: seq.index(eos_id)] if eos_id in seq else seq
+        responses.append([*ids[: max_response_tokens - 1], eos_id])
+    return [responses[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def refresh_anchors(model, examples: Sequence[TokenizedExample], *, pad_id: int, eos_id: int, max_new_tokens: int,
+                    temperature: float, seed: int, max_length: int, batch_size: int = 4) -> dict[int, list[list[int]]]:
+    """Replace each example's anchors in place; returns ``{example index: anchors}`` for checkpoints."""
+    refreshed = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        k = len(chunk[0].responses["anchors"])
+        budget = max_length - max(len(ex.prompt_ids) for ex in chunk)
+        sampled = sample_anchor_ids(
+            model, [ex.prompt_ids for ex in chunk], k, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
+            temperature=temperature, seed=seed + chunk[0].index, max_response_tokens=max(2, budget),
+        )
+        for ex, anchors in zip(chunk, sampled):
+            ex.responses["anchors"] = anchors
+            refreshed[ex.index] = anchors
+    return refreshed
