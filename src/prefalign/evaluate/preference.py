@@ -11,6 +11,7 @@ import torch
 
 from prefalign.data.records import PreferenceRecord
 from prefalign.data.tokenize import TokenizeSettings, tokenize_record
+from prefalign.evaluate.stats import wilson_interval
 from prefalign.train.reference import score_examples
 
 
@@ -24,16 +25,6 @@ class PreferenceScore:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def pair_logps(model, tokenizer, records: Sequence[PreferenceRecord], settings: TokenizeSettings, batch_size: int = 8):

@@ -1,0 +1,223 @@
+"""A self-contained HTML report (plots embedded as PNG data URIs), ``metrics.json`` and a Markdown
+summary for the terminal. The report is meant to be looked at: one chart per question, every
+number with its interval and sample size, and real responses next to the numbers."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from prefalign.evaluate.stats import Estimate
+
+
+@dataclass
+class MetricInfo:
+    name: str
+    label: str
+    higher_is_better: bool | None  # None: neither (e.g. KL is a budget, not a goal)
+    description: str = ""
+
+
+@dataclass
+class EvalResult:
+    title: str
+    models: list[str]
+    metrics: dict[str, dict[str, Estimate]]  # metric name -> model -> estimate
+    info: dict[str, MetricInfo]
+    examples: dict[str, list[dict]] = field(default_factory=dict)  # set name -> [{prompt, model: response...}]
+    training_logs: dict[str, list[dict]] = field(default_factory=dict)  # run label -> train_log rows
+    reward_vs_kl: list[dict] = field(default_factory=list)  # [{label, kl, kl_stderr, reward, reward_stderr}]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "title": self.title,
+            "models": self.models,
+            "metrics": {m: {k: e.as_dict() for k, e in per.items()} for m, per in self.metrics.items()},
+            "info": {k: vars(v) for k, v in self.info.items()},
+            "reward_vs_kl": self.reward_vs_kl,
+            "notes": self.notes,
+        }
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+COLOURS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+
+
+def metric_bars(result: EvalResult) -> str | None:
+    names = [m for m in result.metrics if any(e.n for e in result.metrics[m].values())]
+    if not names:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        per = result.metrics[name]
+        labels = [m for m in result.models if m in per]
+        values = [per[m].value for m in labels]
+        err_low = [max(0.0, per[m].value - per[m].low) if not math.isnan(per[m].low) else 0 for m in labels]
+        err_high = [max(0.0, per[m].high - per[m].value) if not math.isnan(per[m].high) else 0 for m in labels]
+        ax.bar(range(len(labels)), values, yerr=[err_low, err_high], capsize=4,
+               color=[COLOURS[result.models.index(m) % len(COLOURS)] for m in labels])
+        ax.set_xticks(range(len(labels)), labels, rotation=15)
+        info = result.info.get(name)
+        arrow = {True: " (higher is better)", False: " (lower is better)"}.get(info.higher_is_better if info else None, "")
+        ax.set_title((info.label if info else name) + arrow, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def training_curves(logs: dict[str, list[dict]]) -> str | None:
+    keys = [("loss", "loss"), ("rewards/margin", "implicit reward margin"), ("rewards/accuracy", "preference accuracy")]
+    if not any(logs.values()):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(13, 3.0), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        for i, (run, rows) in enumerate(logs.items()):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), label=run, color=COLOURS[i % len(COLOURS)])
+            evals = [(r["step"], r[f"eval/{key}"]) for r in rows if f"eval/{key}" in r]
+            if evals:
+                ax.plot(*zip(*evals), "o--", color=COLOURS[i % len(COLOURS)], label=f"{run} (eval)")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def reward_kl_plot(points: Sequence[dict]) -> str | None:
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, p in enumerate(points):
+        ax.errorbar(p["kl"], p["reward"], xerr=p.get("kl_stderr") or 0, yerr=p.get("reward_stderr") or 0,
+                    fmt="o", color=COLOURS[i % len(COLOURS)], capsize=3, label=p["label"])
+    ax.set_xlabel("KL(π ‖ π_ref), nats per response")
+    ax.set_ylabel("reward")
+    ax.set_title("reward vs KL (up and to the left is better)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em} h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;width:100%;font-size:.9em} th,td{border:1px solid #ddd;padding:.35em .6em;text-align:left;vertical-align:top}
+th{background:#f4f6f8} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.best{background:#e8f5e9;font-weight:600} .ci{color:#777;font-size:.85em} img{max-width:100%}
+.note{color:#555;font-size:.9em} details{margin:.4em 0} pre{white-space:pre-wrap;margin:0;font-family:inherit}
+"""
+
+
+def _cell(estimate: Estimate | None, best: bool) -> str:
+    if estimate is None or estimate.n == 0:
+        return '<td class="num">n/a</td>'
+    ci = "" if math.isnan(estimate.low) else f'<br><span class="ci">[{estimate.low:.3f}, {estimate.high:.3f}] n={estimate.n}</span>'
+    return f'<td class="num{" best" if best else ""}">{estimate.value:.3f}{ci}</td>'
+
+
+def _best_model(result: EvalResult, name: str) -> str | None:
+    info = result.info.get(name)
+    per = {m: e for m, e in result.metrics[name].items() if e.n and not math.isnan(e.value)}
+    if not info or info.higher_is_better is None or len(per) < 2:
+        return None
+    pick = max if info.higher_is_better else min
+    return pick(per, key=lambda m: per[m].value)
+
+
+def metrics_table_html(result: EvalResult) -> str:
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in result.models)
+    rows = []
+    for name, per in result.metrics.items():
+        info = result.info.get(name)
+        best = _best_model(result, name)
+        label = html.escape(info.label if info else name)
+        desc = f'<br><span class="note">{html.escape(info.description)}</span>' if info and info.description else ""
+        cells = "".join(_cell(per.get(m), m == best) for m in result.models)
+        rows.append(f"<tr><td>{label}{desc}</td>{cells}</tr>")
+    return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def examples_html(examples: dict[str, list[dict]], models: Sequence[str]) -> str:
+    parts = []
+    for set_name, items in examples.items():
+        head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+        rows = []
+        for item in items:
+            cells = "".join(f"<td><pre>{html.escape(str(item.get(m, '')))}</pre></td>" for m in models)
+            rows.append(f"<tr><td><pre>{html.escape(str(item['prompt']))}</pre></td>{cells}</tr>")
+        parts.append(f"<details open><summary>{html.escape(set_name)} ({len(items)} prompts)</summary>"
+                     f"<table><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table></details>")
+    return "".join(parts)
+
+
+def render_html(result: EvalResult) -> str:
+    sections = [f"<h1>{html.escape(result.title)}</h1>"]
+    sections += [f'<p class="note">{html.escape(n)}</p>' for n in result.notes]
+    sections.append("<h2>Metrics</h2>" + metrics_table_html(result))
+    plots = [("Metrics per model (95% intervals)", metric_bars(result)),
+             ("Training curves", training_curves(result.training_logs)),
+             ("Reward vs KL", reward_kl_plot(result.reward_vs_kl))]
+    for title, uri in plots:
+        if uri:
+            sections.append(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="{uri}">')
+    if result.examples:
+        sections.append("<h2>Example responses</h2>" + examples_html(result.examples, result.models))
+    body = "\n".join(sections)
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(result.title)}</title><style>{CSS}</style></head><body>{body}</body></html>"
+
+
+def markdown_summary(result: EvalResult) -> str:
+    lines = [f"### {result.title}", "", "| metric | " + " | ".join(result.models) + " |", "|---|" + "---|" * len(result.models)]
+    for name, per in result.metrics.items():
+        info = result.info.get(name)
+        cells = []
+        for m in result.models:
+            e = per.get(m)
+            cells.append("n/a" if e is None or e.n == 0 else f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}] n={e.n}")
+        lines.append(f"| {info.label if info else name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(result: EvalResult, output_dir: Path) -> dict[str, Path]:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"html": output_dir / "report.html", "json": output_dir / "metrics.json", "markdown": output_dir / "summary.md"}
+    paths["html"].write_text(render_html(result), encoding="utf-8")
+    paths["json"].write_text(json.dumps(result.to_json(), indent=1), encoding="utf-8")
+    paths["markdown"].write_text(markdown_summary(result) + "\n", encoding="utf-8")
+    return paths
