@@ -152,5 +152,10 @@ def quickstart(
     console.print(table)
 
 
+from prefalign.generate.cli import generate  # noqa: E402
+
+app.command("generate")(generate)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -50,3 +50,63 @@ class GenerationBackend(Protocol):
     model_id: str  # identifies the model for resume keys (path, served name...)
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]: ...
+
+
+# --- helpers shared by the backends (additions; the names above are the public interface) ---
+
+_PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def check_conversations(conversations: Sequence[Conversation]) -> None:
+    """Raise a ``ValueError`` naming the conversation and message that is malformed."""
+    if isinstance(conversations, (str, dict)):
+        raise ValueError("conversations must be a list of conversations (each a list of messages)")
+    for i, conv in enumerate(conversations):
+        if isinstance(conv, (str, dict)) or not conv:
+            raise ValueError(f"conversation {i}: must be a non-empty list of messages")
+        for j, msg in enumerate(conv):
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise ValueError(f"conversation {i}, message {j}: must be a dict with 'role' and 'content'")
+            if not isinstance(msg["content"], str):
+                raise ValueError(f"conversation {i}, message {j}: 'content' must be a string")
+
+
+def render_plain(conversation: Conversation) -> str:
+    """Plain-text rendering for tokenizers without a chat template: ``User: ...\\nAssistant:``.
+
+    A conversation that ends with an assistant message is continued (no new ``Assistant:`` line).
+    """
+    lines = [f"{_PLAIN_ROLES.get(m['role'], str(m['role']).capitalize())}: {m['content']}" for m in conversation]
+    if conversation and conversation[-1]["role"] == "assistant":
+        return "\n".join(lines)
+    return "\n".join([*lines, "Assistant:"])
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cut ``text`` at the earliest occurrence of any stop string (the stop string is removed)."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            k = text.find(s)
+            if 0 <= k < cut:
+                cut = k
+    return text[:cut]
+
+
+def render_with_tokenizer(tokenizer, conversation: Conversation) -> str:
+    """The prompt text for ``conversation``: the tokenizer's chat template with the generation prompt,
+    or :func:`render_plain` when it has none. A final assistant message is continued, not closed."""
+    if not getattr(tokenizer, "chat_template", None):
+        return render_plain(conversation)
+    if conversation[-1]["role"] == "assistant":
+        return tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=False, continue_final_message=True
+        )
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, conversation: Conversation) -> list[int]:
+    """Token ids of :func:`render_with_tokenizer` (a chat template already holds its special tokens)."""
+    text = render_with_tokenizer(tokenizer, conversation)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return list(tokenizer(text, add_special_tokens=not has_template)["input_ids"])

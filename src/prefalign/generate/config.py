@@ -1,0 +1,174 @@
+"""Typed configuration of ``prefalign generate``: one model for the YAML file and the flags,
+validated (the strategy's own section included) before any model is loaded.
+
+.. code-block:: yaml
+
+    strategy: critique            # see `prefalign generate --help` for the list
+    prompts:
+      source: advbench            # advbench, donotanswer, realtoxicity, rho-*, file
+      path: null                  # the file, for source: file
+      prompt_field: prompt
+      limit: 50
+      split: train                # train | eval | null (stable hash split by prompt id)
+      eval_fraction: 0.1
+    models: [smollm2-135m-instruct]   # several for nparam / leaderboard / popalign
+    backend: transformers         # transformers | openai | vllm
+    base_url: null                # openai: the server's /v1 URL
+    backend_options: {}           # extra backend arguments (dtype, api_key_env, ...)
+    output: data/critique.jsonl
+    seed: 0
+    batch_size: 8                 # prompts per step (each step is written before the next)
+    max_new_tokens: 256
+    temperature: 0.7
+    top_p: 1.0
+    params:                       # the strategy's own options
+      principle: safety
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from prefalign.data.prompts import DEFAULT_EVAL_FRACTION, PROMPT_SOURCES
+from prefalign.generate.core import StrategyConfig
+from prefalign.generate.registry import STRATEGIES, get_strategy
+
+
+class GenerateConfigError(ValueError):
+    """The config file or a flag is invalid; the message names the file and the field."""
+
+
+class PromptSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field("advbench", description="a built-in prompt set or 'file'")
+    path: Path | None = Field(None, description="the prompt file, for source 'file'")
+    prompt_field: str = Field("prompt", min_length=1, description="the prompt column of the file")
+    limit: int | None = Field(None, gt=0, description="keep the first N prompts (after the split)")
+    split: Literal["train", "eval"] | None = Field(None, description="one side of the stable split by id")
+    eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PromptSettings":
+        if self.source not in PROMPT_SOURCES:
+            raise ValueError(f"source: unknown prompt source '{self.source}'; choose one of {', '.join(PROMPT_SOURCES)}")
+        if PROMPT_SOURCES[self.source].needs_path and self.path is None:
+            raise ValueError(f"path: prompt source '{self.source}' needs a file (--prompts-file)")
+        if not PROMPT_SOURCES[self.source].needs_path and self.path is not None:
+            raise ValueError(f"path: prompt source '{self.source}' is built in; use source 'file' for a file")
+        return self
+
+
+class GenerateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str = Field(..., description="the generation strategy")
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
+    models: list[str] = Field(default_factory=lambda: ["smollm2-135m-instruct"], min_length=1)
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    base_url: str | None = None
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    output: Path
+    seed: int = 0
+    batch_size: int = Field(8, gt=0, description="prompts per step; each step is written before the next")
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    params: dict[str, Any] = Field(default_factory=dict, description="the strategy's own options")
+
+    @model_validator(mode="after")
+    def _check(self) -> "GenerateConfig":
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: unknown strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
+        twice = sorted({m for m in self.models if self.models.count(m) > 1})
+        if twice:
+            raise ValueError(f"models: {', '.join(twice)} given more than once")
+        needed = STRATEGIES[self.strategy].min_models
+        if len(self.models) < needed:
+            raise ValueError(f"models: strategy '{self.strategy}' needs at least {needed} models "
+                             f"(give --model {needed} times), got {len(self.models)}")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("base_url: the openai backend needs the server's URL (--base-url)")
+        return self
+
+    def strategy_config(self) -> StrategyConfig:
+        """The strategy's typed options (validated)."""
+        return get_strategy(self.strategy).Config.model_validate(self.params)
+
+
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.DOTALL)
+
+
+def _errors(err: ValidationError, source: str, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        message = e["msg"].removeprefix("Value error, ")
+        found = _FIELD_PREFIX.match(message)
+        if found and e["type"] == "value_error":  # a model check says "field: problem"
+            loc.append(found.group(1))
+            message = found.group(2)
+        where = ".".join([*([prefix] if prefix else []), *loc]) or "(config)"
+        lines.append(f"{source}: field '{where}': {message}")
+    return "\n".join(lines)
+
+
+def load_generate_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
+                         param_overrides: dict[str, Any] | None = None) -> GenerateConfig:
+    """Read the YAML (optional), apply flags (flags win; ``None`` means not given), validate
+    everything including the strategy's ``params``. Errors name the file and the field."""
+    values: dict[str, Any] = {}
+    source = "flags"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise GenerateConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise GenerateConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise GenerateConfigError(f"{path}: top level must be a mapping of field: value")
+        values.update(loaded.get("generate", loaded) if isinstance(loaded.get("generate"), dict) else loaded)
+        if not isinstance(values.get("prompts", {}), (dict, str)):
+            raise GenerateConfigError(f"{path}: field 'prompts': expected a mapping (source, path, limit, ...)")
+        if isinstance(values.get("prompts"), str):  # shorthand: prompts: advbench
+            values["prompts"] = {"source": values["prompts"]}
+        if not isinstance(values.get("params", {}), dict):
+            raise GenerateConfigError(f"{path}: field 'params': expected a mapping of the strategy's options")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    prompt_overrides = overrides.pop("prompts", None) or {}
+    values.update(overrides)
+    if prompt_overrides:
+        prompts = dict(values.get("prompts") or {})
+        if "path" in prompt_overrides and "source" not in prompt_overrides:
+            prompt_overrides["source"] = "file"  # --prompts-file implies --prompts file
+        if prompt_overrides.get("source") not in (None, "file"):
+            prompts.pop("path", None)
+        prompts.update(prompt_overrides)
+        values["prompts"] = prompts
+    params = dict(values.get("params") or {})
+    try:
+        cfg = GenerateConfig.model_validate({**values, "params": params})
+    except ValidationError as exc:
+        raise GenerateConfigError(_errors(exc, source)) from None
+    config_cls = get_strategy(cfg.strategy).Config
+    for name, value in (param_overrides or {}).items():
+        if value is None:
+            continue
+        if name not in config_cls.model_fields:
+            raise GenerateConfigError(f"flags: --{name.replace('_', '-')} does not apply to strategy '{cfg.strategy}'")
+        params[name] = value
+    try:
+        config_cls.model_validate(params)
+    except ValidationError as exc:
+        where = source if not param_overrides or not any(v is not None for v in param_overrides.values()) else f"{source} + flags"
+        raise GenerateConfigError(_errors(exc, where, "params")) from None
+    return cfg.model_copy(update={"params": params})
