@@ -152,9 +152,112 @@ def quickstart(
     console.print(table)
 
 
+@app.command("eval")
+def evaluate(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML eval config (models, prompt_sets, ...)"),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="LABEL=MODEL, repeatable (overrides the config's models)"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o"),
+    pairs: Optional[Path] = typer.Option(None, help="held-out preference pairs for accuracy and margin"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Evaluate models side by side; writes report.html, metrics.json and a Markdown summary."""
+    from prefalign.evaluate.report import markdown_summary
+    from prefalign.evaluate.runner import EvalConfigError, load_eval_config, run_eval
+
+    _setup_logging(verbose=not quiet)
+    overrides: dict = {"output_dir": output_dir, "pairs": pairs}
+    if model:
+        pairs_ = [m.split("=", 1) if "=" in m else [Path(m).name, m] for m in model]
+        overrides["models"] = {label: path for label, path in pairs_}
+    try:
+        cfg = load_eval_config(config, overrides)
+        result, paths = run_eval(cfg, show_progress=not quiet)
+    except (EvalConfigError, *_user_errors()) as exc:
+        _fail(str(exc))
+    console.print(markdown_summary(result), highlight=False)
+    console.print(f"report: {paths['html']}")
+
+
+@app.command("run")
+def run_recipe_command(
+    recipe: Path = typer.Argument(..., help="a recipe YAML, e.g. recipes/rdpo-safety.yaml"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: the recipe's output_dir"),
+    stage: Optional[list[str]] = typer.Option(None, "--stage", help="run only these stages (repeatable)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate and show the plan without running"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Run a recipe's stages (generate, score, train, eval), skipping those already done."""
+    from prefalign.pipeline import RecipeError, plan_recipe, run_recipe, stage_state
+
+    _setup_logging(verbose=not quiet)
+    try:
+        if dry_run:
+            for s in plan_recipe(recipe, output_dir=output_dir):
+                console.print(f"{s.name:<16} {s.kind.name:<9} {stage_state(s):<12} {s.key}  -> {', '.join(s.outputs.values())}", highlight=False)
+            return
+        run_recipe(recipe, output_dir=output_dir, only=stage, show_progress=not quiet)
+    except (RecipeError, *_user_errors()) as exc:
+        _fail(str(exc))
+
+
 from prefalign.generate.cli import generate  # noqa: E402
 
 app.command("generate")(generate)
+
+
+@app.command("score")
+def score_command(
+    input: Path = typer.Argument(..., help="preference data file (JSONL, JSON, Parquet or a datasets folder)"),
+    scorer: str = typer.Option(..., "--scorer", "-s", help="profanity, toxicity, sentiment, refusal, length, reward-model, judge or composite"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the scorer's config"),
+    output: Path = typer.Option(..., "--output", "-o", help="scored JSONL to write"),
+    fields: str = typer.Option("chosen,rejected", "--fields", help="response groups to score: chosen, rejected, anchors, toxic"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="count and skip bad rows"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the score cache"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Add reward_chosen / reward_rejected (and meta.scores for anchors/toxic) to a preference file."""
+    from prefalign.score import ScorerUnavailableError, score_file
+
+    _setup_logging(verbose=not quiet)
+    try:
+        result = score_file(input, output, scorer, config, fields=fields, skip_invalid=skip_invalid,
+                            cache=not no_cache, show_progress=not quiet)
+    except (ScorerUnavailableError, ImportError, *_user_errors()) as exc:
+        _fail(str(exc))
+    console.print(f"{output}: {len(result.records)} records, {result.scored} responses scored, "
+                  f"{result.unparsed} unparsed, {result.skipped_rows} invalid rows skipped", highlight=False)
+
+
+@app.command("train-rm")
+def train_rm_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override its values"),
+    data: Optional[Path] = typer.Option(None, help="preference pairs (prompt, chosen, rejected[, margin])"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o"),
+    model: Optional[str] = typer.Option(None, help="backbone: minilm, a registry name or an HF folder [default: minilm]"),
+    eval_fraction: Optional[float] = typer.Option(None, "--eval-fraction"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    epochs: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Train a Bradley-Terry reward model; the `reward-model` scorer loads OUTPUT_DIR/model."""
+    from prefalign.train_rm import load_rm_config, train_reward_model
+
+    _setup_logging(verbose=not quiet)
+    overrides = dict(data=data, output_dir=output_dir, model=model, eval_fraction=eval_fraction,
+                     max_steps=max_steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    try:
+        cfg = load_rm_config(config, overrides)
+        result = train_reward_model(cfg, show_progress=not quiet)
+    except (ImportError, *_user_errors()) as exc:
+        _fail(str(exc))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    console.print(f"trained {result.steps} steps ({result.head} head), final loss {result.final_loss:.4f}; "
+                  f"held-out pair accuracy {fmt(result.eval_accuracy_before)} -> {fmt(result.eval_accuracy_after)} "
+                  f"on {result.eval_pairs} pairs; model saved to {result.model_dir}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

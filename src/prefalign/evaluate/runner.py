@@ -67,7 +67,7 @@ class EvalConfig(BaseModel):
     toxicity_scorer: str | None = "toxicity"
     toxicity_threshold: float = 0.5
     sentiment_scorer: str | None = None
-    reward_model: Path | None = None
+    reward_model: str | None = None  # a sequence-classification folder (e.g. from prefalign train-rm)
     training_logs: dict[str, Path] = Field(default_factory=dict)  # run label -> train_log.jsonl
     examples_per_set: int = Field(3, ge=0)
     max_length: int = 512
@@ -136,15 +136,16 @@ class Evaluator:
         self.samples: dict[str, dict[str, list[str]]] = {}
 
     # -- pieces -------------------------------------------------------------------------------
-    def scorer(self, name: str):
-        if name not in self._scorers:
+    def scorer(self, name: str, config: dict | None = None):
+        key = json.dumps([name, config], sort_keys=True)
+        if key not in self._scorers:
             if self._scorer_factory is not None:
-                self._scorers[name] = self._scorer_factory(name)
+                self._scorers[key] = self._scorer_factory(name, config)
             else:
                 from prefalign.score import make_scorer
 
-                self._scorers[name] = make_scorer(name)
-        return self._scorers[name]
+                self._scorers[key] = make_scorer(name, config, show_progress=self.show_progress)
+        return self._scorers[key]
 
     def record(self, metric: str, model: str, estimate: Estimate) -> None:
         self.metrics.setdefault(metric, {})[model] = estimate
@@ -194,7 +195,7 @@ class Evaluator:
         if config.sentiment_scorer:
             self.record(f"sentiment[{tag}]", label, mean(self.scorer(config.sentiment_scorer).score(texts)))
         if config.reward_model:
-            self.record(f"reward[{tag}]", label, mean(self.scorer(f"reward-model:{config.reward_model}").score(texts, [p.prompt for p in prompts])))
+            self.record(f"reward[{tag}]", label, mean(self.scorer("reward-model", {"model": config.reward_model}).score(texts, [p.prompt for p in prompts])))
         chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
         own, lengths = response_logps(model, tokenizer, chats, texts, self.settings)
         ref, _ = (own, lengths) if reference is model else response_logps(reference, tokenizer, chats, texts, self.settings)

