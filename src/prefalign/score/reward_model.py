@@ -1,0 +1,73 @@
+"""``reward-model``: a local sequence-classification model scores (prompt, response) pairs.
+
+``model`` is any local ``AutoModelForSequenceClassification`` folder (or one written by
+``prefalign train-rm``, including its mean-pool MiniLM layout; see :mod:`prefalign.score.rm_model`).
+The score is the logit of the model's single output, or of ``label`` (an index, or a name from
+``config.label2id``) when it has several. Prompts are rendered with the tokenizer's chat template
+when it has one (``chat_template: auto|always|never``), else encoded as a text pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Prompt, ScorerConfig, ScorerSpec, ScorerUnavailableError, canonical_json, check_inputs
+
+
+class RewardModelConfig(ScorerConfig):
+    model: str = Field(..., description="a local folder (or registry name) of a sequence-classification model")
+    label: int | str | None = None
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(512, gt=8)
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class RewardModelScorer:
+    name = "reward-model"
+    uses_prompts = True
+
+    def __init__(self, config: RewardModelConfig) -> None:
+        import torch
+
+        from prefalign.models.registry import model_fingerprint
+
+        from .rm_model import load_reward_model, resolve_label, use_chat_template
+
+        self.config = config
+        self.batch_size = config.batch_size
+        try:
+            self.model, self.tokenizer, folder = load_reward_model(
+                config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+            )
+        except OSError as exc:
+            raise ScorerUnavailableError(f"reward-model: cannot load '{config.model}': {exc}") from None
+        self.label = resolve_label(self.model, config.label)
+        use_chat_template(self.tokenizer, config.chat_template)  # 'always' without a template fails now
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        fingerprint = model_fingerprint(folder)
+        self.cache_id = canonical_json([self.name, config.model_dump(mode="json"), fingerprint])
+
+    def score(self, texts: Sequence[str], prompts: Sequence[Prompt] | None = None) -> list[float]:
+        prompt_list = check_inputs(texts, prompts)
+        if not texts:
+            return []
+        import torch
+
+        from .rm_model import encode_pairs, reward_logits
+
+        batch = encode_pairs(self.tokenizer, prompt_list, list(texts), max_length=self.config.max_length,
+                             chat_template=self.config.chat_template)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.inference_mode():
+            logits = reward_logits(self.model, batch)
+        return [float(x) for x in logits[:, self.label].float().cpu()]
+
+
+SPEC = ScorerSpec("reward-model", RewardModelConfig, RewardModelScorer,
+                  "a local AutoModelForSequenceClassification (or train-rm) folder: the logit of one output")

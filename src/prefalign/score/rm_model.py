@@ -1,0 +1,173 @@
+"""The reward-model network both ``prefalign train-rm`` and the ``reward-model`` scorer use.
+
+Two folder layouts load through :func:`load_reward_model`:
+
+* any ``AutoModelForSequenceClassification`` folder (``train-rm`` on a causal LM writes one);
+* a *mean-pool* folder (``train-rm`` on an encoder such as MiniLM): the encoder as a normal HF
+  folder plus ``reward_head.safetensors`` and ``prefalign_reward.json``; the score is a linear head
+  on the attention-masked mean of the last hidden states.
+
+Inputs (:func:`encode_pairs`): with a prompt and a tokenizer that has a chat template, the template
+renders ``[user: prompt, assistant: response]``; otherwise prompt and response are encoded as a
+text pair (``[CLS] prompt [SEP] response [SEP]`` for BERT-style tokenizers), or the response alone
+when there is no prompt. Too long? A chat-template text is cut from the left (the prompt goes
+first, the end of the response stays); a text pair loses tokens from the longer of its two parts.
+Batches are padded on the right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .base import Prompt, prompt_text
+
+MEAN_POOL_MARKER = "prefalign_reward.json"
+MEAN_POOL_HEAD = "reward_head.safetensors"
+MEAN_POOL_FORMAT = "prefalign-mean-pool-reward/1"
+
+
+class MeanPoolRewardModel(torch.nn.Module):
+    """An encoder (``AutoModel``) + attention-masked mean pooling + a linear head -> one score."""
+
+    def __init__(self, encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Linear(encoder.config.hidden_size, 1)
+
+    @property
+    def config(self):
+        return self.encoder.config
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled)  # [batch, 1]
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        self.encoder.save_pretrained(folder)
+        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(folder / MEAN_POOL_HEAD))
+        (folder / MEAN_POOL_MARKER).write_text(
+            json.dumps({"format": MEAN_POOL_FORMAT, "pooling": "mean", "hidden_size": self.encoder.config.hidden_size}, indent=2)
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, dtype=None) -> "MeanPoolRewardModel":
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        folder = Path(folder)
+        meta = json.loads((folder / MEAN_POOL_MARKER).read_text())
+        if meta.get("format") != MEAN_POOL_FORMAT:
+            raise ValueError(f"{folder / MEAN_POOL_MARKER}: unknown format {meta.get('format')!r}")
+        model = cls(AutoModel.from_pretrained(folder, local_files_only=True, dtype=dtype))
+        model.head.load_state_dict(load_file(str(folder / MEAN_POOL_HEAD)))
+        if dtype is not None:
+            model.head.to(dtype)
+        return model
+
+
+def is_mean_pool_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / MEAN_POOL_MARKER).is_file()
+
+
+def load_reward_model(model: str | os.PathLike, *, dtype: str = "float32", trust_remote_code: bool = False):
+    """``(model, tokenizer, folder)`` for a reward-model folder of either layout (eval mode)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from prefalign.models.registry import resolve_model
+
+    given = Path(model)
+    if given.is_dir() and not (given / "config.json").exists() and (given / "model" / "config.json").exists():
+        model = given / "model"  # a train-rm output dir
+    folder = resolve_model(model)
+    torch_dtype = getattr(torch, dtype)
+    if is_mean_pool_folder(folder):
+        net = MeanPoolRewardModel.from_pretrained(folder, dtype=torch_dtype)
+    else:
+        net, info = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+        )
+        if info.get("missing_keys"):
+            missing = ", ".join(sorted(info["missing_keys"])[:4])
+            raise ValueError(
+                f"{folder} is not a trained reward model: its classifier weights ({missing}) are missing, so "
+                "its scores would be random; train one with `prefalign train-rm` or give a classifier folder"
+            )
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    prepare_tokenizer(tokenizer, net)
+    return net.eval(), tokenizer, Path(folder)
+
+
+def prepare_tokenizer(tokenizer, model) -> None:
+    """Right padding, a pad token, and the model's ``pad_token_id`` set (sequence classifiers on
+    causal LMs find the last real token through it)."""
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"  # cut the start (the prompt), keep the end of the response
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = model.config
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+
+
+def use_chat_template(tokenizer, mode: str) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "always" and not has:
+        raise ValueError("chat_template: 'always' but the tokenizer has no chat template")
+    return has and mode != "never"
+
+
+def encode_pairs(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str], *, max_length: int,
+                 chat_template: str = "auto"):
+    """Token ids + attention mask for (prompt, response) pairs, padded on the right."""
+    if use_chat_template(tokenizer, chat_template):
+        texts = []
+        for p, r in zip(prompts, responses):
+            messages = [] if p is None else ([{"role": "user", "content": p}] if isinstance(p, str) else list(p))
+            texts.append(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": r}], tokenize=False))
+        return tokenizer(texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_length,
+                         return_tensors="pt")
+    if all(p is None for p in prompts):
+        return tokenizer(list(responses), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    firsts = [prompt_text(p) for p in prompts]
+    return tokenizer(firsts, list(responses), padding=True, truncation="longest_first", max_length=max_length,
+                     return_tensors="pt")
+
+
+def reward_logits(model, batch):
+    """``[batch, num_labels]`` logits for either layout."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def resolve_label(model, label: int | str | None) -> int:
+    """The output index to read: the only one, or ``label`` (an index or a ``label2id`` name)."""
+    config = model.config
+    num = 1 if isinstance(model, MeanPoolRewardModel) else int(getattr(config, "num_labels", 1) or 1)
+    if label is None:
+        if num != 1:
+            names = ", ".join(f"{i}={n}" for i, n in sorted(getattr(config, "id2label", {}).items()))
+            raise ValueError(f"label: the model has {num} outputs ({names}); choose one with 'label'")
+        return 0
+    if isinstance(label, str):
+        if isinstance(model, MeanPoolRewardModel):
+            raise ValueError("label: a mean-pool reward model has one unnamed output")
+        label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+        if label not in label2id:
+            raise ValueError(f"label: '{label}' is not one of the model's labels {sorted(label2id)}")
+        return label2id[label]
+    if not 0 <= label < num:
+        raise ValueError(f"label: index {label} out of range for a model with {num} outputs")
+    return label
+
+

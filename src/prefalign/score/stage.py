@@ -1,0 +1,53 @@
+"""The ``score`` stage of a recipe (``prefalign run``): the same work as ``prefalign score``.
+
+    - name: score
+      kind: score
+      input: ${generate.output}
+      scorer: composite
+      config: {weights: {profanity: -1.0, sentiment: 0.5}}
+      fields: [chosen, rejected]
+      # output: defaults to <stage dir>/scored.jsonl
+
+The scorer's config is validated with the recipe, before any stage runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .base import ScoreConfigError
+
+
+class ScoreStageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: Path
+    output: Path
+    scorer: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    fields: list[str] = Field(default_factory=lambda: ["chosen", "rejected"])
+    skip_invalid: bool = False
+    cache: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScoreStageConfig":
+        from .records import check_fields
+        from .registry import parse_config
+
+        try:
+            parse_config(self.scorer, self.config, source="config")
+            check_fields(self.fields)
+        except ScoreConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+def run_score_stage(cfg: ScoreStageConfig, *, show_progress: bool = True):
+    from .records import score_file
+
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    return score_file(cfg.input, cfg.output, cfg.scorer, cfg.config, fields=cfg.fields,
+                      skip_invalid=cfg.skip_invalid, cache=cfg.cache, show_progress=show_progress)
