@@ -7,6 +7,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+# Tiny models gain nothing from a second thread, and threads oversubscribe when tests spawn runs.
+torch.set_num_threads(1)
+
 PROMPTS = [
     "What is the capital of France?",
     "Name a prime number.",

@@ -13,6 +13,7 @@ import torch
 
 from prefalign.losses import (
     LOSSES,
+    sft_loss,
     LossSpec,
     adpo_loss,
     check_positive_reward_gap,
@@ -273,6 +274,7 @@ def _all_losses(pc, pr, rc, rr, *, beta=0.1):
         "odpo": odpo_loss(pc, pr, rc, rr, reward_chosen=3 * one, reward_rejected=one, beta=beta),
         "d2o": d2o_loss(pr, rr, torch.stack([pc, pc + 1], 1), torch.stack([rc, rc], 1), beta=beta),
         "adpo": adpo_loss(pc, pr, rc, rr, pr * 0.5, rr, beta=beta),
+        "sft": sft_loss(pc),
     }
 
 
@@ -287,7 +289,8 @@ def test_huge_margins_finite_values_and_grads(dtype):
         assert torch.isfinite(out).all(), name
         pc.grad = pr.grad = None
         out.sum().backward()
-        assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all(), name
+        grads = [g for g in (pc.grad, pr.grad) if g is not None]  # SFT reads pc only
+        assert grads and all(torch.isfinite(g).all() for g in grads), name
     # h = +2e4: DPO loss ~ 0; h = -2e4: DPO loss ~ 2e4 (no overflow to inf)
     assert outs["dpo"][0].item() == pytest.approx(0.0, abs=1e-6)
     assert outs["dpo"][1].item() == pytest.approx(2e4, rel=1e-6)
@@ -317,6 +320,7 @@ def test_gradcheck_all_losses():
         "odpo": (lambda *x: odpo_loss(*x, reward_chosen=rw_c, reward_rejected=rw_r, beta=0.7, alpha=0.5), (pc, pr, rc, rr)),
         "d2o": (lambda *x: d2o_loss(*x, beta=0.7, alpha=0.3), (pr, rr, pa, ra)),
         "adpo": (lambda *x: adpo_loss(*x, beta=0.7, gamma=0.3), (pc, pr, rc, rr, pt, tr)),
+        "sft": (lambda x: sft_loss(x), (pc,)),
     }
     assert set(cases) == set(LOSSES)
     for name, (fn, inputs) in cases.items():
@@ -362,6 +366,7 @@ def _direct(name, p, r, w, params):
         "odpo": lambda: odpo_loss(*pair, **rew, **params),
         "d2o": lambda: d2o_loss(p["rejected"], r["rejected"], p["anchors"], r["anchors"], **params),
         "adpo": lambda: adpo_loss(*pair, p["toxic"], r["toxic_ref"], **params),
+        "sft": lambda: sft_loss(p["chosen"]),
     }
     return calls[name]()
 
@@ -381,6 +386,7 @@ EXPECTED_REGISTRY = {
     ),
     "d2o": (("rejected", "anchors"), ("prompt", "rejected", "anchors"), {"beta": 0.1, "alpha": 0.1}),
     "adpo": (("chosen", "rejected", "toxic"), ("prompt", "chosen", "rejected", "toxic"), {"beta": 0.1, "gamma": 0.1}),
+    "sft": (("chosen",), ("prompt", "chosen"), {}),
 }
 
 
@@ -395,7 +401,9 @@ def test_registry_contents():
         assert dict(spec.defaults) == defaults
         assert spec.needs_toxic_reference == (name == "adpo")
         assert spec.positive == ("anchors" if name == "d2o" else "chosen")
-        assert spec.negative == "rejected"
+        assert spec.negative == ("chosen" if name == "sft" else "rejected")
+        assert spec.needs_reference == (name != "sft")
+        assert spec.requires_positive_reward_gap == (name == "odpo")
     with pytest.raises(TypeError):
         LOSSES["dpo"].defaults["beta"] = 1.0  # read-only
 
@@ -407,6 +415,8 @@ def test_registry_compute_matches_function(name):
     out = spec.compute(p, r, w)
     assert out.shape == (3,) and torch.isfinite(out).all()
     torch.testing.assert_close(out, _direct(name, p, r, w, dict(spec.defaults)))
+    if "beta" not in spec.defaults:  # SFT has no hyperparameter to override
+        return
     # an override reaches the function and changes the result
     overridden = spec.compute(p, r, w, beta=0.7)
     torch.testing.assert_close(overridden, _direct(name, p, r, w, {**spec.defaults, "beta": 0.7}))
@@ -436,5 +446,11 @@ def test_compute_missing_input_is_value_error():
 
 
 def test_get_loss_unknown_lists_names():
-    with pytest.raises(ValueError, match=r"unknown loss 'kto'.*\['adpo', 'd2o', 'dpo', 'ipo', 'odpo', 'rdpo'\]"):
+    with pytest.raises(ValueError, match=r"unknown loss 'kto'.*\['adpo', 'd2o', 'dpo', 'ipo', 'odpo', 'rdpo', 'sft'\]"):
         get_loss("kto")
+
+
+def test_sft_loss_is_negative_log_likelihood():
+    logps = t(-2.0, -6.0)
+    assert sft_loss(logps).tolist() == pytest.approx([2.0, 6.0])
+    assert sft_loss(logps, num_tokens=t(2.0, 3.0)).tolist() == pytest.approx([1.0, 2.0])
