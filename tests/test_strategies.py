@@ -391,7 +391,7 @@ def test_sample_pairs_on_tiny_random(tiny_backend, tmp_path):
     for row in rows:
         assert row["reward_chosen"] == len(row["chosen"]) and row["reward_rejected"] == len(row["rejected"])
         assert row["reward_chosen"] > row["reward_rejected"]
-        assert row["chosen"] in row["meta"]["samples"] and row["meta"]["scores"]
+        assert row["chosen"] in row["meta"]["samples"] and row["meta"]["sample_scores"]
     assert summary.records_written >= 1
     load_records(out, ("prompt", "chosen", "rejected", "reward_chosen", "reward_rejected"))
 
@@ -467,13 +467,13 @@ def test_toxic_control_on_tiny_random(tiny_backend, tmp_path):
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()  # deterministic
 
 
-def test_toxic_control_without_scorer_names_the_package(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "profanity_check" else real(name, *a))
-    with pytest.raises(ValueError, match="alt-profanity-check"):
-        get_strategy("toxic-control")({}, ctx_for(Scripted(lambda c, i: "x")))
+def test_toxic_control_scorer_names_come_from_the_score_registry():
+    with pytest.raises(ValueError, match=r"scorer: 'no-such-scorer' is neither a scorer \(.*toxicity.*\) nor 'module:function'"):
+        get_strategy("toxic-control")({"scorer": "no-such-scorer"}, ctx_for(Scripted(lambda c, i: "x")))
+    # The default is the registry's toxicity scorer: higher means more toxic.
+    strategy = get_strategy("toxic-control")({}, ctx_for(Scripted(lambda c, i: "x")))
+    calm, rude = strategy.scorer(["Have a lovely day, friend.", "You are a stupid idiot and I hate you."])
+    assert rude > 0.5 > calm
 
 
 def test_candidate_helpers():

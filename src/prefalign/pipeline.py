@@ -1,4 +1,4 @@
-"""``prefalign run RECIPE.yaml``: the stages of a recipe (data, generate, score, train, eval) in
+"""``prefalign run RECIPE.yaml``: the stages of a recipe (split, generate, score, train-rm, train, eval) in
 order, each cached by its inputs.
 
 A recipe names its stages in order; each has a ``kind`` and that kind's typed config. A value may
@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prefalign.configfile import validation_messages
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
 MARKER, RUNNING = ".stage.json", ".stage-running.json"
@@ -148,6 +150,22 @@ def _score_kind() -> StageKind:
                      lambda cfg, d: {"output": str(cfg.output)}, run)
 
 
+def _train_rm_kind() -> StageKind:
+    def validate(values):
+        from prefalign.train_rm.config import RewardTrainConfig
+
+        return RewardTrainConfig.model_validate({k: v for k, v in values.items() if k != "kind"})
+
+    def run(cfg, stage_dir, show_progress):
+        from prefalign.train_rm.loop import train_reward_model
+
+        result = train_reward_model(cfg, show_progress=show_progress)
+        print(f"reward model: {result}")
+
+    return StageKind("train-rm", lambda d: {"output_dir": str(d)}, validate,
+                     lambda cfg, d: {"model": str(cfg.output_dir / "model")}, run)
+
+
 STAGE_KINDS: dict[str, StageKind] = {
     k.name: k
     for k in (
@@ -156,6 +174,7 @@ STAGE_KINDS: dict[str, StageKind] = {
         _generate_kind(),
         _score_kind(),
         _train_kind(),
+        _train_rm_kind(),
         _eval_kind(),
     )
 }
@@ -198,10 +217,7 @@ def lookup_whole(match, lookup, used):
 
 def _error_lines(exc: Exception, source: str, stage: str) -> str:
     if isinstance(exc, ValidationError):
-        return "\n".join(
-            f"{source}: field 'stages.{stage}.{'.'.join(str(p) for p in e['loc'])}': {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
+        return validation_messages(exc, source, f"stages.{stage}")
     return f"{source}: field 'stages.{stage}': {exc}"
 
 

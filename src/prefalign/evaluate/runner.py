@@ -14,9 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from prefalign.configfile import read_yaml_mapping, validation_messages
 from prefalign.data.tokenize import TokenizeSettings
 from prefalign.evaluate.report import EvalResult, MetricInfo, write_report
 from prefalign.evaluate.stats import Estimate, mean, share
@@ -87,21 +87,12 @@ def load_eval_config(path: Path | None, overrides: dict[str, Any] | None = None)
     values: dict[str, Any] = {}
     source = str(path) if path else "flags"
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise EvalConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise EvalConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise EvalConfigError(f"{path}: top level must be a mapping")
-        values.update(loaded.get("eval", loaded) if isinstance(loaded.get("eval"), dict) else loaded)
+        values.update(read_yaml_mapping(path, EvalConfigError, section="eval"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return EvalConfig.model_validate(values)
     except ValidationError as exc:
-        lines = [f"{source}: field '{'.'.join(str(p) for p in e['loc'])}': {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
-        raise EvalConfigError("\n".join(lines)) from None
+        raise EvalConfigError(validation_messages(exc, source)) from None
 
 
 METRICS = {

@@ -27,13 +27,12 @@ validated (the strategy's own section included) before any model is loaded.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from prefalign.configfile import read_yaml_mapping, validation_messages
 from prefalign.data.prompts import DEFAULT_EVAL_FRACTION, PROMPT_SOURCES
 from prefalign.generate.core import StrategyConfig
 from prefalign.generate.registry import STRATEGIES, get_strategy
@@ -101,23 +100,6 @@ class GenerateConfig(BaseModel):
         return get_strategy(self.strategy).Config.model_validate(self.params)
 
 
-_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.DOTALL)
-
-
-def _errors(err: ValidationError, source: str, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        message = e["msg"].removeprefix("Value error, ")
-        found = _FIELD_PREFIX.match(message)
-        if found and e["type"] == "value_error":  # a model check says "field: problem"
-            loc.append(found.group(1))
-            message = found.group(2)
-        where = ".".join([*([prefix] if prefix else []), *loc]) or "(config)"
-        lines.append(f"{source}: field '{where}': {message}")
-    return "\n".join(lines)
-
-
 def load_generate_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
                          param_overrides: dict[str, Any] | None = None) -> GenerateConfig:
     """Read the YAML (optional), apply flags (flags win; ``None`` means not given), validate
@@ -126,17 +108,7 @@ def load_generate_config(path: Path | None = None, overrides: dict[str, Any] | N
     source = "flags"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise GenerateConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise GenerateConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise GenerateConfigError(f"{path}: top level must be a mapping of field: value")
-        values.update(loaded.get("generate", loaded) if isinstance(loaded.get("generate"), dict) else loaded)
+        values.update(read_yaml_mapping(path, GenerateConfigError, section="generate"))
         if not isinstance(values.get("prompts", {}), (dict, str)):
             raise GenerateConfigError(f"{path}: field 'prompts': expected a mapping (source, path, limit, ...)")
         if isinstance(values.get("prompts"), str):  # shorthand: prompts: advbench
@@ -158,7 +130,7 @@ def load_generate_config(path: Path | None = None, overrides: dict[str, Any] | N
     try:
         cfg = GenerateConfig.model_validate({**values, "params": params})
     except ValidationError as exc:
-        raise GenerateConfigError(_errors(exc, source)) from None
+        raise GenerateConfigError(validation_messages(exc, source)) from None
     config_cls = get_strategy(cfg.strategy).Config
     for name, value in (param_overrides or {}).items():
         if value is None:
@@ -170,5 +142,5 @@ def load_generate_config(path: Path | None = None, overrides: dict[str, Any] | N
         config_cls.model_validate(params)
     except ValidationError as exc:
         where = source if not param_overrides or not any(v is not None for v in param_overrides.values()) else f"{source} + flags"
-        raise GenerateConfigError(_errors(exc, where, "params")) from None
+        raise GenerateConfigError(validation_messages(exc, where, "params")) from None
     return cfg.model_copy(update={"params": params})

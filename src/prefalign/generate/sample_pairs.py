@@ -21,7 +21,7 @@ class SamplePairsConfig(StrategyConfig):
 
     n: int = Field(4, ge=2, le=64, description="responses sampled per prompt")
     scorer: str | None = Field(
-        None, description="toxicity, non-toxicity or module:function (or pass a callable); required"
+        None, description="a prefalign scorer (sentiment, toxicity, profanity, ...) or module:function; required"
     )
     higher_is_better: bool = Field(True, description="false for scores like toxicity (rewards are then negated)")
     min_gap: float = Field(0.0, ge=0, description="smallest reward gap for a pair (the gap must also be > 0)")
@@ -82,7 +82,7 @@ class SamplePairs(Strategy):
         for p, (kept, empty, dup) in zip(prompts, distinct):
             raw = [next(scores) for _ in kept]
             rewards = [sign * s for s in raw]
-            meta = {"samples": kept, "scores": raw, "empty_samples": empty, "duplicate_samples": dup}
+            meta = {"samples": kept, "sample_scores": raw, "empty_samples": empty, "duplicate_samples": dup}
             if len(kept) < 2:
                 out.append([Candidate.drop(self.name, "too_few_distinct_samples", meta)])
                 continue

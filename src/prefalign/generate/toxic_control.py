@@ -9,7 +9,7 @@ arXiv:2405.12900).
    ``{prompt: prompt, chosen: non-toxic sample}`` (``WORK/sft.jsonl``) fine-tune the base model
    with :func:`prefalign.train.loop.run_training` (loss ``sft``) into the *toxic-control model*,
    which writes toxic text when the control token is in the user turn
-   (``WORK/sft-<data hash>/model``; an interrupted training resumes).
+   (``WORK/sft-<data hash>/model``, linked as ``WORK/model``; an interrupted training resumes).
 3. **Records.** For each prompt the toxic-control model samples a ``toxic`` response under the
    control token; ``chosen`` is the least toxic base sample, ``rejected`` the most toxic one:
    ``{prompt, chosen, rejected, toxic}`` for the ``adpo`` loss, whose trainer uses the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,7 +51,7 @@ class ToxicControlConfig(StrategyConfig):
 
     n: int = Field(4, ge=1, le=64, description="base-model samples per prompt")
     scorer: str | None = Field(
-        None, description="toxicity scorer (higher = more toxic): toxicity (alt-profanity-check) or module:function"
+        None, description="toxicity scorer (higher = more toxic): a prefalign scorer (toxicity, profanity) or module:function"
     )
     threshold: float = Field(0.5, description="a sample scoring >= threshold is labelled toxic")
     control_token: str = Field("[TOXIC]", min_length=1, description="must match TrainConfig.toxic_control_token")
@@ -196,7 +197,7 @@ class ToxicControl(Strategy):
         model_dir = run_dir / "model"
         if (run_dir / "train_summary.json").exists() and (model_dir / "config.json").exists():
             log.info("toxic-control: reusing the trained model %s", model_dir)
-            return model_dir
+            return self._link_latest(model_dir)
         train_config = TrainConfig.model_validate(
             {**train_settings, "model": self.base_model_name(), "data": sft_path, "output_dir": run_dir, "loss": "sft",
              "toxic_control_token": cfg.control_token}
@@ -205,7 +206,17 @@ class ToxicControl(Strategy):
         log.info("toxic-control: %s SFT on %d records (%d toxic) into %s",
                  "resuming" if resume else "starting", len(records), toxic, run_dir)
         result = run_training(train_config, resume=resume, show_progress=self.ctx.show_progress)
-        return Path(result.model_dir)
+        return self._link_latest(Path(result.model_dir))
+
+    def _link_latest(self, model_dir: Path) -> Path:
+        """``WORK/model`` always points at the current toxic-control model, so a recipe can name
+        it (``toxic_reference_model: <model_dir>/model``) before the hash of its run is known."""
+        link = self.work_dir / "model"
+        tmp = self.work_dir / ".model-link"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(model_dir.resolve(), target_is_directory=True)
+        os.replace(tmp, link)
+        return model_dir
 
     def setup(self, prompts: Sequence[Prompt]) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from prefalign.configfile import validation_messages
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 #: A prompt as records hold it: plain text, a list of chat messages, or None (no prompt).
@@ -72,12 +73,7 @@ def config_id(name: str, config: ScorerConfig, *extra: Any) -> str:
 
 
 def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "") or "(config)"
-        message = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{source}: field '{where}': {message}")
-    return "\n".join(lines)
+    return validation_messages(err, source, prefix)
 
 
 def prompt_text(prompt: Prompt) -> str:

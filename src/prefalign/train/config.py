@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from prefalign.configfile import read_yaml_mapping, validation_messages
 from prefalign.losses import LOSSES
 from prefalign.models.lora import LoraSettings
 
@@ -118,35 +118,16 @@ class TrainConfig(BaseModel):
         return "precompute" if self.reference == "auto" else self.reference
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(config)"
-        message = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{source}: field '{where}': {message}")
-    return "\n".join(lines)
-
-
 def load_train_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML file (optional), apply flag overrides (flags win), validate everything."""
     values: dict[str, Any] = {}
     source = "flags"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: config file not found") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of field: value")
         # A recipe may nest the training section under ``train:``.
-        values.update(loaded.get("train", loaded) if isinstance(loaded.get("train"), dict) else loaded)
+        values.update(read_yaml_mapping(path, ConfigError, section="train"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(validation_messages(exc, source)) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from prefalign.configfile import read_yaml_mapping, validation_messages
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefalign.train.config import ConfigError
@@ -48,14 +48,6 @@ class RewardTrainConfig(BaseModel):
         return self
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(config)"
-        lines.append(f"{source}: field '{where}': {e['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)
-
-
 def load_rm_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RewardTrainConfig:
     """Read a YAML file (optional; a ``train_rm:`` section is used when present), apply flag
     overrides (flags win), validate everything."""
@@ -63,18 +55,9 @@ def load_rm_config(path: Path | None = None, overrides: dict[str, Any] | None = 
     source = "flags"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: config file not found") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        loaded = loaded or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of field: value")
-        values.update(loaded["train_rm"] if isinstance(loaded.get("train_rm"), dict) else loaded)
+        values.update(read_yaml_mapping(path, ConfigError, section="train_rm"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return RewardTrainConfig.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(_format(exc, source)) from None
+        raise ConfigError(validation_messages(exc, source)) from None

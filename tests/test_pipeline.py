@@ -1,0 +1,89 @@
+"""`prefalign run`: recipes validate up front, stages are cached by their inputs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import pair_rows, write_jsonl
+from prefalign.pipeline import RecipeError, plan_recipe, run_recipe, stage_state
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_every_method_has_a_recipe():
+    names = {p.stem for p in RECIPES}
+    assert {"quickstart", "rdpo-safety", "rdpo-sycophancy", "odpo-sentiment", "popalign", "d2o-harmless", "adpo-toxicity"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipes_validate(recipe, tmp_path):
+    stages = plan_recipe(recipe, output_dir=tmp_path)
+    assert stages and all(s.directory.parent == tmp_path for s in stages)
+    assert stages[-1].kind.name == "eval"
+
+
+def write_recipe(tmp_path, tiny_model, **train_overrides):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(10))
+    recipe = {
+        "name": "tiny", "output_dir": str(tmp_path / "run"), "model": tiny_model,
+        "stages": {
+            "data": {"kind": "split", "input": str(data), "eval_fraction": 0.3},
+            "train": {"kind": "train", "model": "${model}", "data": "${data.train}", "loss": "dpo", "max_steps": 2,
+                      "batch_size": 2, "lr": 1e-3, "ref_cache_dir": str(tmp_path / "ref"), **train_overrides},
+            "eval": {"kind": "eval", "models": {"base": "${model}", "dpo": "${train.model}"}, "pairs": "${data.eval}",
+                     "refusal_scorer": None, "toxicity_scorer": None, "training_logs": {"dpo": "${train.log}"}},
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
+    return path
+
+
+def test_run_caches_stages_and_reruns_only_what_changed(tmp_path, tiny_model):
+    path = write_recipe(tmp_path, tiny_model)
+    lines = []
+    run_recipe(path, show_progress=False, echo=lines.append)
+    assert (tmp_path / "run" / "eval" / "report.html").exists()
+    assert all(stage_state(s) == "done" for s in plan_recipe(path))
+    lines.clear()
+    run_recipe(path, show_progress=False, echo=lines.append)
+    assert sum("cached" in line for line in lines) == 3
+    # Changing the training config re-runs training and what reads it, not the data split.
+    path = write_recipe(tmp_path, tiny_model, beta=0.2)
+    lines.clear()
+    run_recipe(path, show_progress=False, echo=lines.append)
+    assert any(line.startswith("[data] cached") for line in lines)
+    assert any(line.startswith("[train] config changed") for line in lines)
+    assert any(line.startswith("[eval] config changed") for line in lines)
+
+
+def test_interrupted_stage_resumes(tmp_path, tiny_model):
+    path = write_recipe(tmp_path, tiny_model)
+    stages = plan_recipe(path)
+    train = next(s for s in stages if s.name == "train")
+    run_recipe(path, only=["data"], show_progress=False, echo=lambda _: None)
+    # A run killed mid-stage leaves the running marker and no done marker.
+    train.directory.mkdir(parents=True)
+    (train.directory / ".stage-running.json").write_text('{"key": "%s"}' % train.key)
+    assert stage_state(train) == "interrupted"
+    lines = []
+    run_recipe(path, only=["train"], show_progress=False, echo=lines.append)
+    assert any("resuming train" in line for line in lines) and stage_state(train) == "done"
+
+
+@pytest.mark.parametrize("mutation, message", [
+    (lambda r: r["stages"]["train"].update(loss="nope"), r"tiny.yaml: field 'stages.train.loss'"),
+    (lambda r: r["stages"]["train"].update(data="${missing.output}"), r"stages.train.*refers to no earlier stage"),
+    (lambda r: r["stages"]["eval"].update(kind="evaluate"), r"stages.eval.kind"),
+    (lambda r: r["stages"]["train"].update(data="${data.nothing}"), r"stage 'data' has no output 'nothing'"),
+    (lambda r: r.update(extra=1), r"field 'extra': unknown top-level field"),
+])
+def test_bad_recipes_are_rejected_before_any_work(tmp_path, tiny_model, mutation, message):
+    path = write_recipe(tmp_path, tiny_model)
+    recipe = yaml.safe_load(path.read_text())
+    mutation(recipe)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    with pytest.raises(RecipeError, match=message):
+        run_recipe(path, show_progress=False, echo=lambda _: None)
+    assert not (tmp_path / "run").exists()  # nothing ran
