@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prefalign.configfile import validation_messages
+from prefalign.configfile import read_yaml_mapping, validation_messages
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
 MARKER, RUNNING = ".stage.json", ".stage-running.json"
@@ -224,13 +223,8 @@ def _error_lines(exc: Exception, source: str, stage: str) -> str:
 def plan_recipe(path: Path, *, output_dir: Path | None = None) -> list[PlannedStage]:
     """Read and validate the whole recipe (every stage, references filled in) before any work."""
     source = str(path)
-    try:
-        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{source}: recipe not found") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: not valid YAML: {exc}") from None
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), dict) or not recipe["stages"]:
+    recipe = read_yaml_mapping(path, RecipeError)
+    if not isinstance(recipe.get("stages"), dict) or not recipe["stages"]:
         raise RecipeError(f"{source}: field 'stages': a recipe needs a mapping of stage name -> stage config")
     unknown = set(recipe) - {"name", "description", "output_dir", "model", "stages"}
     if unknown:

@@ -104,7 +104,7 @@ def _converted_dir(model: EmbeddedModel) -> Path:
     return cache_root() / "models" / model.name
 
 
-def _atomic_folder(target: Path, build) -> Path:
+def write_folder_atomically(target: Path, build) -> Path:
     """Build a folder in a temporary sibling and rename it into place, so a kill never leaves a
     half-written model that later runs would trust."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / "prefalign_source.json").write_text(json.dumps({"gguf": str(folder / gguf_file)}))
 
-    return _atomic_folder(target, build)
+    return write_folder_atomically(target, build)
 
 
 def build_tiny_random(target: Path, seed: int = 0) -> Path:
@@ -162,7 +162,7 @@ def build_tiny_random(target: Path, seed: int = 0) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _atomic_folder(target, build)
+    return write_folder_atomically(target, build)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+from prefalign.configfile import read_yaml_mapping
 from pydantic import ValidationError
 
 from . import composite, judge, refusal, reward_model, simple, toxicity
@@ -58,13 +58,7 @@ def parse_config(name: str, values: dict[str, Any] | ScorerConfig | None = None,
 
 def load_config_file(name: str, path: str | Path) -> ScorerConfig:
     """Read a YAML file holding the scorer's config (a mapping) and validate it."""
-    try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ScoreConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ScoreConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(name, loaded, source=str(path))
+    return parse_config(name, read_yaml_mapping(path, ScoreConfigError), source=str(path))
 
 
 def make_scorer(

@@ -17,10 +17,7 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from tqdm.auto import tqdm
 from prefalign.data.errors import DataError
 from prefalign.data.records import PreferenceRecord
 from prefalign.data.sources import stable_split
+from prefalign.models.registry import write_folder_atomically
 from prefalign.score.base import canonical_json
 from prefalign.score.rm_model import MeanPoolRewardModel, encode_pairs, prepare_tokenizer, reward_logits, use_chat_template
 
@@ -175,18 +173,11 @@ def evaluate_pairs(model, tokenizer, records: list[PreferenceRecord], config: Re
 
 
 def _save(model, tokenizer, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return write_folder_atomically(target, build)
 
 
 def train_reward_model(config: RewardTrainConfig, *, show_progress: bool = True) -> RewardTrainResult:
