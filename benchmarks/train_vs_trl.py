@@ -85,6 +85,8 @@ def run_trl(args, data: Path, workdir: Path) -> dict:
         report_to="none", use_cpu=True, seed=args.seed, train_sampling_strategy="sequential", save_strategy="no",
         max_length=1024, max_grad_norm=1.0, weight_decay=0.0, dataloader_num_workers=0, disable_dropout=True,
         optim="adamw_torch",
+        # TRL defaults to gradient checkpointing, which only costs time on CPU; off, as in prefalign.
+        gradient_checkpointing=False,
     )
 
     class Clock(TrainerCallback):
