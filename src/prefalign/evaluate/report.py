@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from prefalign.evaluate.stats import Estimate
+from prefalign.score.agreement import Agreement
 
 
 @dataclass
@@ -34,6 +35,7 @@ class EvalResult:
     training_logs: dict[str, list[dict]] = field(default_factory=dict)  # run label -> train_log rows
     reward_vs_kl: list[dict] = field(default_factory=list)  # [{label, kl, kl_stderr, reward, reward_stderr}]
     notes: list[str] = field(default_factory=list)
+    contrast_agreement: list[Agreement] = field(default_factory=list)  # per contrast, from scored pairs
 
     def to_json(self) -> dict:
         return {
@@ -43,6 +45,7 @@ class EvalResult:
             "info": {k: vars(v) for k, v in self.info.items()},
             "reward_vs_kl": self.reward_vs_kl,
             "notes": self.notes,
+            "contrast_agreement": [a.as_dict() for a in self.contrast_agreement],
         }
 
 
@@ -133,6 +136,36 @@ def reward_kl_plot(points: Sequence[dict]) -> str | None:
     return _png(fig)
 
 
+def agreement_plot(rows: Sequence[Agreement]) -> str | None:
+    rows = [r for r in rows if r.estimate.n]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.2))
+    ys = list(range(len(rows)))[::-1]
+    values = [r.estimate.value for r in rows]
+    errors = [[v - r.estimate.low for v, r in zip(values, rows)], [r.estimate.high - v for v, r in zip(values, rows)]]
+    ax.barh(ys, values, xerr=errors, capsize=3, color=[COLOURS[i % len(COLOURS)] for i in range(len(rows))])
+    ax.set_yticks(ys, [f"{r.group} (n={r.estimate.n})" for r in rows])
+    ax.axvline(0.5, color="#888", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of pairs where the scorer prefers chosen (0.5 = chance)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def agreement_table_html(rows: Sequence[Agreement]) -> str:
+    body = "".join(
+        f"<tr><td>{html.escape(r.group)}</td><td class='num'>{r.pairs}</td><td class='num'>{r.agree}</td>"
+        f"<td class='num'>{r.disagree}</td><td class='num'>{r.ties}</td><td class='num'>{r.unscored}</td>"
+        + _cell(r.estimate, False) + "</tr>"
+        for r in rows
+    )
+    return ("<table><tr><th>contrast</th><th>pairs</th><th>agree</th><th>disagree</th><th>ties</th><th>unscored</th>"
+            f"<th>share agreeing</th></tr>{body}</table>")
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em} h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
@@ -195,6 +228,12 @@ def render_html(result: EvalResult) -> str:
     for title, uri in plots:
         if uri:
             sections.append(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="{uri}">')
+    if result.contrast_agreement:
+        uri = agreement_plot(result.contrast_agreement)
+        plot = f'<img alt="Contrast agreement" src="{uri}">' if uri else ""
+        sections.append("<h2>Contrast agreement</h2><p class='note'>How often the scorer prefers the response each "
+                        "contrast made the chosen one; ties and unscored pairs are left out of the share.</p>"
+                        + agreement_table_html(result.contrast_agreement) + plot)
     if result.examples:
         sections.append("<h2>Example responses</h2>" + examples_html(result.examples, result.models))
     body = "\n".join(sections)
@@ -210,6 +249,9 @@ def markdown_summary(result: EvalResult) -> str:
             e = per.get(m)
             cells.append("n/a" if e is None or e.n == 0 else f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}] n={e.n}")
         lines.append(f"| {info.label if info else name} | " + " | ".join(cells) + " |")
+    if result.contrast_agreement:
+        lines += ["", "| contrast | pairs | ties | unscored | share agreeing |", "|---|---|---|---|---|"]
+        lines += [f"| {r.group} | {r.pairs} | {r.ties} | {r.unscored} | {r.estimate.fmt()} |" for r in result.contrast_agreement]
     return "\n".join(lines)
 
 

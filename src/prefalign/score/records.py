@@ -37,6 +37,15 @@ class ScoreResult:
     by_field: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped_rows: int = 0  # invalid input rows skipped (score_file with skip_invalid)
 
+    def agreement(self):
+        """Per-contrast share of pairs where the scorer prefers chosen (see :mod:`.agreement`);
+        empty unless both chosen and rejected were scored."""
+        from .agreement import contrast_agreement
+
+        if not {"chosen", "rejected"} <= set(self.by_field):
+            return {}
+        return contrast_agreement(self.records)
+
     @property
     def unparsed_records(self) -> int:
         return sum(1 for r in self.records if r.meta.get("unparsed_scores"))

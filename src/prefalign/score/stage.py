@@ -48,6 +48,13 @@ class ScoreStageConfig(BaseModel):
 def run_score_stage(cfg: ScoreStageConfig, *, show_progress: bool = True):
     from .records import score_file
 
+    from .agreement import agreement_table
+
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    return score_file(cfg.input, cfg.output, cfg.scorer, cfg.config, fields=cfg.fields,
-                      skip_invalid=cfg.skip_invalid, cache=cfg.cache, show_progress=show_progress)
+    result = score_file(cfg.input, cfg.output, cfg.scorer, cfg.config, fields=cfg.fields,
+                        skip_invalid=cfg.skip_invalid, cache=cfg.cache, show_progress=show_progress)
+    agreement = result.agreement()
+    if agreement:
+        print("scorer agreement with the pairs' construction (chosen scored higher):")
+        print(agreement_table(agreement))
+    return result
