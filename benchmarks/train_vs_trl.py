@@ -85,6 +85,9 @@ def run_trl(args, data: Path, workdir: Path) -> dict:
         report_to="none", use_cpu=True, seed=args.seed, train_sampling_strategy="sequential", save_strategy="no",
         max_length=1024, max_grad_norm=1.0, weight_decay=0.0, dataloader_num_workers=0, disable_dropout=True,
         optim="adamw_torch",
+        # TRL's configs default to bf16 mixed precision (bf16=True unless fp16 is set), even on a CPU;
+        # the comparison is fp32 against fp32, so it is turned off explicitly.
+        bf16=False, fp16=False,
         # TRL defaults to gradient checkpointing, which only costs time on CPU; off, as in prefalign.
         gradient_checkpointing=False,
     )
@@ -143,6 +146,11 @@ def main() -> None:
     data = tmp / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     used = pairs[: args.steps * args.batch_size]
+    for p in used:  # TRL tokenizes prompt+completion together, prefalign each part alone: same ids
+        for key in ("chosen", "rejected"):
+            apart = tokenizer(p["prompt"])["input_ids"] + tokenizer(p[key], add_special_tokens=False)["input_ids"]
+            if apart != tokenizer(p["prompt"] + p[key])["input_ids"]:
+                sys.exit(f"pair {p['id']}: {key} tokenizes differently alone and after its prompt; the runs would differ")
     lengths = [
         (len(tokenizer(p["prompt"])["input_ids"]), len(tokenizer(p["chosen"], add_special_tokens=False)["input_ids"]) + 1,
          len(tokenizer(p["rejected"], add_special_tokens=False)["input_ids"]) + 1)

@@ -20,20 +20,26 @@ def plain_logp(model, prompt_ids, response_ids):
 import pytest
 
 
-@pytest.mark.parametrize("share_prompt", [False, True])
-def test_batched_logps_match_plain_per_sequence(tiny_model, share_prompt):
+LAYOUTS = {"pairs": dict(share_prompt=False), "shared": dict(share_prompt=True), "packed": dict(pack=True)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batched_logps_match_plain_per_sequence(tiny_model, layout):
     model, tok = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
     records = [
         PreferenceRecord(prompt="Hi", chosen="Hello there, friend.", rejected="Go away", anchors=["a", "b c d"]),
-        PreferenceRecord(prompt=[{"role": "user", "content": "A much longer prompt with many more words in it"}],
+        PreferenceRecord(prompt=[{"role": "user", "content": "A much longer prompt with many more words in it " * 8}],
                          chosen="Ok", rejected="A long long rejected answer here", anchors=["x y", "z"]),
+        PreferenceRecord(prompt="Yo", chosen="k", rejected="no", anchors=["m", "n"]),  # packs beside another block
     ]
     settings = TokenizeSettings()
     examples = [tokenize_record(r, i, tok, ("chosen", "rejected", "anchors"), settings) for i, r in enumerate(records)]
-    batch = collate(examples, ("chosen", "rejected", "anchors"), tok.pad_token_id, share_prompt=share_prompt)
+    batch = collate(examples, ("chosen", "rejected", "anchors"), tok.pad_token_id, **LAYOUTS[layout])
+    if layout == "packed":
+        assert batch.input_ids.shape[0] < len(records)  # two blocks share a row
     with torch.no_grad():
         got = split_groups(sequence_logps(model, batch), batch.rows)
-    assert got["anchors"].shape == (2, 2)
+    assert got["anchors"].shape == (3, 2)
     for i, ex in enumerate(examples):
         assert abs(got["chosen"][i].item() - plain_logp(model, ex.prompt_ids, ex.responses["chosen"][0])) < 1e-4
         assert abs(got["rejected"][i].item() - plain_logp(model, ex.prompt_ids, ex.responses["rejected"][0])) < 1e-4
@@ -41,18 +47,20 @@ def test_batched_logps_match_plain_per_sequence(tiny_model, share_prompt):
             assert abs(got["anchors"][i, k].item() - plain_logp(model, ex.prompt_ids, ex.responses["anchors"][k])) < 1e-4
 
 
-def test_shared_prompt_gives_the_same_gradients(tiny_model):
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_fast_layouts_give_the_same_gradients(tiny_model, layout):
     tok = load_tokenizer(tiny_model)
     records = [
         PreferenceRecord(prompt="Tell me about the sea", chosen="It is big and blue.", rejected="No", anchors=["Wet.", "Salty water, mostly."]),
         PreferenceRecord(prompt="Hi", chosen="Hello!", rejected="Go away now please", anchors=["Hey", "Good day to you"]),
+        PreferenceRecord(prompt="Yo", chosen="k", rejected="no", anchors=["m", "n"]),
     ]
     groups = ("rejected", "anchors", "chosen")
     examples = [tokenize_record(r, i, tok, groups, TokenizeSettings()) for i, r in enumerate(records)]
     grads = []
-    for share in (False, True):
+    for kwargs in (LAYOUTS["pairs"], LAYOUTS[layout]):
         model = load_model(tiny_model)
-        batch = collate(examples, groups, tok.pad_token_id, share_prompt=share)
+        batch = collate(examples, groups, tok.pad_token_id, **kwargs)
         out = split_groups(sequence_logps(model, batch), batch.rows)
         # A loss that weighs every group differently, so a mix-up of rows would show.
         (out["chosen"].sum() - 2 * out["rejected"].sum() + 0.5 * out["anchors"].sum()).backward()
@@ -70,6 +78,18 @@ def test_shared_prompt_encodes_each_prompt_once(tiny_model):
     assert pairs.input_ids.shape[0] == 5 and shared.input_ids.shape[0] == 1
     assert shared.num_tokens == len(ex.prompt_ids) + sum(len(r) for g in ex.responses.values() for r in g)
     assert pairs.num_tokens == 5 * len(ex.prompt_ids) + sum(len(r) for g in ex.responses.values() for r in g)
+
+
+def test_packing_leaves_no_padding_beyond_the_last_row(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    texts = ["one two three four five six seven eight", "a b", "c d", "e f g h", "i"]
+    records = [PreferenceRecord(prompt=t, chosen="yes " * (i + 1), rejected="no") for i, t in enumerate(texts)]
+    examples = [tokenize_record(r, i, tok, ("chosen", "rejected"), TokenizeSettings()) for i, r in enumerate(records)]
+    shared = collate(examples, ("chosen", "rejected"), tok.pad_token_id, share_prompt=True)
+    packed = collate(examples, ("chosen", "rejected"), tok.pad_token_id, pack=True)
+    assert packed.num_tokens == shared.num_tokens  # the same real tokens
+    assert packed.input_ids.numel() < shared.input_ids.numel()  # in fewer cells
+    assert packed.input_ids.shape[1] == max(len(e.prompt_ids) + len(e.responses["chosen"][0]) + len(e.responses["rejected"][0]) for e in examples)
 
 
 def test_prompt_tokens_never_count(tiny_model):

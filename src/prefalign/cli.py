@@ -103,6 +103,7 @@ def train(
     reference: Optional[str] = typer.Option(None, help="auto, precompute, copy or disable-adapters"),
     save_every: Optional[int] = typer.Option(None, "--save-every"),
     seed: Optional[int] = typer.Option(None),
+    dtype: Optional[str] = typer.Option(None, help="auto (bf16 autocast where the hardware runs it fast), float32 or bfloat16"),
     skip_invalid: Optional[bool] = typer.Option(None, "--skip-invalid", help="count and skip bad rows"),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in --output-dir"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
@@ -116,7 +117,7 @@ def train(
     overrides = dict(
         model=model, data=data, loss=loss, output_dir=output_dir, max_steps=max_steps, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, beta=beta, merge=merge, reference=reference,
-        save_every=save_every, seed=seed, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code,
+        save_every=save_every, seed=seed, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code, dtype=dtype,
     )
     if lora is True:
         overrides["lora"] = {}

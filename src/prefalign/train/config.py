@@ -42,6 +42,9 @@ class TrainConfig(BaseModel):
     # Encode each prompt once for all of its responses (falls back, logged, where the model's
     # attention takes no custom mask). Same log-probs as the plain layout, far fewer tokens.
     share_prompt: bool = True
+    # Padding-free: pack whole (prompt, responses) blocks into rows, each block attending only to
+    # itself (needs share_prompt; falls back, logged, where the model cannot).
+    pack: bool = False
 
     # D²O online: re-sample the anchors of the coming batches from the current policy every N
     # steps (0: off). Needs a live reference (copy or disable-adapters).
@@ -64,7 +67,9 @@ class TrainConfig(BaseModel):
     max_length: int = Field(512, gt=8)
     max_prompt_length: int = Field(256, gt=0)
     chat_template: Literal["auto", "always", "never"] = "auto"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # auto: bf16 autocast where the hardware runs it fast (recent GPU, CPU with AVX512-BF16/AMX),
+    # else fp32; see prefalign.train.precision.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0
     shuffle: bool = True  # False: the file's order (benchmarks, curricula)
     # Batch examples of similar length together (within a shuffled window), so padding is small.

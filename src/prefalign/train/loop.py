@@ -26,8 +26,9 @@ from prefalign.train.checkpoint import latest_checkpoint, read_state, save_check
 from prefalign.train.config import TrainConfig
 from prefalign.train.logging import MetricsLogger
 from prefalign.train.online_anchors import refresh_anchors
+from prefalign.train.precision import resolve_dtype
 from prefalign.train.reference import ModelReference, cache_key, precompute_reference
-from prefalign.train.sequences import collate, sequence_logps, split_groups, supports_shared_prompt
+from prefalign.train.sequences import collate, sequence_logps, split_groups, supports_packing, supports_shared_prompt
 
 log = logging.getLogger("prefalign.train")
 
@@ -140,6 +141,16 @@ def rewards_of(examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
 # -------------------------------------------------------------------------------------- trainer
 
 
+def make_adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where this torch and device have it: the same update, one pass
+    over the parameters instead of a loop of small ops (about 5x faster on a CPU)."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        log.info("fused AdamW unavailable (%s); using the default implementation", exc)
+        return torch.optim.AdamW(params, **kwargs)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, *, resume: bool = False, show_progress: bool = True):
         self.config, self.resume, self.show_progress = config, resume, show_progress
@@ -162,7 +173,8 @@ class Trainer:
         self._check_resume_compatible()
         (self.output_dir / "train_config.json").write_text(config.model_dump_json(indent=1))
         set_seed(config.seed)
-        self.accelerator = Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=not torch.cuda.is_available())
+        self.dtype = resolve_dtype(config.dtype)
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.dtype == "bfloat16" else "no", cpu=not torch.cuda.is_available())
         model = load_model(config.model, trust_remote_code=config.trust_remote_code)
         self.reference, self.eval_reference = self._build_reference(model)
         if config.lora is not None:
@@ -170,16 +182,17 @@ class Trainer:
             if config.reference_mode() == "disable-adapters" and self.spec.needs_reference:
                 self.reference = self.eval_reference = ModelReference(
                     model, self.spec.responses, self.pad_id, toxic_model=self._toxic_model, context=model.disable_adapter,
-                    share_prompt=config.share_prompt,
+                    share_prompt=config.share_prompt, pack=config.pack,
                 )
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = make_adamw(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.total_steps = self._total_steps()
         from transformers import get_scheduler
 
         scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps)
         self.share_prompt = config.share_prompt and supports_shared_prompt(model)
+        self.pack = config.pack and self.share_prompt and supports_packing(model)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.refreshed_anchors: dict[int, list[list[int]]] = {}
@@ -211,7 +224,8 @@ class Trainer:
 
             frozen = copy.deepcopy(ref_model) if ref_model is model else ref_model
             frozen.requires_grad_(False).eval()
-            ref = ModelReference(frozen, spec.responses, self.pad_id, toxic_model=self._toxic_model, share_prompt=config.share_prompt)
+            ref = ModelReference(frozen, spec.responses, self.pad_id, toxic_model=self._toxic_model,
+                               share_prompt=config.share_prompt, pack=config.pack)
             return ref, ref
         # precompute: score with the starting weights now, before any update, and cache on disk.
         cache_dir = config.ref_cache_dir or cache_root() / "ref-logps"
@@ -227,7 +241,7 @@ class Trainer:
                 precompute_reference(
                     ref_model, examples, spec.responses, self.pad_id, Path(cache_dir), key,
                     toxic_model=self._toxic_model, batch_size=config.batch_size * 2, desc=f"reference log-probs ({name})",
-                    share_prompt=config.share_prompt,
+                    share_prompt=config.share_prompt, pack=config.pack,
                 )
             )
         return tables[0], tables[1]
@@ -271,7 +285,8 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------------
     def loss_on(self, examples: Sequence[TokenizedExample], reference_fn, *, train: bool):
-        batch = collate(examples, self.spec.responses, self.pad_id, share_prompt=self.share_prompt).to(self.accelerator.device)
+        batch = collate(examples, self.spec.responses, self.pad_id, share_prompt=self.share_prompt,
+                        pack=self.pack).to(self.accelerator.device)
         context = torch.enable_grad() if train else torch.no_grad()
         with context:
             policy = split_groups(sequence_logps(self.model, batch), batch.rows)

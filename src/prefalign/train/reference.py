@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefalign.data.tokenize import TokenizedExample
-from prefalign.train.sequences import collate, sequence_logps, split_groups, supports_shared_prompt
+from prefalign.train.sequences import collate, sequence_logps, split_groups, supports_packing, supports_shared_prompt
 
 log = logging.getLogger("prefalign.train")
 
@@ -32,6 +32,7 @@ def score_examples(
     toxic_reference: bool = False,
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     share_prompt: bool = True,
+    pack: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Score ``groups`` (and ``toxic_ref`` rows) of ``examples`` with ``model`` in eval mode."""
     was_training = model.training
@@ -39,7 +40,9 @@ def score_examples(
     try:
         with context():
             shared = share_prompt and supports_shared_prompt(model)
-            batch = collate(examples, groups, pad_id, toxic_reference=toxic_reference, share_prompt=shared).to(_device_of(model))
+            packed = pack and shared and supports_packing(model)
+            batch = collate(examples, groups, pad_id, toxic_reference=toxic_reference, share_prompt=shared, pack=packed)
+            batch = batch.to(_device_of(model))
             return {k: v.detach().float().cpu() for k, v in split_groups(sequence_logps(model, batch), batch.rows).items()}
     finally:
         model.train(was_training)
@@ -52,19 +55,20 @@ def _device_of(model) -> torch.device:
 class ModelReference:
     """Scores each batch with a frozen model: a copy, or the policy with adapters disabled."""
 
-    def __init__(self, model, groups, pad_id, *, toxic_model=None, context=contextlib.nullcontext, share_prompt=True):
+    def __init__(self, model, groups, pad_id, *, toxic_model=None, context=contextlib.nullcontext, share_prompt=True, pack=False):
         self.model, self.groups, self.pad_id = model, tuple(groups), pad_id
-        self.toxic_model, self.context, self.share_prompt = toxic_model, context, share_prompt
+        self.toxic_model, self.context, self.share_prompt, self.pack = toxic_model, context, share_prompt, pack
 
     def __call__(self, examples):
         same_model_scores_toxic = self.toxic_model is None and "toxic" in self.groups
         out = score_examples(
             self.model, examples, self.groups, self.pad_id,
             toxic_reference=same_model_scores_toxic and examples[0].toxic_prompt_ids is not None,
-            context=self.context, share_prompt=self.share_prompt,
+            context=self.context, share_prompt=self.share_prompt, pack=self.pack,
         )
         if self.toxic_model is not None:
-            out.update(score_examples(self.toxic_model, examples, (), self.pad_id, toxic_reference=True, share_prompt=self.share_prompt))
+            out.update(score_examples(self.toxic_model, examples, (), self.pad_id, toxic_reference=True,
+                                      share_prompt=self.share_prompt, pack=self.pack))
         return out
 
 
@@ -101,13 +105,14 @@ def precompute_reference(
     batch_size: int = 8,
     desc: str = "reference log-probs",
     share_prompt: bool = True,
+    pack: bool = False,
 ) -> PrecomputedReference:
     path = cache_dir / f"{key}.pt"
     index_of = {ex.index: i for i, ex in enumerate(examples)}
     if path.exists():
         log.info("reference log-probs: cache hit %s", path)
         return PrecomputedReference(torch.load(path), index_of)
-    scorer = ModelReference(model, groups, pad_id, toxic_model=toxic_model, share_prompt=share_prompt)
+    scorer = ModelReference(model, groups, pad_id, toxic_model=toxic_model, share_prompt=share_prompt, pack=pack)
     # Longest first: similar lengths share a batch, so little is spent on padding.
     order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
     chunks: dict[str, list[tuple[list[int], torch.Tensor]]] = {}

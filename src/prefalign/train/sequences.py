@@ -14,6 +14,13 @@ Two layouts, one interface (``collate(...)`` → batch, ``sequence_logps(model, 
 In both, prompts are left-padded so every response region starts at the same column; the LM head
 then runs only over that region (``logits_to_keep``), skipping the vocabulary projection for every
 prompt token. A response's first token is predicted from the prompt's last position.
+
+* Packed (``collate(..., pack=True)``, a ``SharedPromptBatch`` with ``packed=True``) — padding-free:
+  whole (prompt, responses) blocks are placed one after another in rows no longer than the longest
+  block (first-fit decreasing), the 4-D mask keeps every block to itself, and position ids restart
+  per block. Columns no longer line up, so the decoder runs once and the LM head runs on exactly
+  the hidden states that predict response tokens. Needs the shared-prompt attention and a plain
+  ``lm_head`` (no logit scaling or soft-capping); otherwise the unpacked layout is used.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ class SharedPromptBatch:
     prompt_width: int
     rows: dict[str, torch.Tensor]
     real_tokens: int
+    packed: bool = False  # blocks packed into rows: no common prompt column, see _packed_logps
 
     @property
     def num_tokens(self) -> int:
@@ -173,6 +181,97 @@ def collate_shared(examples, groups, pad_id, *, toxic_reference=False, dtype=tor
     )
 
 
+def _pack_rows(lengths: Sequence[int]) -> list[list[int]]:
+    """First-fit decreasing: block indices per row, no row longer than the longest block."""
+    capacity = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[index] <= free:
+                rows[r].append(index)
+                room[r] -= lengths[index]
+                break
+        else:
+            rows.append([index])
+            room.append(capacity - lengths[index])
+    return rows
+
+
+def collate_packed(examples, groups, pad_id, *, toxic_reference=False, dtype=torch.float32) -> SharedPromptBatch:
+    blocks = _segments(examples, groups, toxic_reference)
+    lengths = [len(p) + sum(len(s.response) for s in segs) for p, segs in blocks]
+    layout = _pack_rows(lengths)
+    n, total = len(layout), max(lengths)
+    input_ids = torch.full((n, total), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, total), dtype=torch.long)
+    block_id = torch.full((n, total), -1, dtype=torch.long)  # which block a column holds, -1 = padding
+    part = torch.zeros((n, total), dtype=torch.long)  # 0 = the block's prompt, j = its j-th response
+    token_row, token_col, source_col, token_response = [], [], [], []
+    # Responses are numbered in block order, as in the unpacked layouts, whatever row they land in.
+    first_response = [0]
+    for _, segs in blocks:
+        first_response.append(first_response[-1] + len(segs))
+    for row, members in enumerate(layout):
+        col = 0
+        for b in members:
+            prompt, segs = blocks[b]
+            input_ids[row, col : col + len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            position_ids[row, col : col + len(prompt)] = torch.arange(len(prompt))
+            block_id[row, col : col + len(prompt)] = b
+            last_prompt_col = col + len(prompt) - 1
+            col += len(prompt)
+            for j, seg in enumerate(segs, start=1):
+                length = len(seg.response)
+                input_ids[row, col : col + length] = torch.tensor(seg.response, dtype=torch.long)
+                position_ids[row, col : col + length] = torch.arange(len(prompt), len(prompt) + length)
+                block_id[row, col : col + length] = b
+                part[row, col : col + length] = j
+                token_row += [row] * length
+                token_col += list(range(col, col + length))
+                source_col += [last_prompt_col] + list(range(col, col + length - 1))
+                token_response += [first_response[b] + j - 1] * length
+                col += length
+    q_block, k_block = block_id.unsqueeze(2), block_id.unsqueeze(1)
+    q_part, k_part = part.unsqueeze(2), part.unsqueeze(1)
+    causal = torch.ones((total, total), dtype=torch.bool).tril()
+    visible = causal & (k_block >= 0) & (k_block == q_block) & ((k_part == 0) | (k_part == q_part))
+    visible |= torch.eye(total, dtype=torch.bool) & (q_block < 0)
+    bias = torch.zeros((n, 1, total, total), dtype=dtype)
+    bias.masked_fill_(~visible.unsqueeze(1), torch.finfo(dtype).min)
+    all_segments = [seg for _, segs in blocks for seg in segs]
+    return SharedPromptBatch(
+        input_ids, position_ids, bias,
+        torch.tensor(token_row), torch.tensor(token_col), torch.tensor(source_col), torch.tensor(token_response),
+        len(all_segments), 0, _rows_by_group(all_segments, len(examples)), sum(lengths), packed=True,
+    )
+
+
+# Config attributes of models whose logits are not just lm_head(hidden): packing would skip them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
+
+
+def supports_packing(model) -> bool:
+    """Packing needs the shared-prompt attention, a decoder we can call alone, and logits that are
+    plain ``lm_head(hidden)``."""
+    if not supports_shared_prompt(model):
+        return False
+    config = getattr(model, "config", None)
+    reason = None
+    if not (hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")):
+        reason = "the model exposes no decoder / output embeddings"
+    elif any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
+        reason = "the model transforms its logits (scaling or soft-capping)"
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        reason = "calling the decoder alone would bypass DistributedDataParallel"
+    if reason is None:
+        return True
+    if reason not in _fallback_logged:
+        _fallback_logged.add(reason)
+        log.info("packing off: %s; one prompt per row", reason)
+    return False
+
+
 def supports_shared_prompt(model) -> bool:
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl in SHARED_PROMPT_ATTENTION:
@@ -184,7 +283,9 @@ def supports_shared_prompt(model) -> bool:
     return False
 
 
-def collate(examples, groups, pad_id, *, toxic_reference=False, share_prompt=False, dtype=torch.float32):
+def collate(examples, groups, pad_id, *, toxic_reference=False, share_prompt=False, pack=False, dtype=torch.float32):
+    if pack:
+        return collate_packed(examples, groups, pad_id, toxic_reference=toxic_reference, dtype=dtype)
     if share_prompt:
         return collate_shared(examples, groups, pad_id, toxic_reference=toxic_reference, dtype=dtype)
     return collate_pairs(examples, groups, pad_id, toxic_reference=toxic_reference)
@@ -216,7 +317,20 @@ def _pair_logps(model, batch: PairBatch) -> torch.Tensor:
     return (token_logps * batch.response_mask).sum(-1)
 
 
+def _packed_logps(model, batch: SharedPromptBatch) -> torch.Tensor:
+    bias = batch.attention_bias.to(next(model.parameters()).dtype)
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids, use_cache=False
+    ).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[batch.token_row, batch.source_col])  # [M, V]
+    token_logps = _token_logps(logits, batch.input_ids[batch.token_row, batch.token_col])
+    out = torch.zeros(batch.num_responses, dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, batch.token_response, token_logps)
+
+
 def _shared_logps(model, batch: SharedPromptBatch) -> torch.Tensor:
+    if batch.packed:
+        return _packed_logps(model, batch)
     total = batch.input_ids.shape[1]
     keep = total - batch.prompt_width + 1  # columns P-1 .. end
     bias = batch.attention_bias.to(next(model.parameters()).dtype)
