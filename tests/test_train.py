@@ -219,3 +219,17 @@ def test_online_anchors_need_a_live_reference(tmp_path, tiny_model, pairs_file):
         config_for(tmp_path, tiny_model, pairs_file, loss="d2o", anchor_refresh_every=2)
     with pytest.raises(ValueError, match="uses no anchors"):
         config_for(tmp_path, tiny_model, pairs_file, loss="dpo", reference="copy", anchor_refresh_every=2)
+
+
+def test_packed_training_takes_the_same_steps_as_the_plain_layout(tmp_path, tiny_model, pairs_file):
+    losses = {}
+    for name, extra in {"plain": {"share_prompt": False}, "packed": {"pack": True}}.items():
+        cfg = TrainConfig(model=tiny_model, data=pairs_file, output_dir=tmp_path / name, loss="dpo", max_steps=3,
+                          batch_size=4, lr=1e-4, save_every=100, ref_cache_dir=tmp_path / f"ref-{name}", **extra)
+        trainer = Trainer(cfg, show_progress=False)
+        trainer.setup()
+        assert trainer.pack == (name == "packed")
+        losses[name] = [trainer.train_step()["loss"] for _ in range(3)]
+    assert losses["plain"][0] != losses["plain"][2]  # it trained
+    for a, b in zip(losses["plain"], losses["packed"]):
+        assert abs(a - b) < 1e-4
