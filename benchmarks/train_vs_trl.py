@@ -189,6 +189,9 @@ def main() -> None:
                   f"{work / seconds / 1e9:>8.1f} {100 * work / seconds / peak:>6.1f}% {r['peak_rss_mib']:>13.0f}")
     print(f"\nspeed-up (best prefalign samples/s / best TRL samples/s): {best['prefalign'] / best['trl']:.2f}x")
     print("  (prefalign time = reference precompute + training steps; TRL time = training steps)")
+    warm = max(samples / r["train_s"] for r in runs["prefalign"])
+    print(f"with the reference log-probs already cached (a re-run or a beta/lr sweep on the same data): "
+          f"{warm / best['trl']:.2f}x")
     print("\nper-step loss")
     a, b = runs["prefalign"][0]["losses"], runs["trl"][0]["losses"]
     worst = 0.0
