@@ -40,3 +40,12 @@ def test_report_has_every_plot_table_and_escapes_text(tmp_path):
 def test_markdown_summary_lists_every_metric():
     text = markdown_summary(sample_result())
     assert "| attack success rate | 0.750" in text and "| KL to reference |" in text
+
+
+def test_markdown_prints_no_interval_where_there_is_none():
+    from prefalign.evaluate.stats import Estimate
+
+    result = sample_result()
+    result.metrics["distinct_2"] = {"base": Estimate(0.854, float("nan"), float("nan"), 24, None, "ratio")}
+    text = markdown_summary(result)
+    assert "| distinct_2 | 0.854 n=24 | n/a |" in text and "nan" not in text

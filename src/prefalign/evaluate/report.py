@@ -247,7 +247,12 @@ def markdown_summary(result: EvalResult) -> str:
         cells = []
         for m in result.models:
             e = per.get(m)
-            cells.append("n/a" if e is None or e.n == 0 else f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}] n={e.n}")
+            if e is None or e.n == 0:
+                cells.append("n/a")
+            elif math.isnan(e.low):  # a ratio with no interval (distinct-n) or a single value
+                cells.append(f"{e.value:.3f} n={e.n}")
+            else:
+                cells.append(f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}] n={e.n}")
         lines.append(f"| {info.label if info else name} | " + " | ".join(cells) + " |")
     if result.contrast_agreement:
         lines += ["", "| contrast | pairs | ties | unscored | share agreeing |", "|---|---|---|---|---|"]
