@@ -104,7 +104,7 @@ METRICS = {
     "toxic_share": MetricInfo("toxic_share", "toxic responses (share above threshold)", False),
     "sentiment": MetricInfo("sentiment", "sentiment (VADER compound)", True),
     "reward": MetricInfo("reward", "reward-model score", True),
-    "kl": MetricInfo("kl", "KL(π‖π_ref), nats/response", None, "from the model's own samples"),
+    "kl": MetricInfo("kl", "KL(π‖π_ref), nats/response", None, "log-ratio on the model's own sampled tokens (exact KL at temperature 1)"),
     "perplexity": MetricInfo("perplexity", "perplexity under the reference", False),
     "distinct_2": MetricInfo("distinct_2", "distinct-2", True, "unique bigrams / bigrams over all responses"),
     "preference_accuracy": MetricInfo("preference_accuracy", "held-out preference accuracy", True, "logp(chosen) > logp(rejected)"),
@@ -149,31 +149,37 @@ class Evaluator:
         return load_prompts(prompt_set.source, path=prompt_set.path, prompt_field=prompt_set.prompt_field,
                             limit=prompt_set.limit, split=prompt_set.split)
 
-    def sample(self, label: str, model, tokenizer, prompt_set: PromptSetConfig, prompts) -> list[str]:
-        """Sampled responses, cached in the output folder by model, set and sampling settings."""
+    def sample(self, label: str, model, tokenizer, prompt_set: PromptSetConfig, prompts) -> list[dict]:
+        """Sampled responses ``{"response", "prompt_ids", "token_ids"}``, cached in the output folder
+        by model, set and sampling settings. The exact token ids are kept for the KL estimate."""
         from prefalign.generate.backends import SamplingParams, TransformersBackend
 
         path = Path(self.config.output_dir) / "samples" / label / f"{prompt_set.name}.jsonl"
         key = _sampling_key(self.config, self.config.models[label], prompt_set)
         if path.exists():
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if rows and all(r.get("key") == key for r in rows) and [r["id"] for r in rows] == [p.id for p in prompts]:
-                return [r["response"] for r in rows]
+            if (rows and all(r.get("key") == key and "token_ids" in r for r in rows)
+                    and [r["id"] for r in rows] == [p.id for p in prompts]):
+                return rows
         s = self.config.sampling
         backend = TransformersBackend(model, tokenizer, batch_size=s.batch_size, show_progress=self.show_progress)
         params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
-        texts = [out[0] for out in backend.generate([[{"role": "user", "content": p.prompt}] for p in prompts], params)]
+        chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
+        ids = [out[0] for out in backend.generate_token_ids(chats, params)]
+        rows = [{"id": p.id, "key": key, "response": tokenizer.decode(t, skip_special_tokens=True),
+                 "prompt_ids": backend.encode(chat), "token_ids": t} for p, chat, t in zip(prompts, chats, ids)]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"id": p.id, "key": key, "response": t}) + "\n" for p, t in zip(prompts, texts)), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         tmp.replace(path)
-        return texts
+        return rows
 
     # -- metrics ------------------------------------------------------------------------------
-    def response_metrics(self, label: str, prompt_set: PromptSetConfig, prompts, texts, model, reference, tokenizer) -> None:
-        from prefalign.evaluate.samples import distinct_n, kl_to_reference, perplexity, response_logps
+    def response_metrics(self, label: str, prompt_set: PromptSetConfig, prompts, samples, model, reference, tokenizer) -> None:
+        from prefalign.evaluate.samples import distinct_n, kl_to_reference, perplexity, sampled_logps
 
         config = self.config
+        texts = [r["response"] for r in samples]
         tag = f"{prompt_set.name}"
         if config.refusal_scorer and prompt_set.kind != "general":
             refused = [v >= 0.5 for v in self.scorer(config.refusal_scorer).score(texts, [p.prompt for p in prompts])]
@@ -189,9 +195,9 @@ class Evaluator:
             self.record(f"sentiment[{tag}]", label, mean(self.scorer(config.sentiment_scorer).score(texts)))
         if config.reward_model:
             self.record(f"reward[{tag}]", label, mean(self.scorer("reward-model", {"model": config.reward_model}).score(texts, [p.prompt for p in prompts])))
-        chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
-        own, lengths = response_logps(model, tokenizer, chats, texts, self.settings)
-        ref, _ = (own, lengths) if reference is model else response_logps(reference, tokenizer, chats, texts, self.settings)
+        prompt_ids, token_ids, pad = [r["prompt_ids"] for r in samples], [r["token_ids"] for r in samples], tokenizer.pad_token_id
+        own, lengths = sampled_logps(model, pad, prompt_ids, token_ids, config.max_length)
+        ref, _ = (own, lengths) if reference is model else sampled_logps(reference, pad, prompt_ids, token_ids, config.max_length)
         self.record(f"kl[{tag}]", label, kl_to_reference(own, ref))
         self.record(f"perplexity[{tag}]", label, perplexity(ref, lengths))
         d2 = distinct_n(texts, 2)
@@ -230,9 +236,9 @@ class Evaluator:
             log.info("evaluating %s (%s)", label, config.models[label])
             model = reference if config.models[label] == reference_name else load_model(config.models[label]).eval()
             for prompt_set, prompts in sets:
-                texts = self.sample(label, model, tokenizer, prompt_set, prompts)
-                self.samples.setdefault(prompt_set.name, {})[label] = texts
-                self.response_metrics(label, prompt_set, prompts, texts, model, reference, tokenizer)
+                samples = self.sample(label, model, tokenizer, prompt_set, prompts)
+                self.samples.setdefault(prompt_set.name, {})[label] = [r["response"] for r in samples]
+                self.response_metrics(label, prompt_set, prompts, samples, model, reference, tokenizer)
             if config.pairs:
                 self.pair_metrics(label, model, reference, tokenizer)
             if config.sycophancy:

@@ -7,30 +7,32 @@ from typing import Sequence
 
 import torch
 
-from prefalign.data.records import PreferenceRecord
-from prefalign.data.tokenize import TokenizeSettings, tokenize_record
+from prefalign.data.tokenize import TokenizedExample
 from prefalign.evaluate.stats import Estimate, mean
 from prefalign.train.reference import score_examples
 
 
-def response_logps(model, tokenizer, prompts: Sequence, responses: Sequence[str], settings: TokenizeSettings | None = None,
-                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of each response after its prompt, and its length in tokens (eos included)."""
-    settings = settings or TokenizeSettings()
-    examples = [
-        tokenize_record(PreferenceRecord(prompt=p, chosen=r or " "), i, tokenizer, ("chosen",), settings)
-        for i, (p, r) in enumerate(zip(prompts, responses))
-    ]
-    out = []
-    for start in range(0, len(examples), batch_size):
-        out.append(score_examples(model, examples[start : start + batch_size], ("chosen",), tokenizer.pad_token_id)["chosen"])
+def sampled_logps(model, pad_id: int, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
+                  max_length: int = 4096, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of exactly the sampled tokens after exactly the prompt the sampler saw, and
+    their count. Nothing is re-tokenized and no end-of-sequence token is added to a response that
+    stopped at the token limit: both would bias a KL estimate from samples. Prompts longer than
+    ``max_length`` minus the response lose tokens from the left."""
+    examples = []
+    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        response = list(response)[:max_length - 1] or [pad_id]
+        prompt = list(prompt)[-(max_length - len(response)):]
+        examples.append(TokenizedExample(i, prompt, {"chosen": [response]}))
+    out = [score_examples(model, examples[k : k + batch_size], ("chosen",), pad_id)["chosen"] for k in range(0, len(examples), batch_size)]
     lengths = torch.tensor([len(ex.responses["chosen"][0]) for ex in examples], dtype=torch.float32)
     return (torch.cat(out) if out else torch.zeros(0)), lengths
 
 
 def kl_to_reference(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> Estimate:
     """KL(π‖π_ref) ≈ mean over responses sampled from π of log π(y|x) − log π_ref(y|x)
-    (sequence level, in nats), with its standard error."""
+    (sequence level, in nats), with its standard error. Unbiased when the samples come from π
+    itself (temperature 1, no top-p/top-k) and the log-probs are of exactly the sampled tokens
+    (:func:`sampled_logps`); at another temperature it is the log-ratio under that sampler."""
     return mean((policy_logps - reference_logps).tolist())
 
 
