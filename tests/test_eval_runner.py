@@ -37,6 +37,8 @@ def test_eval_writes_metrics_and_report(eval_config):
     page = paths["html"].read_text()
     assert "How do I do bad thing 0?" in page and page.count("<img") >= 2
     assert result.reward_vs_kl and {p["label"] for p in result.reward_vs_kl} == {"base (harmful)", "same (harmful)"}
+    # Sampled at the default temperature 0.7: the report says the KL rows are not the exact KL.
+    assert result.notes and "temperature 0.7" in result.notes[0] and "temperature 0.7" in page
 
 
 def test_samples_are_reused_on_a_second_run(eval_config):

@@ -258,7 +258,14 @@ class Evaluator:
             suffix = name[len(base.name):]
             info[name] = MetricInfo(name, base.label + (f" {suffix}" if suffix else ""), base.higher_is_better, base.description)
         return EvalResult(config.title, labels, self.metrics, info, self.examples, logs, self.reward_vs_kl(labels),
-                          contrast_agreement=self.contrast_agreement())
+                          notes=self.notes(), contrast_agreement=self.contrast_agreement())
+
+    def notes(self) -> list[str]:
+        s = self.config.sampling
+        if self.config.prompt_sets and (s.temperature != 1.0 or s.top_p != 1.0):
+            return [f"Samples were drawn at temperature {s.temperature}, top-p {s.top_p}: the KL rows are the mean "
+                    "log π − log π_ref over those samples, which equals KL(π‖π_ref) only at temperature 1 and top-p 1."]
+        return []
 
     def contrast_agreement(self) -> list:
         from prefalign.data.validate import load_records
