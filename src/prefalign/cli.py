@@ -232,7 +232,6 @@ def score_command(
     if agreement:
         from prefalign.score.agreement import agreement_table
 
-        console.print("scorer agreement with the pairs' construction (chosen scored higher):", highlight=False)
         console.print(agreement_table(agreement), highlight=False, markup=False)
 
 

@@ -63,8 +63,8 @@ def contrast_agreement(records: Iterable[PreferenceRecord], by: str = "strategy"
 
 
 def agreement_table(rows: dict[str, Agreement]) -> str:
-    """A plain-text table for the terminal."""
-    lines = [f"{'contrast':<14} {'pairs':>5} {'agree':>5} {'ties':>4} {'unscored':>8}  share agreeing [95% CI]"]
+    """A plain-text table for the terminal, under its heading."""
+    lines = ["scorer agreement with the pairs' construction (chosen scored higher):", f"{'contrast':<14} {'pairs':>5} {'agree':>5} {'ties':>4} {'unscored':>8}  share agreeing [95% CI]"]
     for row in rows.values():
         lines.append(f"{row.group:<14} {row.pairs:>5} {row.agree:>5} {row.ties:>4} {row.unscored:>8}  {row.estimate.fmt()}")
     return "\n".join(lines)

@@ -46,15 +46,13 @@ class ScoreStageConfig(BaseModel):
 
 
 def run_score_stage(cfg: ScoreStageConfig, *, show_progress: bool = True):
-    from .records import score_file
-
     from .agreement import agreement_table
+    from .records import score_file
 
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     result = score_file(cfg.input, cfg.output, cfg.scorer, cfg.config, fields=cfg.fields,
                         skip_invalid=cfg.skip_invalid, cache=cfg.cache, show_progress=show_progress)
     agreement = result.agreement()
     if agreement:
-        print("scorer agreement with the pairs' construction (chosen scored higher):")
         print(agreement_table(agreement))
     return result

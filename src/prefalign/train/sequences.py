@@ -137,6 +137,21 @@ def collate_pairs(examples, groups, pad_id, *, toxic_reference=False) -> PairBat
     return PairBatch(input_ids, attention, response_mask, width_p, _rows_by_group([s for _, s in items], len(examples)))
 
 
+def _block_attention_bias(block: torch.Tensor, part: torch.Tensor, dtype) -> torch.Tensor:
+    """Additive 4-D mask [N, 1, T, T] from per-column ``block`` (-1 = padding) and ``part`` (0 = the
+    block's prompt, j = its j-th response): a token attends causally within its own block, to the
+    prompt and to its own response only."""
+    total = block.shape[1]
+    q_block, k_block = block.unsqueeze(2), block.unsqueeze(1)
+    q_part, k_part = part.unsqueeze(2), part.unsqueeze(1)
+    causal = torch.ones((total, total), dtype=torch.bool).tril()
+    visible = causal & (k_block >= 0) & (k_block == q_block) & ((k_part == 0) | (k_part == q_part))
+    # Padding queries see themselves only, so no softmax row is empty (their outputs are unused).
+    visible |= torch.eye(total, dtype=torch.bool) & (q_block < 0)
+    bias = torch.zeros((block.shape[0], 1, total, total), dtype=dtype)
+    return bias.masked_fill_(~visible.unsqueeze(1), torch.finfo(dtype).min)
+
+
 def collate_shared(examples, groups, pad_id, *, toxic_reference=False, dtype=torch.float32) -> SharedPromptBatch:
     prompts = _segments(examples, groups, toxic_reference)
     width_p = max(len(p) for p, _ in prompts)
@@ -167,13 +182,8 @@ def collate_shared(examples, groups, pad_id, *, toxic_reference=False, dtype=tor
             all_segments.append(seg)
             col += length
         real += len(prompt) + col - width_p
-    q_seg, k_seg = segment.unsqueeze(2), segment.unsqueeze(1)
-    causal = torch.ones((total, total), dtype=torch.bool).tril()
-    visible = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
-    # Padding queries see themselves only, so no softmax row is empty (their outputs are unused).
-    visible |= torch.eye(total, dtype=torch.bool) & (q_seg < 0)
-    bias = torch.zeros((n, 1, total, total), dtype=dtype)
-    bias.masked_fill_(~visible.unsqueeze(1), torch.finfo(dtype).min)
+    # One block per row: every real column belongs to block 0, its part is its segment.
+    bias = _block_attention_bias(torch.where(segment >= 0, 0, -1), segment.clamp(min=0), dtype)
     return SharedPromptBatch(
         input_ids, position_ids, bias,
         torch.tensor(token_row), torch.tensor(token_col), torch.tensor(source_col), torch.tensor(token_response),
@@ -232,13 +242,7 @@ def collate_packed(examples, groups, pad_id, *, toxic_reference=False, dtype=tor
                 source_col += [last_prompt_col] + list(range(col, col + length - 1))
                 token_response += [first_response[b] + j - 1] * length
                 col += length
-    q_block, k_block = block_id.unsqueeze(2), block_id.unsqueeze(1)
-    q_part, k_part = part.unsqueeze(2), part.unsqueeze(1)
-    causal = torch.ones((total, total), dtype=torch.bool).tril()
-    visible = causal & (k_block >= 0) & (k_block == q_block) & ((k_part == 0) | (k_part == q_part))
-    visible |= torch.eye(total, dtype=torch.bool) & (q_block < 0)
-    bias = torch.zeros((n, 1, total, total), dtype=dtype)
-    bias.masked_fill_(~visible.unsqueeze(1), torch.finfo(dtype).min)
+    bias = _block_attention_bias(block_id, part, dtype)
     all_segments = [seg for _, segs in blocks for seg in segs]
     return SharedPromptBatch(
         input_ids, position_ids, bias,
