@@ -55,7 +55,8 @@ def test_one_policy_forward_per_batch(tmp_path, tiny_model, pairs_file):
     trainer = Trainer(config_for(tmp_path, tiny_model, pairs_file, loss="adpo"), show_progress=False)
     trainer.setup()
     calls = []
-    hook = trainer.model.register_forward_hook(lambda m, a, k: calls.append(1))
+    # The decoder runs in every path (alone, or inside the model's own forward).
+    hook = trainer.model.get_decoder().register_forward_hook(lambda m, a, k: calls.append(1))
     trainer.train_step()
     hook.remove()
     assert len(calls) == 1  # chosen, rejected and toxic rows go through together

@@ -176,7 +176,9 @@ class Trainer:
         self.dtype = resolve_dtype(config.dtype)
         self.accelerator = Accelerator(mixed_precision="bf16" if self.dtype == "bfloat16" else "no", cpu=not torch.cuda.is_available())
         model = load_model(config.model, trust_remote_code=config.trust_remote_code)
+        started = time.perf_counter()
         self.reference, self.eval_reference = self._build_reference(model)
+        self.reference_seconds = time.perf_counter() - started  # the precompute, when it ran
         if config.lora is not None:
             model = apply_lora(model, config.lora)
             if config.reference_mode() == "disable-adapters" and self.spec.needs_reference:

@@ -11,16 +11,18 @@ Two layouts, one interface (``collate(...)`` → batch, ``sequence_logps(model, 
   gradients flow through it from every response. Used when the model's attention accepts a custom
   4-D mask (``sdpa`` or ``eager``); otherwise the pair layout is used and the reason logged once.
 
-In both, prompts are left-padded so every response region starts at the same column; the LM head
-then runs only over that region (``logits_to_keep``), skipping the vocabulary projection for every
-prompt token. A response's first token is predicted from the prompt's last position.
+In both, prompts are left-padded so every response region starts at the same column. The decoder
+runs once, and the LM head only on the hidden states that predict response tokens (never on prompt
+tokens or padding), fused with the log-softmax (``head.linear_token_logps``). A response's first
+token is predicted from the prompt's last position. Models whose logits are not plain
+``lm_head(hidden)`` (logit scaling, soft-capping) run whole, with ``logits_to_keep`` limiting the
+head to the response columns.
 
 * Packed (``collate(..., pack=True)``, a ``SharedPromptBatch`` with ``packed=True``) — padding-free:
   whole (prompt, responses) blocks are placed one after another in rows no longer than the longest
   block (first-fit decreasing), the 4-D mask keeps every block to itself, and position ids restart
-  per block. Columns no longer line up, so the decoder runs once and the LM head runs on exactly
-  the hidden states that predict response tokens. Needs the shared-prompt attention and a plain
-  ``lm_head`` (no logit scaling or soft-capping); otherwise the unpacked layout is used.
+  per block. Needs the shared-prompt attention and a plain ``lm_head`` (no logit scaling or
+  soft-capping); otherwise the unpacked layout is used.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Mapping, Sequence
 import torch
 
 from prefalign.data.tokenize import TokenizedExample
+from prefalign.train.head import linear_token_logps
 
 log = logging.getLogger("prefalign.train")
 
@@ -251,8 +254,26 @@ def collate_packed(examples, groups, pad_id, *, toxic_reference=False, dtype=tor
     )
 
 
-# Config attributes of models whose logits are not just lm_head(hidden): packing would skip them.
+# Config attributes of models whose logits are not just lm_head(hidden): the decoder path would skip them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
+
+
+def _decoder_path_blocker(model) -> str | None:
+    """Why the decoder and the LM head cannot be called apart on ``model`` (None: they can)."""
+    config = getattr(model, "config", None)
+    if not (hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")):
+        return "the model exposes no decoder / output embeddings"
+    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
+        return "the model transforms its logits (scaling or soft-capping)"
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return "calling the decoder alone would bypass DistributedDataParallel"
+    return None
+
+
+def _log_once(message: str) -> None:
+    if message not in _fallback_logged:
+        _fallback_logged.add(message)
+        log.info(message)
 
 
 def supports_packing(model) -> bool:
@@ -260,30 +281,18 @@ def supports_packing(model) -> bool:
     plain ``lm_head(hidden)``."""
     if not supports_shared_prompt(model):
         return False
-    config = getattr(model, "config", None)
-    reason = None
-    if not (hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")):
-        reason = "the model exposes no decoder / output embeddings"
-    elif any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
-        reason = "the model transforms its logits (scaling or soft-capping)"
-    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        reason = "calling the decoder alone would bypass DistributedDataParallel"
-    if reason is None:
-        return True
-    if reason not in _fallback_logged:
-        _fallback_logged.add(reason)
-        log.info("packing off: %s; one prompt per row", reason)
-    return False
+    reason = _decoder_path_blocker(model)
+    if reason is not None:
+        _log_once(f"packing off: {reason}; one prompt per row")
+    return reason is None
 
 
 def supports_shared_prompt(model) -> bool:
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl in SHARED_PROMPT_ATTENTION:
         return True
-    reason = f"attention implementation {impl!r} takes no custom 4-D mask"
-    if reason not in _fallback_logged:
-        _fallback_logged.add(reason)
-        log.info("prompt sharing off: %s; scoring one (prompt, response) row at a time", reason)
+    _log_once(f"prompt sharing off: attention implementation {impl!r} takes no custom 4-D mask; "
+              "scoring one (prompt, response) row at a time")
     return False
 
 
@@ -312,29 +321,48 @@ def _pair_logps(model, batch: PairBatch) -> torch.Tensor:
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     width_r = batch.response_mask.shape[1]
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False)
+    targets = batch.input_ids[:, batch.prompt_width :]
+    if _decoder_path_blocker(model) is None:
+        hidden = model.get_decoder()(**kwargs).last_hidden_state[:, batch.prompt_width - 1 : -1]
+        row, col = batch.response_mask.nonzero(as_tuple=True)
+        token_logps = _head_logps(model, hidden[row, col], targets[row, col])
+        return _sum_per_response(token_logps, row, batch.response_mask.shape[0])
     if _accepts_logits_to_keep(model):
         # Logits at the column before each response token predict it: the last L + 1 columns.
         logits = model(**kwargs, logits_to_keep=width_r + 1).logits[:, :-1]
     else:
         logits = model(**kwargs).logits[:, batch.prompt_width - 1 : -1]
-    token_logps = _token_logps(logits, batch.input_ids[:, batch.prompt_width :])
+    token_logps = _token_logps(logits, targets)
     return (token_logps * batch.response_mask).sum(-1)
 
 
-def _packed_logps(model, batch: SharedPromptBatch) -> torch.Tensor:
+def _sum_per_response(token_logps: torch.Tensor, response_of_token: torch.Tensor, num_responses: int) -> torch.Tensor:
+    out = torch.zeros(num_responses, dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, response_of_token, token_logps)
+
+
+def _head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each target from the hidden state that predicts it (``[M, H]`` → ``[M]``)."""
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return linear_token_logps(hidden, head.weight, targets)
+    return _token_logps(head(hidden), targets)  # e.g. a LoRA-wrapped head: call it as it is
+
+
+def _decoder_logps(model, batch: SharedPromptBatch) -> torch.Tensor:
+    """The decoder once over the batch, then the LM head on exactly the hidden states that predict
+    response tokens."""
     bias = batch.attention_bias.to(next(model.parameters()).dtype)
     hidden = model.get_decoder()(
         input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids, use_cache=False
     ).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[batch.token_row, batch.source_col])  # [M, V]
-    token_logps = _token_logps(logits, batch.input_ids[batch.token_row, batch.token_col])
-    out = torch.zeros(batch.num_responses, dtype=token_logps.dtype, device=token_logps.device)
-    return out.index_add(0, batch.token_response, token_logps)
+    token_logps = _head_logps(model, hidden[batch.token_row, batch.source_col], batch.input_ids[batch.token_row, batch.token_col])
+    return _sum_per_response(token_logps, batch.token_response, batch.num_responses)
 
 
 def _shared_logps(model, batch: SharedPromptBatch) -> torch.Tensor:
-    if batch.packed:
-        return _packed_logps(model, batch)
+    if batch.packed or _decoder_path_blocker(model) is None:
+        return _decoder_logps(model, batch)  # packed batches are only built where this holds
     total = batch.input_ids.shape[1]
     keep = total - batch.prompt_width + 1  # columns P-1 .. end
     bias = batch.attention_bias.to(next(model.parameters()).dtype)
@@ -344,8 +372,7 @@ def _shared_logps(model, batch: SharedPromptBatch) -> torch.Tensor:
     offset = batch.prompt_width - 1
     selected = logits[batch.token_row, batch.source_col - offset]  # [M, V]
     token_logps = _token_logps(selected, batch.input_ids[batch.token_row, batch.token_col])
-    out = torch.zeros(batch.num_responses, dtype=token_logps.dtype, device=token_logps.device)
-    return out.index_add(0, batch.token_response, token_logps)
+    return _sum_per_response(token_logps, batch.token_response, batch.num_responses)
 
 
 def sequence_logps(model, batch) -> torch.Tensor:
