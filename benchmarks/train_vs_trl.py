@@ -3,7 +3,8 @@
 Same model (fp32), same synthetic pairs (fixed token lengths, fixed seed), same batch size, lr,
 optimizer (AdamW), constant schedule, grad clipping, steps, data order (sequential). Each run is
 its own process, so peak RSS is that run's alone. Prints samples/s, tokens/s, peak RSS, achieved
-FLOP/s as a share of an fp32 matmul peak measured in the same run, and the per-step losses of
+FLOP/s (each trainer's own matmul work over its time) as a share of an fp32 matmul peak measured in
+the same run, and the per-step losses of
 both: if they disagree by more than 1e-3 on the first steps the comparison is void.
 
     python benchmarks/train_vs_trl.py                       # SmolLM2-135M-Instruct, 8 steps
@@ -33,18 +34,21 @@ LOSS_TOLERANCE = 1e-3
 COMPARED_STEPS = 3
 
 
-def model_flops_per_token(model) -> float:
-    """Matmul FLOPs of one token's forward pass (2 x non-embedding parameters)."""
-    embed = model.get_input_embeddings().weight.numel()
-    return 2.0 * (sum(p.numel() for p in model.parameters()) - embed)
+def matmul_flops_per_token(model) -> tuple[float, float]:
+    """Forward matmul FLOPs of one token: (decoder body, LM head), 2 x their parameters."""
+    head = model.get_output_embeddings().weight
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    return 2.0 * body, 2.0 * head.numel()
 
 
-def dpo_work_flops(model, pairs_tokens: list[tuple[int, int, int]]) -> float:
-    """Nominal work of DPO on the pairs: policy forward+backward (3x) and one reference forward
-    (1x) over prompt+chosen and prompt+rejected; the same number for both trainers."""
-    per_token = model_flops_per_token(model)
-    tokens = sum(2 * p + c + r for p, c, r in pairs_tokens)
-    return 4 * per_token * tokens
+def matmul_work(model, pairs_tokens: list[tuple[int, int, int]]) -> dict[str, float]:
+    """Each trainer's matmul work on the pairs (attention scores left out): policy forward and
+    backward (3 forwards) plus one reference forward. TRL runs prompt+chosen and prompt+rejected
+    with the LM head at every position; prefalign runs the prompt once, the head on responses only."""
+    body, head = matmul_flops_per_token(model)
+    trl = sum(4 * (2 * p + c + r) * (body + head) for p, c, r in pairs_tokens)
+    ours = sum(4 * ((p + c + r) * body + (c + r) * head) for p, c, r in pairs_tokens)
+    return {"trl": trl, "prefalign": ours}
 
 
 def run_prefalign(args, data: Path, workdir: Path) -> dict:
@@ -158,7 +162,7 @@ def main() -> None:
          len(tokenizer(p["rejected"], add_special_tokens=False)["input_ids"]) + 1)
         for p in used
     ]
-    work = dpo_work_flops(load_model(args.model), lengths)
+    work = matmul_work(load_model(args.model), lengths)
     tokens = sum(2 * p + c + r for p, c, r in lengths)
     peak = matmul_peak_flops()
 
@@ -175,7 +179,9 @@ def main() -> None:
     samples = len(used)
     print(f"\nmachine: {machine()}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"model {args.model}; {samples} pairs ({args.steps} steps x batch {args.batch_size}); "
-          f"prompt ~{args.prompt_tokens} tokens, responses ~{args.response_tokens}; {tokens} DPO tokens\n")
+          f"prompt ~{args.prompt_tokens} tokens, responses ~{args.response_tokens}; {tokens} DPO tokens")
+    print(f"matmul work (forward+backward+reference): TRL {work['trl'] / 1e12:.2f} TFLOP, prefalign "
+          f"{work['prefalign'] / 1e12:.2f} TFLOP ({work['trl'] / work['prefalign']:.2f}x less)\n")
     header = f"{'trainer':<10} {'run':>3} {'load s':>7} {'ref s':>6} {'train s':>8} {'samples/s':>10} {'tokens/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'peak RSS MiB':>13}"
     print(header)
     print("-" * len(header))
@@ -188,10 +194,14 @@ def main() -> None:
             rate = samples / seconds
             best[name] = max(best.get(name, 0.0), rate)
             print(f"{name:<10} {i + 1:>3} {r['load_s']:>7.1f} {r['reference_s']:>6.1f} {r['train_s']:>8.1f} {rate:>10.3f} {tokens / seconds:>9.0f} "
-                  f"{work / seconds / 1e9:>8.1f} {100 * work / seconds / peak:>6.1f}% {r['peak_rss_mib']:>13.0f}")
+                  f"{work[name] / seconds / 1e9:>8.1f} {100 * work[name] / seconds / peak:>6.1f}% {r['peak_rss_mib']:>13.0f}")
     print(f"\nspeed-up (best prefalign samples/s / best TRL samples/s): {best['prefalign'] / best['trl']:.2f}x")
     print("  (time = reference precompute + training steps; TRL computes its reference inside its steps;\n"
           "   loading the model and tokenizing the data are left out on both sides)")
+    trl_seconds = samples / best["trl"]
+    needed = 3 * work["prefalign"] / trl_seconds
+    print(f"  3x TRL's best needs prefalign's matmul work done at {needed / 1e9:.1f} GFLOP/s, {100 * needed / peak:.0f}% of "
+          "the matmul peak,\n  with attention, norms, activations and the optimizer on top")
     warm = max(samples / r["train_s"] for r in runs["prefalign"])
     print(f"with the reference log-probs already cached (a re-run or a beta/lr sweep on the same data): "
           f"{warm / best['trl']:.2f}x")

@@ -119,7 +119,18 @@ def test_stop_strings_cut_text(backend):
     cut = backend.generate(CONVS[:1], SamplingParams(max_new_tokens=12, temperature=0, stop=(stop,)))[0][0]
     assert cut == full[: full.find(stop)]
     assert stop not in cut
+    assert not cut.truncated  # a stop string ended it, not the token limit
     assert cut_at_stop("abc STOP def END", ("END", "STOP")) == "abc "
+
+
+def test_texts_cut_by_the_token_limit_are_marked(backend):
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, n=3, seed=5)
+    ids = backend.generate_token_ids(CONVS, params)
+    texts = backend.generate(CONVS, params)
+    flags = [t.truncated for per_conv in texts for t in per_conv]
+    # A row is cut when it used the whole budget without an end token (ids stop before the eos).
+    assert flags == [len(row) == 4 for per_conv in ids for row in per_conv]
+    assert any(flags)
 
 
 def test_render_uses_chat_template(backend, monkeypatch):

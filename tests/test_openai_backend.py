@@ -167,6 +167,17 @@ def test_stop_strings_cut_client_side_too(key):
         assert make(url).generate([CONV], SamplingParams(max_new_tokens=5, stop=("STOP",))) == [["keep this "]]
 
 
+def test_finish_reason_length_marks_the_text_truncated(key):
+    def reply(request):
+        choices = [{"index": 0, "message": {"content": "cut off mid"}, "finish_reason": "length"},
+                   {"index": 1, "message": {"content": "Done."}, "finish_reason": "stop"}]
+        return 200, {"choices": choices}, {}
+
+    with serve(Scripted([reply])) as url:
+        (cut, done), = make(url).generate([CONV], SamplingParams(max_new_tokens=3, n=2))
+    assert (cut, done) == ("cut off mid", "Done.") and cut.truncated and not done.truncated
+
+
 def test_429_then_200_respects_retry_after(key, sleeps, caplog):
     script = Scripted([(429, {"error": {"message": "slow down"}}, {"Retry-After": "2"}), ok()])
     with serve(script) as url, caplog.at_level(logging.DEBUG):

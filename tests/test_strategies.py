@@ -481,3 +481,37 @@ def test_candidate_helpers():
     assert kept.kept and kept.record == {"prompt": "p", "chosen": "c"}
     assert not Candidate.drop("t", "why").kept
     assert replace(SAMPLING, n=2).n == 2
+
+
+def test_responses_cut_by_the_token_limit_are_recorded_and_get_no_end_token(tmp_path, tiny_model):
+    from prefalign.data.tokenize import TokenizeSettings, tokenize_record
+    from prefalign.generate.backends.base import Completion
+    from prefalign.models.loading import load_tokenizer
+
+    def script(conversation, i):
+        last = conversation[-1]["content"]
+        if last == PROMPTS[0].prompt:
+            return Completion("Sure, here is how you would start to", truncated=True)  # the answer: cut
+        if last == PRINCIPLES["safety"].critique_request:
+            return Completion("It is unsafe.")
+        return Completion("Revised answer: I can't help with that, but here is a safe alternative.")
+
+    summary, rows, out = run(CritiqueStrategy(CritiqueConfig(), ctx_for(Scripted(script))), tmp_path, prompts=PROMPTS[:1])
+    assert rows[0]["meta"]["truncated"] == ["rejected"]  # the original answer is the rejected side
+    record = load_records(out, ("prompt", "chosen", "rejected")).records[0]
+    tok = load_tokenizer(tiny_model)
+    ex = tokenize_record(record, 0, tok, ("chosen", "rejected"), TokenizeSettings())
+    assert ex.responses["chosen"][0][-1] == tok.eos_token_id
+    assert ex.responses["rejected"][0][-1] != tok.eos_token_id
+    assert ex.responses["rejected"][0] == tok(record.rejected, add_special_tokens=False)["input_ids"]
+
+
+def test_truncated_names_every_kind_of_response():
+    from prefalign.generate.backends.base import Completion
+    from prefalign.generate.core import stripped
+
+    cut, done = Completion("  cut  ", truncated=True), Completion("done")
+    kept = Candidate.keep("t", None, prompt="p", rejected=stripped(cut), anchors=[stripped(done), stripped(cut)], toxic=cut)
+    assert kept.meta["truncated"] == ["rejected", "toxic", "anchors.1"]
+    assert kept.record["rejected"] == "cut"  # stripped, still marked
+    assert "truncated" not in Candidate.keep("t", None, prompt="p", chosen="a", rejected=done).meta

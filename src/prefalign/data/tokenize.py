@@ -2,9 +2,10 @@
 
 Prompts are rendered with the tokenizer's chat template (chat messages always; plain strings when
 ``chat_template`` is ``auto`` and the tokenizer has one, or ``always``). Every response ends with
-the tokenizer's end-of-sequence token so the model learns to stop. When an example is too long the
-prompt loses tokens from the left (its end, next to the response, matters most) and responses
-from the right, as in the DPO papers' reference code.
+the tokenizer's end-of-sequence token so the model learns to stop, except those a generation's
+token limit cut (listed in ``meta.truncated``, e.g. ``["rejected", "anchors.2"]``). When an
+example is too long the prompt loses tokens from the left (its end, next to the response, matters
+most) and responses from the right, as in the DPO papers' reference code.
 """
 
 from __future__ import annotations
@@ -76,9 +77,15 @@ def encode_prompt(tokenizer, prompt, mode: ChatTemplateMode = "auto") -> list[in
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def encode_response(tokenizer, text: str) -> list[int]:
+def encode_response(tokenizer, text: str, *, finished: bool = True) -> list[int]:
+    """Token ids of a response, closed by the end-of-sequence token unless ``finished`` is False
+    (the token limit cut it: the model should not learn to stop there)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [*ids, tokenizer.eos_token_id]
+    return [*ids, tokenizer.eos_token_id] if finished else list(ids)
+
+
+def _response_name(group: str, k: int) -> str:
+    return f"anchors.{k}" if group == "anchors" else group
 
 
 def truncate(prompt_ids: list[int], responses: Sequence[list[int]], settings: TokenizeSettings):
@@ -100,7 +107,11 @@ def tokenize_record(
 ) -> TokenizedExample:
     """Tokenise the response ``groups`` a loss needs (e.g. ``("chosen", "rejected")``)."""
     prompt_ids = encode_prompt(tokenizer, record.prompt, settings.chat_template)
-    encoded = {g: [encode_response(tokenizer, text) for text in record.responses(g)] for g in groups}
+    cut = set(record.meta.get("truncated") or ())
+    encoded = {
+        g: [encode_response(tokenizer, text, finished=_response_name(g, k) not in cut) for k, text in enumerate(record.responses(g))]
+        for g in groups
+    }
     flat = [ids for group in encoded.values() for ids in group]
     truncated_prompt, flat = truncate(prompt_ids, flat, settings)
     it = iter(flat)

@@ -70,6 +70,19 @@ class _RowError(Exception):
 # --------------------------------------------------------------------------- helpers
 
 
+def _check_truncated(value, record: dict) -> None:
+    """``meta.truncated`` names responses of this record: ``chosen``, ``rejected``, ``toxic``, ``anchors.K``."""
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _RowError("meta.truncated", f"expected a list of response names, found {type_name(value)}", "type")
+    anchors = len(record.get("anchors") or [])
+    known = {g for g in ("chosen", "rejected", "toxic") if record.get(g) is not None} | {f"anchors.{k}" for k in range(anchors)}
+    unknown = [v for v in value if v not in known]
+    if unknown:
+        raise _RowError("meta.truncated", f"names no response of this record: {unknown} (it has {sorted(known)})", "value")
+
+
 def _is_missing(row: dict, name: str) -> bool:
     return row.get(name) is None
 
@@ -245,6 +258,7 @@ def _validate_row(row: dict, required: frozenset[str]) -> PreferenceRecord:
         if not isinstance(row["meta"], dict):
             raise _RowError("meta", f"expected an object, found {type_name(row['meta'])}", "type")
         meta = row["meta"]
+        _check_truncated(meta.get("truncated"), out)
     extras = {k: v for k, v in row.items() if k not in KNOWN_FIELDS and v is not None}
     out["meta"] = {**extras, **meta}
     return PreferenceRecord(**out)

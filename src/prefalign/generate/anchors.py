@@ -14,7 +14,7 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from prefalign.data.prompts import Prompt
-from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, user
+from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, stripped, user
 
 
 class AnchorsConfig(StrategyConfig):
@@ -64,7 +64,7 @@ class AnchorsStrategy(Strategy):
         samples = complete(self.backend, [[user(prompts[i].prompt)] for i in todo], self.ctx.params(seed, "anchors", n=cfg.k))
         need = cfg.min_anchors or cfg.k
         for i, texts in zip(todo, samples):
-            anchors = [t.strip() for t in texts if t.strip()]
+            anchors = [stripped(t) for t in texts if t.strip()]
             meta = {"k": cfg.k, "empty_samples": len(texts) - len(anchors)}
             if len(anchors) < need:
                 out[i] = [Candidate.drop(self.name, "too_few_anchors", {**meta, "samples": texts})]

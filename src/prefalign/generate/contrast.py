@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from prefalign.data.prompts import Prompt
-from prefalign.generate.backends.base import Conversation
+from prefalign.generate.backends.base import Conversation, same_ending
 from prefalign.generate.core import Candidate, Strategy, complete_one, make_pair, user
 
 
@@ -35,8 +35,8 @@ class PromptContrast(Strategy):
         out = []
         for i, p in enumerate(prompts):
             good_raw, bad_raw = texts[2 * i], texts[2 * i + 1]
-            good, good_meta = self.parse(good_raw)
-            bad, bad_meta = self.parse(bad_raw)
+            good, good_meta = _tail_keeps_ending(good_raw, *self.parse(good_raw))
+            bad, bad_meta = _tail_keeps_ending(bad_raw, *self.parse(bad_raw))
             meta = {**{f"chosen_{k}": v for k, v in good_meta.items()}, **{f"rejected_{k}": v for k, v in bad_meta.items()}}
             if good is None or bad is None:
                 meta.update(chosen_raw=good_raw, rejected_raw=bad_raw)
@@ -44,6 +44,13 @@ class PromptContrast(Strategy):
                 continue
             out.append([make_pair(self.name, p.prompt, good, bad, meta)])
         return out
+
+
+def _tail_keeps_ending(raw: str, part: str | None, meta: dict) -> tuple[str | None, dict]:
+    """A parsed part that ends where the raw generation ends was cut wherever the generation was."""
+    if part is not None and raw.rstrip().endswith(part.strip()):
+        part = same_ending(raw, part)
+    return part, meta
 
 
 class ModelContrast(Strategy):

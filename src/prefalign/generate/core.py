@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from prefalign.data.prompts import Prompt
-from prefalign.generate.backends.base import Conversation, GenerationBackend, SamplingParams
+from prefalign.generate.backends.base import Conversation, GenerationBackend, SamplingParams, is_truncated, same_ending
 
 log = logging.getLogger("prefalign.generate")
 
@@ -53,7 +53,12 @@ class Candidate:
 
     @classmethod
     def keep(cls, tag: str, meta: dict | None = None, **record: Any) -> "Candidate":
-        return cls(tag=tag, record={k: v for k, v in record.items() if v is not None}, meta=meta or {})
+        """A record; responses the token limit cut are listed in ``meta["truncated"]``."""
+        meta = dict(meta or {})
+        cut = truncated_responses(record)
+        if cut:
+            meta["truncated"] = cut
+        return cls(tag=tag, record={k: v for k, v in record.items() if v is not None}, meta=meta)
 
     @classmethod
     def drop(cls, tag: str, reason: str, meta: dict | None = None) -> "Candidate":
@@ -62,6 +67,17 @@ class Candidate:
     @property
     def kept(self) -> bool:
         return self.filtered is None
+
+
+def truncated_responses(record: dict) -> list[str]:
+    """Names of the record's responses that the token limit cut: ``"chosen"``, ``"anchors.2"``..."""
+    names = [g for g in ("chosen", "rejected", "toxic") if is_truncated(record.get(g))]
+    return names + [f"anchors.{k}" for k, text in enumerate(record.get("anchors") or []) if is_truncated(text)]
+
+
+def stripped(text: str) -> str:
+    """``text.strip()`` keeping whether the token limit cut it."""
+    return same_ending(text, text.strip())
 
 
 def normalise(text: str) -> str:
@@ -86,7 +102,7 @@ def make_pair(tag: str, prompt: Any, chosen: str, rejected: str, meta: dict | No
     meta = dict(meta or {})
     if problem is not None:
         return Candidate.drop(tag, problem, {**meta, "chosen": chosen, "rejected": rejected})
-    return Candidate.keep(tag, meta, prompt=prompt, chosen=chosen.strip(), rejected=rejected.strip(), **extra)
+    return Candidate.keep(tag, meta, prompt=prompt, chosen=stripped(chosen), rejected=stripped(rejected), **extra)
 
 
 def matches_any(text: str, patterns: Sequence[str]) -> bool:

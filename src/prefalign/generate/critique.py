@@ -25,6 +25,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefalign.data.prompts import Prompt
+from prefalign.generate.backends.base import same_ending
 from prefalign.generate.core import (
     Candidate, Strategy, StrategyConfig, assistant, complete_one, make_pair, matches_any, user,
 )
@@ -213,5 +214,5 @@ class CritiqueStrategy(Strategy):
         )
         for i, revision in zip(revise, revisions):
             meta[i]["revision_raw"] = revision
-            results[i] = [make_pair(self.name, turns[i], clean_revision(revision), answers[i], meta[i])]
+            results[i] = [make_pair(self.name, turns[i], same_ending(revision, clean_revision(revision)), answers[i], meta[i])]
         return results  # type: ignore[return-value]

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from prefalign.data.prompts import Prompt
-from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, normalise, user
+from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, normalise, stripped, user
 from prefalign.generate.scoring import resolve_scorer, score_texts
 
 
@@ -51,7 +51,7 @@ def distinct_samples(texts: Sequence[str]) -> tuple[list[str], int, int]:
     """Non-empty, distinct samples (first kept), with the counts of empty and duplicate ones."""
     seen, kept, empty, dup = set(), [], 0, 0
     for t in texts:
-        t = t.strip()
+        t = stripped(t)
         if not t:
             empty += 1
         elif normalise(t) in seen:

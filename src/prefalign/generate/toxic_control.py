@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from prefalign.data.io import write_jsonl
 from prefalign.data.prompts import Prompt
 from prefalign.data.tokenize import _with_control_token
-from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, pair_problem, user
+from prefalign.generate.backends.base import Completion, is_truncated
+from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, pair_problem, stripped, user
 from prefalign.generate.jsonl import read_lines, rewrite
 from prefalign.generate.scoring import resolve_scorer, score_texts
 
@@ -84,13 +85,19 @@ def label(scores: Sequence[float], threshold: float) -> list[bool]:
     return [s >= threshold for s in scores]
 
 
+def _samples_of(row: dict) -> list[str]:
+    """A stored row's samples, with the token-limit flags they were generated with."""
+    flags = row.get("truncated") or [False] * len(row["samples"])
+    return [Completion(text, bool(cut)) for text, cut in zip(row["samples"], flags)]
+
+
 def sft_records(prompt: str, samples: Sequence[str], scores: Sequence[float], threshold: float, token: str) -> list[dict]:
     """The toxic-control SFT records of one prompt: toxic samples under the control token."""
     records = []
     for text, toxic in zip(samples, label(scores, threshold)):
         if text.strip():
-            records.append({"prompt": _with_control_token(prompt, token) if toxic else prompt, "chosen": text.strip(),
-                            "meta": {"label": "toxic" if toxic else "non_toxic"}})
+            meta = {"label": "toxic" if toxic else "non_toxic", **({"truncated": ["chosen"]} if is_truncated(text) else {})}
+            records.append({"prompt": _with_control_token(prompt, token) if toxic else prompt, "chosen": text.strip(), "meta": meta})
     return records
 
 
@@ -154,7 +161,7 @@ class ToxicControl(Strategy):
         if torn:
             log.warning("%s: dropping a torn last line left by an interrupted run", path)
             rewrite(path, [raw for raw, _ in rows])
-        done = {obj["key"]: obj["samples"] for _, obj in rows if "key" in obj and isinstance(obj.get("samples"), list)}
+        done = {obj["key"]: _samples_of(obj) for _, obj in rows if "key" in obj and isinstance(obj.get("samples"), list)}
         keys = {p.id: self._sample_key(p) for p in prompts}
         todo = [p for p in prompts if keys[p.id] not in done]
         params = self.ctx.params(self.ctx.seed, "toxic-control/base", n=self.config.n)
@@ -163,7 +170,8 @@ class ToxicControl(Strategy):
             for start in range(0, len(todo), size):
                 batch = todo[start:start + size]
                 samples = complete(self.backend, [[user(p.prompt)] for p in batch], params)
-                new = [{"key": keys[p.id], "prompt_id": p.id, "prompt": p.prompt, "samples": s} for p, s in zip(batch, samples)]
+                new = [{"key": keys[p.id], "prompt_id": p.id, "prompt": p.prompt, "samples": s,
+                        "truncated": [is_truncated(t) for t in s]} for p, s in zip(batch, samples)]
                 write_jsonl(path, new, append=True)
                 done.update((r["key"], r["samples"]) for r in new)
                 bar.update(len(batch))
@@ -257,8 +265,8 @@ class ToxicControl(Strategy):
                 out.append([Candidate.drop(self.name, problem, meta)])
                 continue
             meta.update(chosen_score=scores[least], rejected_score=scores[most], toxic_score=t_scores[toxic_i[1]])
-            out.append([Candidate.keep(self.name, meta, prompt=p.prompt, chosen=samples[least].strip(),
-                                       rejected=samples[most].strip(), toxic=texts[toxic_i[1]].strip())])
+            out.append([Candidate.keep(self.name, meta, prompt=p.prompt, chosen=stripped(samples[least]),
+                                       rejected=stripped(samples[most]), toxic=stripped(texts[toxic_i[1]]))])
         return out
 
     def info(self) -> dict:

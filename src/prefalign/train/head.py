@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_BYTES = 16 * 2**20
+# Per chunk of logits: below glibc's mmap threshold on a CPU; on an accelerator, large enough that
+# the chunks' kernels stay big.
+CHUNK_BYTES = {"cpu": 16 * 2**20}
+ACCELERATOR_CHUNK_BYTES = 512 * 2**20
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * vocab))
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    return max(1, CHUNK_BYTES.get(device.type, ACCELERATOR_CHUNK_BYTES) // (4 * vocab))
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -32,7 +35,7 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 def _chunked_logps(hidden, weight, targets, keep_probs: bool):
     """Per-token log-probs, and (``keep_probs``) each chunk's softmax for the backward."""
     wide = torch.promote_types(hidden.dtype, torch.float32)
-    rows = _chunk_rows(weight.shape[0])
+    rows = _chunk_rows(weight.shape[0], weight.device)
     out = torch.empty(hidden.shape[0], dtype=wide, device=hidden.device)
     probs = []
     for start in range(0, hidden.shape[0], rows):
@@ -62,7 +65,7 @@ class _LinearTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         hidden, weight, targets = ctx.saved_tensors
         probs = ctx.probs
-        rows = _chunk_rows(weight.shape[0])
+        rows = _chunk_rows(weight.shape[0], weight.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = None
         for i, start in enumerate(range(0, hidden.shape[0], rows)):

@@ -19,7 +19,8 @@ def sample_anchor_ids(
     model, prompts: Sequence[list[int]], k: int, *, pad_id: int, eos_id: int, max_new_tokens: int,
     temperature: float, seed: int, max_response_tokens: int,
 ) -> list[list[list[int]]]:
-    """For each prompt, ``k`` sampled responses as token ids ending with ``eos_id``."""
+    """For each prompt, ``k`` sampled responses as token ids, ending with ``eos_id`` where the model
+    ended them."""
     was_training = model.training
     model.eval()
     width = max(len(p) for p in prompts)
@@ -43,8 +44,10 @@ def sample_anchor_ids(
     new = out[:, width:].tolist()
     responses = []
     for seq in new:
-        ids = seq[: seq.index(eos_id)] if eos_id in seq else seq
-        responses.append([*ids[: max_response_tokens - 1], eos_id])
+        # The end token only where the model ended the response within both limits; a sample cut
+        # by a limit must not teach the policy to stop there.
+        ended = eos_id in seq and seq.index(eos_id) < max_response_tokens
+        responses.append([*seq[: seq.index(eos_id)], eos_id] if ended else seq[:max_response_tokens])
     return [responses[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 

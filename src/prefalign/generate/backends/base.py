@@ -42,9 +42,36 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
+class Completion(str):
+    """A generated text that knows whether the token limit cut it before the model ended it.
+
+    It is a ``str`` (strategies treat it as one); backends return it so that records can say which
+    responses are unfinished, and training adds no end-of-sequence token to those (teaching the
+    model to stop mid-sentence would be wrong). String methods return plain ``str``: keep the flag
+    across edits with :func:`same_ending`.
+    """
+
+    truncated: bool
+
+    def __new__(cls, text: str, truncated: bool = False) -> "Completion":
+        obj = super().__new__(cls, text)
+        obj.truncated = truncated
+        return obj
+
+
+def is_truncated(text) -> bool:
+    return bool(getattr(text, "truncated", False))
+
+
+def same_ending(original, text: str) -> str:
+    """``text`` (an edit of ``original``, e.g. stripped) carrying ``original``'s truncation flag."""
+    return Completion(text, True) if is_truncated(original) else text
+
+
 @runtime_checkable
 class GenerationBackend(Protocol):
-    """``generate`` returns, for each conversation, ``params.n`` completions of the assistant turn."""
+    """``generate`` returns, for each conversation, ``params.n`` completions of the assistant turn
+    (:class:`Completion` where the backend knows whether the token limit cut them)."""
 
     name: str
     model_id: str  # identifies the model for resume keys (path, served name...)

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from prefalign.generate.backends.base import (
+    Completion,
     Conversation,
     GenerationStats,
     SamplingParams,
@@ -145,7 +146,7 @@ class OpenAIBackend:
                 content = message.get("content")
                 if content is None:
                     content = choice.get("text") or ""
-                texts.append(cut_at_stop(content, params.stop))
+                texts.append(Completion(cut_at_stop(content, params.stop), choice.get("finish_reason") == "length"))
             usage = data.get("usage") or {}
             with self._lock:
                 stats.new_tokens += int(usage.get("completion_tokens") or 0)

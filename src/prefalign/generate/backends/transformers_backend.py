@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefalign.generate.backends.base import (
+    Completion,
     Conversation,
     GenerationStats,
     SamplingParams,
@@ -131,7 +132,12 @@ class TransformersBackend:
         out = []
         for per_conv in ids:
             texts = self.tokenizer.batch_decode(per_conv, skip_special_tokens=True)
-            out.append([cut_at_stop(t, params.stop) for t in texts])
+            completions = []
+            for row, text in zip(per_conv, texts):
+                cut = cut_at_stop(text, params.stop)
+                # No end token within the budget and no stop string: the limit cut it.
+                completions.append(Completion(cut, len(row) >= params.max_new_tokens and cut == text))
+            out.append(completions)
         return out
 
     def generate_token_ids(

@@ -15,6 +15,7 @@ import time
 from typing import Sequence
 
 from prefalign.generate.backends.base import (
+    Completion,
     Conversation,
     GenerationStats,
     SamplingParams,
@@ -78,7 +79,8 @@ class VLLMBackend:
         results: list[list[str]] = []
         new_tokens = 0
         for request in outputs:
-            texts = [cut_at_stop(o.text, params.stop) for o in request.outputs]
+            texts = [Completion(cut_at_stop(o.text, params.stop), getattr(o, "finish_reason", None) == "length")
+                     for o in request.outputs]
             new_tokens += sum(len(o.token_ids) for o in request.outputs)
             if params.temperature == 0:
                 texts = texts[:1] * params.n
