@@ -2,21 +2,20 @@
 of each target's entry in one chunked pass, with a hand-written backward.
 
 The plain path (``lm_head`` → ``[M, V]`` logits → ``logsumexp`` → ``gather``, then autograd) makes
-about ten passes over an ``[M, V]`` tensor (V ≈ 50k) and allocates several of them: on a CPU those
-element-wise passes and the page faults of each fresh 100 MB buffer cost as much as the head's
-matmuls. Here each chunk of rows makes its logits, turns them into probabilities in place and
-keeps them for the backward, where the gradient ``g · (onehot − p)`` is formed chunk by chunk and
-fed to two matmuls. Chunks stay below glibc's mmap threshold (32 MiB), so their memory is
-reused from the heap instead of being faulted in afresh. Same values and gradients as the plain
-path (tests/test_head.py).
+about ten element-wise passes over ``[M, V]`` tensors (V ≈ 50k) and allocates several of them
+whole; on a CPU those passes cost a good part of what the head's matmuls do. Here each chunk of
+rows makes its logits, turns them into probabilities in place (max, subtract, exp, sum, divide:
+no second buffer) and keeps them for the backward, where the gradient ``g · (onehot − p)`` is
+formed chunk by chunk and fed to two matmuls. Same values and gradients as the plain path
+(tests/test_head.py); ``benchmarks/profile_step.py`` shows where a step's time goes.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Per chunk of logits: below glibc's mmap threshold on a CPU; on an accelerator, large enough that
-# the chunks' kernels stay big.
+# Logits per chunk: small on a CPU (cache-friendly, no huge allocations); on an accelerator large
+# enough that the chunks' kernels stay big.
 CHUNK_BYTES = {"cpu": 16 * 2**20}
 ACCELERATOR_CHUNK_BYTES = 512 * 2**20
 
