@@ -15,11 +15,12 @@ def manual_logp(model, prompt, response):
 
 def test_sampled_logps_score_exactly_the_given_tokens(tiny_model):
     model, tok = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
-    prompts = [[11, 12, 13, 14], [21, 22]]
+    prompts = [[11, 12, 13, 14], [21, 22], [31, 32, 33, 34, 35, 36, 37]]
     # The first response stopped at the token limit (no eos); the second ended with eos.
-    responses = [[101, 102, 103], [201, tok.eos_token_id]]
-    logps, lengths = sampled_logps(model, tok.pad_token_id, prompts, responses)
-    assert lengths.tolist() == [3.0, 2.0]
+    responses = [[101, 102, 103], [201, tok.eos_token_id], [301]]
+    # Batches of 2 are formed longest first (third, first | second): results come back in input order.
+    logps, lengths = sampled_logps(model, tok.pad_token_id, prompts, responses, batch_size=2)
+    assert lengths.tolist() == [3.0, 2.0, 1.0]
     for got, prompt, response in zip(logps.tolist(), prompts, responses):
         assert abs(got - manual_logp(model, prompt, response)) < 1e-4
 

@@ -23,9 +23,14 @@ def sampled_logps(model, pad_id: int, prompt_ids: Sequence[list[int]], response_
         response = list(response)[:max_length - 1] or [pad_id]
         prompt = list(prompt)[-(max_length - len(response)):]
         examples.append(TokenizedExample(i, prompt, {"chosen": [response]}))
-    out = [score_examples(model, examples[k : k + batch_size], ("chosen",), pad_id)["chosen"] for k in range(0, len(examples), batch_size)]
+    # Similar lengths share a batch (little padding); results go back to the input order.
+    order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
+    logps = torch.zeros(len(examples))
+    for k in range(0, len(order), batch_size):
+        idx = order[k : k + batch_size]
+        logps[idx] = score_examples(model, [examples[i] for i in idx], ("chosen",), pad_id)["chosen"]
     lengths = torch.tensor([len(ex.responses["chosen"][0]) for ex in examples], dtype=torch.float32)
-    return (torch.cat(out) if out else torch.zeros(0)), lengths
+    return logps, lengths
 
 
 def kl_to_reference(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> Estimate:
