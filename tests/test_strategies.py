@@ -498,6 +498,7 @@ def test_responses_cut_by_the_token_limit_are_recorded_and_get_no_end_token(tmp_
 
     summary, rows, out = run(CritiqueStrategy(CritiqueConfig(), ctx_for(Scripted(script))), tmp_path, prompts=PROMPTS[:1])
     assert rows[0]["meta"]["truncated"] == ["rejected"]  # the original answer is the rejected side
+    assert summary.truncated_responses == 1 and any("cut by the token limit: 1" in line for line in summary.lines())
     record = load_records(out, ("prompt", "chosen", "rejected")).records[0]
     tok = load_tokenizer(tiny_model)
     ex = tokenize_record(record, 0, tok, ("chosen", "rejected"), TokenizeSettings())

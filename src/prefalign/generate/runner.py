@@ -69,6 +69,7 @@ class GenerateSummary:
     records_written: int = 0
     filtered: dict[str, int] = field(default_factory=dict)  # reason -> count
     records_by_strategy: dict[str, int] = field(default_factory=dict)
+    truncated_responses: int = 0  # responses the token limit cut (meta.truncated), in this run's records
     recovered_torn_lines: int = 0
     recovered_incomplete_rows: int = 0
     seconds: float = 0.0
@@ -91,6 +92,9 @@ class GenerateSummary:
             out.append(f"  filtered: {self.filtered_total} ({reasons}); see {self.filtered_log}")
         else:
             out.append("  filtered: 0")
+        if self.truncated_responses:
+            out.append(f"  responses cut by the token limit: {self.truncated_responses} (listed in meta.truncated; "
+                       "trained without an end token; raise --max-new-tokens to get whole answers)")
         if self.recovered_torn_lines or self.recovered_incomplete_rows:
             out.append(f"  recovered from an interrupted run: dropped {self.recovered_torn_lines} torn line(s) and "
                        f"{self.recovered_incomplete_rows} row(s) of unfinished prompts")
@@ -105,7 +109,7 @@ class GenerateSummary:
             "prompts_total": self.prompts_total, "already_done": self.already_done,
             "prompts_processed": self.prompts_processed, "records_written": self.records_written,
             "filtered": dict(self.filtered), "records_by_strategy": dict(self.records_by_strategy),
-            "recovered_torn_lines": self.recovered_torn_lines,
+            "truncated_responses": self.truncated_responses, "recovered_torn_lines": self.recovered_torn_lines,
             "recovered_incomplete_rows": self.recovered_incomplete_rows, "seconds": self.seconds, "info": self.info,
         }
 
@@ -246,6 +250,7 @@ def run_generation(
                         if c.kept:
                             records.append(_record_row(c, prompt, base, keys[i], part, n))
                             by_strategy[c.tag] += 1
+                            summary.truncated_responses += len(c.meta.get("truncated", ()))
                         else:
                             rejects.append(_filtered_row(c, prompt, base, keys[i], part, n))
                             filtered[c.filtered] += 1
