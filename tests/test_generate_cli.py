@@ -209,9 +209,11 @@ def test_generate_help_lists_the_strategies():
 
 
 def test_generate_command_errors_exit_2(tmp_path, prompt_file):
+    missing = tmp_path / ("long-folder-name-" * 5) / "missing.jsonl"
     result = runner.invoke(app, ["generate", "--strategy", "critique", "--output", str(tmp_path / "o.jsonl"),
-                                 "--prompts-file", str(tmp_path / "missing.jsonl"), "-q"])
-    assert result.exit_code == 2 and "file not found" in result.output
+                                 "--prompts-file", str(missing), "-q"])
+    # The message is not wrapped at the console width: the path stays whole (copy-pastable).
+    assert result.exit_code == 2 and f"{missing}: file not found" in result.output
     result = runner.invoke(app, ["generate", "--strategy", "critique", "--output", "o.jsonl", "--k", "3"])
     assert result.exit_code == 2 and "--k does not apply" in result.output
     result = runner.invoke(app, ["generate", "--output", "o.jsonl"])

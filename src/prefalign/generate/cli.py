@@ -49,7 +49,7 @@ def generate(
     console, err = Console(), Console(stderr=True)
 
     def fail(message: str) -> None:
-        err.print(f"[bold red]error:[/] {message}", highlight=False)
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
