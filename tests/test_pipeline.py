@@ -46,6 +46,9 @@ def test_run_caches_stages_and_reruns_only_what_changed(tmp_path, tiny_model):
     run_recipe(path, show_progress=False, echo=lines.append)
     assert (tmp_path / "run" / "eval" / "report.html").exists()
     assert all(stage_state(s) == "done" for s in plan_recipe(path))
+    # A finished training stage keeps its model, not the checkpoints that only served resuming it.
+    assert (tmp_path / "run" / "train" / "model" / "config.json").exists()
+    assert not (tmp_path / "run" / "train" / "checkpoints").exists()
     lines.clear()
     run_recipe(path, show_progress=False, echo=lines.append)
     assert sum("cached" in line for line in lines) == 3
@@ -70,6 +73,7 @@ def test_interrupted_stage_resumes(tmp_path, tiny_model):
     lines = []
     run_recipe(path, only=["train"], show_progress=False, echo=lines.append)
     assert any("resuming train" in line for line in lines) and stage_state(train) == "done"
+    assert not (train.directory / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("mutation, message", [

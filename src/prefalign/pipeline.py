@@ -10,6 +10,7 @@ Caching: a stage's key is a hash of its kind, its resolved config and the keys o
 reads. A finished stage writes ``.stage.json`` with that key, and a re-run skips it. A stage that
 was interrupted runs again and resumes (generation skips finished prompts, training resumes from
 its last checkpoint, evaluation reuses saved samples); a stage whose config changed starts over.
+A finished training stage drops its checkpoints: they only served resuming it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class StageKind:
     validate: Callable[[dict], Any]  # resolved values -> typed config (raises on bad input)
     outputs: Callable[[Any, Path], dict[str, str]]  # config, stage dir -> named outputs
     run: Callable[[Any, Path, bool], None]  # config, stage dir, show_progress
+    # config -> None, once the stage is marked done: drop what only served resuming it
+    after_done: Callable[[Any], None] = lambda cfg: None
 
 
 class SplitStage(BaseModel):
@@ -113,7 +116,14 @@ def _train_kind() -> StageKind:
 
         run_training(cfg, resume=latest_checkpoint(cfg.output_dir) is not None, show_progress=show_progress)
 
-    return StageKind("train", lambda d: {"output_dir": str(d)}, validate, outputs, run)
+    def drop_checkpoints(cfg):
+        # A done stage is never resumed (a changed config starts it over), so its checkpoints
+        # (weights + optimizer state, ~3x the model) are dead weight next to the final model.
+        from prefalign.train.checkpoint import checkpoints_dir
+
+        shutil.rmtree(checkpoints_dir(cfg.output_dir), ignore_errors=True)
+
+    return StageKind("train", lambda d: {"output_dir": str(d)}, validate, outputs, run, drop_checkpoints)
 
 
 def _eval_kind() -> StageKind:
@@ -308,5 +318,6 @@ def run_recipe(path: Path, *, output_dir: Path | None = None, only: list[str] | 
         (stage.directory / MARKER).write_text(json.dumps({"key": stage.key, "outputs": stage.outputs,
                                                           "seconds": round(time.perf_counter() - started, 1)}))
         (stage.directory / RUNNING).unlink(missing_ok=True)
+        stage.kind.after_done(stage.config)
         echo(f"[{stage.name}] done in {time.perf_counter() - started:.0f} s")
     return stages
