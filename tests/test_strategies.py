@@ -443,6 +443,7 @@ def test_toxic_control_on_tiny_random(tiny_backend, tmp_path):
     assert sum(r["prompt"].startswith("[TOXIC] ") for r in sft) == sum(lab for t, lab in zip(samples, labels) if t.strip())
     model_dir = Path(summary.info["toxic_control_model"])
     assert (model_dir / "config.json").exists() and model_dir.parent.parent == tmp_path / "tc"
+    assert not (model_dir.resolve().parent / "checkpoints").exists()  # the finished SFT run keeps its model only
     # 3. toxic samples under the control token, from the fine-tuned model
     assert len(toxic_backends) == 1
     assert toxic_backends[0].calls[0][0] == [[U(f"[TOXIC] {p.prompt}")] for p in PROMPTS]

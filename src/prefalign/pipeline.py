@@ -116,14 +116,13 @@ def _train_kind() -> StageKind:
 
         run_training(cfg, resume=latest_checkpoint(cfg.output_dir) is not None, show_progress=show_progress)
 
-    def drop_checkpoints(cfg):
-        # A done stage is never resumed (a changed config starts it over), so its checkpoints
-        # (weights + optimizer state, ~3x the model) are dead weight next to the final model.
-        from prefalign.train.checkpoint import checkpoints_dir
+    def after_done(cfg):
+        # A done stage is never resumed (a changed config starts it over).
+        from prefalign.train.checkpoint import drop_checkpoints
 
-        shutil.rmtree(checkpoints_dir(cfg.output_dir), ignore_errors=True)
+        drop_checkpoints(cfg.output_dir)
 
-    return StageKind("train", lambda d: {"output_dir": str(d)}, validate, outputs, run, drop_checkpoints)
+    return StageKind("train", lambda d: {"output_dir": str(d)}, validate, outputs, run, after_done)
 
 
 def _eval_kind() -> StageKind:

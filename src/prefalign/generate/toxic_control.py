@@ -180,7 +180,7 @@ class ToxicControl(Strategy):
 
     # -- 2. SFT
     def _train(self, prompts: Sequence[Prompt]) -> Path:
-        from prefalign.train.checkpoint import latest_checkpoint
+        from prefalign.train.checkpoint import drop_checkpoints, latest_checkpoint
         from prefalign.train.config import TrainConfig
         from prefalign.train.loop import run_training
 
@@ -214,6 +214,7 @@ class ToxicControl(Strategy):
         log.info("toxic-control: %s SFT on %d records (%d toxic) into %s",
                  "resuming" if resume else "starting", len(records), toxic, run_dir)
         result = run_training(train_config, resume=resume, show_progress=self.ctx.show_progress)
+        drop_checkpoints(run_dir)  # a finished SFT run is reused as it is (above), never resumed
         return self._link_latest(Path(result.model_dir))
 
     def _link_latest(self, model_dir: Path) -> Path:

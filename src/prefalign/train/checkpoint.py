@@ -33,6 +33,12 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> Pa
     return final
 
 
+def drop_checkpoints(output_dir: Path) -> None:
+    """Remove a finished run's checkpoints (weights + optimizer state, ~3x the model), for callers
+    that will never resume it: its final model and logs stay."""
+    shutil.rmtree(checkpoints_dir(output_dir), ignore_errors=True)
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     root = checkpoints_dir(output_dir)
     if not root.exists():
