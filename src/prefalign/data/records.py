@@ -9,6 +9,11 @@ Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 RESPONSE_GROUPS = ("chosen", "rejected", "anchors", "toxic")
 
 
+def response_name(group: str, k: int = 0) -> str:
+    """How ``meta.truncated`` names a response: its group, or ``anchors.K`` for the K-th anchor."""
+    return f"anchors.{k}" if group == "anchors" else group
+
+
 @dataclass
 class PreferenceRecord:
     """One validated preference example.

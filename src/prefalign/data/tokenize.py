@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
-from prefalign.data.records import PreferenceRecord
+from prefalign.data.records import PreferenceRecord, response_name
 
 ChatTemplateMode = Literal["auto", "always", "never"]
 
@@ -84,10 +84,6 @@ def encode_response(tokenizer, text: str, *, finished: bool = True) -> list[int]
     return [*ids, tokenizer.eos_token_id] if finished else list(ids)
 
 
-def _response_name(group: str, k: int) -> str:
-    return f"anchors.{k}" if group == "anchors" else group
-
-
 def truncate(prompt_ids: list[int], responses: Sequence[list[int]], settings: TokenizeSettings):
     longest = max((len(r) for r in responses), default=0)
     if len(prompt_ids) + longest > settings.max_length:
@@ -109,7 +105,7 @@ def tokenize_record(
     prompt_ids = encode_prompt(tokenizer, record.prompt, settings.chat_template)
     cut = set(record.meta.get("truncated") or ())
     encoded = {
-        g: [encode_response(tokenizer, text, finished=_response_name(g, k) not in cut) for k, text in enumerate(record.responses(g))]
+        g: [encode_response(tokenizer, text, finished=response_name(g, k) not in cut) for k, text in enumerate(record.responses(g))]
         for g in groups
     }
     flat = [ids for group in encoded.values() for ids in group]

@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import DataError, format_location
 from .io import open_rows, type_name
-from .records import PreferenceRecord
+from .records import PreferenceRecord, response_name
 
 logger = logging.getLogger("prefalign.data")
 
@@ -76,8 +76,8 @@ def _check_truncated(value, record: dict) -> None:
         return
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _RowError("meta.truncated", f"expected a list of response names, found {type_name(value)}", "type")
-    anchors = len(record.get("anchors") or [])
-    known = {g for g in ("chosen", "rejected", "toxic") if record.get(g) is not None} | {f"anchors.{k}" for k in range(anchors)}
+    known = {response_name(g) for g in ("chosen", "rejected", "toxic") if record.get(g) is not None}
+    known |= {response_name("anchors", k) for k in range(len(record.get("anchors") or []))}
     unknown = [v for v in value if v not in known]
     if unknown:
         raise _RowError("meta.truncated", f"names no response of this record: {unknown} (it has {sorted(known)})", "value")

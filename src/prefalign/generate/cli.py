@@ -42,15 +42,12 @@ def generate(
     """Generate preference data from a prompt set (resumable: re-run the same command after a stop)."""
     from rich.console import Console
 
+    from prefalign.cli import _fail as fail
     from prefalign.data.errors import DataError
     from prefalign.generate.config import GenerateConfigError, load_generate_config
     from prefalign.generate.runner import run_from_config
 
-    console, err = Console(), Console(stderr=True)
-
-    def fail(message: str) -> None:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+    console = Console()
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("prefalign").setLevel(logging.WARNING)

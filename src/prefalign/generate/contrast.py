@@ -35,8 +35,9 @@ class PromptContrast(Strategy):
         out = []
         for i, p in enumerate(prompts):
             good_raw, bad_raw = texts[2 * i], texts[2 * i + 1]
-            good, good_meta = _tail_keeps_ending(good_raw, *self.parse(good_raw))
-            bad, bad_meta = _tail_keeps_ending(bad_raw, *self.parse(bad_raw))
+            good, good_meta = self.parse(good_raw)
+            bad, bad_meta = self.parse(bad_raw)
+            good, bad = _tail_keeps_ending(good_raw, good), _tail_keeps_ending(bad_raw, bad)
             meta = {**{f"chosen_{k}": v for k, v in good_meta.items()}, **{f"rejected_{k}": v for k, v in bad_meta.items()}}
             if good is None or bad is None:
                 meta.update(chosen_raw=good_raw, rejected_raw=bad_raw)
@@ -46,11 +47,11 @@ class PromptContrast(Strategy):
         return out
 
 
-def _tail_keeps_ending(raw: str, part: str | None, meta: dict) -> tuple[str | None, dict]:
+def _tail_keeps_ending(raw: str, part: str | None) -> str | None:
     """A parsed part that ends where the raw generation ends was cut wherever the generation was."""
     if part is not None and raw.rstrip().endswith(part.strip()):
-        part = same_ending(raw, part)
-    return part, meta
+        return same_ending(raw, part)
+    return part
 
 
 class ModelContrast(Strategy):

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from prefalign.data.prompts import Prompt
+from prefalign.data.records import response_name
 from prefalign.generate.backends.base import Conversation, GenerationBackend, SamplingParams, is_truncated, same_ending
 
 log = logging.getLogger("prefalign.generate")
@@ -71,8 +72,8 @@ class Candidate:
 
 def truncated_responses(record: dict) -> list[str]:
     """Names of the record's responses that the token limit cut: ``"chosen"``, ``"anchors.2"``..."""
-    names = [g for g in ("chosen", "rejected", "toxic") if is_truncated(record.get(g))]
-    return names + [f"anchors.{k}" for k, text in enumerate(record.get("anchors") or []) if is_truncated(text)]
+    names = [response_name(g) for g in ("chosen", "rejected", "toxic") if is_truncated(record.get(g))]
+    return names + [response_name("anchors", k) for k, text in enumerate(record.get("anchors") or []) if is_truncated(text)]
 
 
 def stripped(text: str) -> str:
