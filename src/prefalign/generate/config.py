@@ -9,8 +9,9 @@ validated (the strategy's own section included) before any model is loaded.
       path: null                  # the file, for source: file
       prompt_field: prompt
       limit: 50
-      split: train                # train | eval | null (stable hash split by prompt id)
-      eval_fraction: 0.1
+      split: train                # train | eval | null (stable hash split by normalised prompt text)
+      eval_fraction: 0.25
+      where: null                 # keep prompts whose meta matches, e.g. {harmful: false}
     models: [smollm2-135m-instruct]   # several for nparam / leaderboard / popalign
     backend: transformers         # transformers | openai | vllm
     base_url: null                # openai: the server's /v1 URL
@@ -49,8 +50,9 @@ class PromptSettings(BaseModel):
     path: Path | None = Field(None, description="the prompt file, for source 'file'")
     prompt_field: str = Field("prompt", min_length=1, description="the prompt column of the file")
     limit: int | None = Field(None, gt=0, description="keep the first N prompts (after the split)")
-    split: Literal["train", "eval"] | None = Field(None, description="one side of the stable split by id")
+    split: Literal["train", "eval"] | None = Field(None, description="one side of the stable split by normalised prompt text")
     eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, gt=0, lt=1)
+    where: dict[str, Any] | None = Field(None, description="keep prompts whose meta has these values, e.g. {harmful: false}")
 
     @model_validator(mode="after")
     def _check(self) -> "PromptSettings":

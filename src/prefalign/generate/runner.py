@@ -319,7 +319,7 @@ def run_from_config(
     strategy_config = cfg.strategy_config()
     p = cfg.prompts
     prompts = load_prompts(p.source, path=p.path, prompt_field=p.prompt_field, limit=p.limit, split=p.split,
-                           eval_fraction=p.eval_fraction)
+                           eval_fraction=p.eval_fraction, where=p.where)
     if make_backend is None:
         make_backend = backend_factory(cfg)
     if backends is None:
