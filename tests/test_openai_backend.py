@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from prefalign.generate.backends import GenerationBackend, OpenAIBackend, OpenAIBackendError, SamplingParams
+from prefalign.generate.backends.base import Completion
 from prefalign.generate.backends import openai_backend as ob
 
 SECRET = "sk-test-Zq8dontLEAKme0123456789"
@@ -334,6 +335,20 @@ def llama_server(tmp_path_factory):
             proc.wait(timeout=15)
 
 
+# What a quantized model says differs between CPU builds of llama.cpp (the same greedy request
+# answered "Paris" here and "L'Étoile, la Cité, ..." on another x86 machine), so these tests check
+# the protocol only: shapes and counts, token limits, finish reasons, stop strings, and that an
+# identical greedy request gets an identical answer.
+
+
+def _raw_chat(base: str, messages, **body) -> dict:
+    """One request straight to the server, for what the backend hides (finish_reason, usage)."""
+    payload = json.dumps({"model": "smollm2", "messages": messages, **body}).encode()
+    request = urllib.request.Request(f"{base}/chat/completions", data=payload, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
 def test_real_server_generation(llama_server, key):
     backend = OpenAIBackend(llama_server, "smollm2", api_key_env=KEY_ENV, max_concurrency=2, timeout_s=60)
     convs = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -341,15 +356,34 @@ def test_real_server_generation(llama_server, key):
     params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=1234, n=2)
     out = backend.generate(convs, params)
     assert len(out) == 2 and all(len(texts) == 2 for texts in out)
-    assert all(isinstance(t, str) and t.strip() for texts in out for t in texts)
-    assert out[0][0] != out[0][1]  # n samples: the repeated request used another seed
-    assert backend.last_stats.new_tokens > 0 and backend.last_stats.tokens_per_s > 0
+    assert all(isinstance(t, Completion) for texts in out for t in texts)
+    stats = backend.last_stats
+    assert stats.prompts == 2 and stats.extra["requests"] >= 2 and stats.extra["retries"] == 0
+    assert stats.extra["prompt_tokens"] > 0
+    assert 0 <= stats.new_tokens <= 2 * 2 * 24  # the token limit held for every sample
     # llama.cpp reuses the KV cache of the previous prompt's common prefix, so sampled texts can
-    # change with what ran before; greedy decoding is stable.
+    # change with what ran before; greedy decoding is stable: an identical request, in any order,
+    # gets the identical answer.
     greedy = SamplingParams(max_new_tokens=24, temperature=0, seed=1234)
     first = backend.generate(convs, greedy)
-    assert "paris" in first[0][0].lower()
+    assert backend.generate(convs, greedy) == first
     assert backend.generate(convs[::-1], greedy) == first[::-1]
+
+
+@pytest.mark.parametrize("limit", [1, 3, 8])
+def test_real_server_token_limit_and_finish_reason(llama_server, limit):
+    conv = [{"role": "user", "content": "Tell me a long story about a dragon and a lighthouse."}]
+    raw = _raw_chat(llama_server, conv, max_tokens=limit, temperature=0)
+    choice, used = raw["choices"][0], raw["usage"]["completion_tokens"]
+    assert choice["finish_reason"] in ("stop", "length")
+    assert used <= limit
+    if choice["finish_reason"] == "length":
+        assert used == limit
+    backend = OpenAIBackend(llama_server, "smollm2", api_key_env=None)
+    text = backend.generate([conv], SamplingParams(max_new_tokens=limit, temperature=0))[0][0]
+    assert text == choice["message"]["content"]  # the same greedy request through the backend
+    assert text.truncated == (choice["finish_reason"] == "length")  # marked cut exactly when it was
+    assert backend.last_stats.new_tokens == used
 
 
 def test_real_server_stop_strings(llama_server):
@@ -357,8 +391,9 @@ def test_real_server_stop_strings(llama_server):
     conv = [[{"role": "user", "content": "Count from one to ten in words."}]]
     full = backend.generate(conv, SamplingParams(max_new_tokens=40, temperature=0))[0][0]
     words = full.split()
-    assert len(words) >= 4, full
-    stop = words[2]
+    if len(words) < 2:
+        pytest.skip(f"the model answered {full!r}: no second word to stop at")
+    stop = words[len(words) // 2]
     cut = backend.generate(conv, SamplingParams(max_new_tokens=40, temperature=0, stop=(stop,)))[0][0]
     assert stop not in cut and cut == full[: full.find(stop)]
 
