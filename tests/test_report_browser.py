@@ -71,7 +71,7 @@ def test_report_renders_every_plot_and_table_in_chromium(browser, report):
     browser.get(report.as_uri())
     assert browser.title == "base vs trained <check escaping>"
     headings = [h.text for h in browser.find_elements("tag name", "h2")]
-    for section in ("Metrics", "Metrics per model (95% intervals)", "Training curves", "Reward vs KL",
+    for section in ("Metrics", "Difference to base", "Metrics per model (95% intervals)", "Training curves", "Reward vs KL",
                     "Contrast agreement", "Example responses"):
         assert section in headings
     images = browser.execute_script(
@@ -84,11 +84,11 @@ def test_report_renders_every_plot_and_table_in_chromium(browser, report):
     tables = browser.execute_script(
         "return Array.from(document.querySelectorAll('table')).map(t => ({rows: t.rows.length, "
         "height: t.getBoundingClientRect().height, first: t.rows[0].cells[0].innerText}))")
-    assert len(tables) == source.count("<table") == 3  # metrics, contrast agreement, examples
+    assert len(tables) == source.count("<table") == 4  # metrics, difference to base, contrast agreement, examples
     for table in tables:
         assert table["rows"] >= 2 and table["height"] > 20, table
-    assert [t["first"] for t in tables] == ["metric", "contrast", "prompt"]
+    assert [t["first"] for t in tables] == ["metric", "metric", "contrast", "prompt"]
     agreement = browser.execute_script(
-        "return Array.from(document.querySelectorAll('table')[1].rows).slice(1).map(r => r.cells[0].innerText)")
+        "return Array.from(document.querySelectorAll('table')[2].rows).slice(1).map(r => r.cells[0].innerText)")
     assert agreement == ["prefix", "demon", "all"]
     assert json.loads((report.parent / "metrics.json").read_text())["contrast_agreement"][0]["group"] == "prefix"

@@ -1,6 +1,8 @@
 """A self-contained HTML report (plots embedded as PNG data URIs), ``metrics.json`` and a Markdown
 summary for the terminal. The report is meant to be looked at: one chart per question, every
-number with its interval and sample size, and real responses next to the numbers."""
+number with its interval and sample size, and real responses next to the numbers. Each model is
+also compared with the baseline model on the same items: the difference with its 95% paired
+bootstrap interval, marked where the interval excludes 0."""
 
 from __future__ import annotations
 
@@ -36,6 +38,11 @@ class EvalResult:
     reward_vs_kl: list[dict] = field(default_factory=list)  # [{label, kl, kl_stderr, reward, reward_stderr}]
     notes: list[str] = field(default_factory=list)
     contrast_agreement: list[Agreement] = field(default_factory=list)  # per contrast, from scored pairs
+    baseline: str | None = None  # the model every other one is compared with
+    # metric name -> model -> difference to the baseline (kind "difference": mean(model) − mean(baseline);
+    # kind "relative": ratio − 1), each with its 95% paired bootstrap interval
+    differences: dict[str, dict[str, Estimate]] = field(default_factory=dict)
+    bootstrap: dict = field(default_factory=dict)  # {"samples": B, "seed": seed}
 
     def to_json(self) -> dict:
         return {
@@ -46,7 +53,15 @@ class EvalResult:
             "reward_vs_kl": self.reward_vs_kl,
             "notes": self.notes,
             "contrast_agreement": [a.as_dict() for a in self.contrast_agreement],
+            "baseline": self.baseline,
+            "differences": {m: {k: e.as_dict() for k, e in per.items()} for m, per in self.differences.items()},
+            "bootstrap": self.bootstrap,
         }
+
+    @property
+    def compared(self) -> list[str]:
+        """The models with a difference to the baseline, in model order."""
+        return [m for m in self.models if m != self.baseline and any(m in per for per in self.differences.values())]
 
 
 def _png(fig) -> str:
@@ -171,7 +186,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:11
 h1{font-size:1.6em} h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 table{border-collapse:collapse;width:100%;font-size:.9em} th,td{border:1px solid #ddd;padding:.35em .6em;text-align:left;vertical-align:top}
 th{background:#f4f6f8} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.best{background:#e8f5e9;font-weight:600} .ci{color:#777;font-size:.85em} img{max-width:100%}
+td.best{background:#e8f5e9;font-weight:600} td.better{background:#e8f5e9} td.worse{background:#fdecea} .ci{color:#777;font-size:.85em} img{max-width:100%}
 .note{color:#555;font-size:.9em} details{margin:.4em 0} pre{white-space:pre-wrap;margin:0;font-family:inherit}
 """
 
@@ -205,6 +220,50 @@ def metrics_table_html(result: EvalResult) -> str:
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def format_difference(estimate: Estimate | None, marker: str = " *") -> str:
+    """``-0.412 [-0.51, -0.31] *``: the difference, its 95% interval, and ``marker`` when the interval
+    excludes 0; a relative change (``kind="relative"``) in percent."""
+    if estimate is None or estimate.n == 0 or math.isnan(estimate.value):
+        return "n/a"
+    scale, unit, digits, ci_digits = (100.0, "%", 1, 1) if estimate.kind == "relative" else (1.0, "", 3, 2)
+    text = f"{scale * estimate.value:+.{digits}f}{unit}"
+    if not math.isnan(estimate.low):
+        text += f" [{scale * estimate.low:+.{ci_digits}f}{unit}, {scale * estimate.high:+.{ci_digits}f}{unit}]"
+    return text + (marker if estimate.excludes_zero() else "")
+
+
+def difference_legend(result: EvalResult) -> str:
+    boot = result.bootstrap or {}
+    resamples = f"{boot['samples']} resamples" if "samples" in boot else "resampled"
+    return (f"Δ = model − {result.baseline} on the same prompts / pairs / texts (mean of per-item values; perplexity on "
+            f"reference text: relative change of the pooled perplexity, ratio − 1, in %); [95% paired bootstrap "
+            f"percentile interval, {resamples}]; * = the interval excludes 0.")
+
+
+def _difference_cell(estimate: Estimate | None, higher_is_better: bool | None) -> str:
+    if estimate is None or estimate.n == 0 or math.isnan(estimate.value):
+        return '<td class="num">n/a</td>'
+    value, _, interval = format_difference(estimate, "").partition(" ")
+    css = ""
+    if estimate.excludes_zero() and higher_is_better is not None:
+        css = " better" if (estimate.value > 0) == higher_is_better else " worse"
+    star = " *" if estimate.excludes_zero() else ""
+    ci = f'<br><span class="ci">{html.escape(interval)} n={estimate.n}</span>' if interval else ""
+    return f'<td class="num{css}">{html.escape(value)}{star}{ci}</td>'
+
+
+def differences_table_html(result: EvalResult) -> str:
+    models = result.compared
+    head = "".join(f"<th>{html.escape(m)} − {html.escape(str(result.baseline))}</th>" for m in models)
+    rows = []
+    for name, per in result.differences.items():
+        info = result.info.get(name)
+        label = html.escape(info.label if info else name)
+        cells = "".join(_difference_cell(per.get(m), info.higher_is_better if info else None) for m in models)
+        rows.append(f"<tr><td>{label}</td>{cells}</tr>")
+    return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
+
+
 def examples_html(examples: dict[str, list[dict]], models: Sequence[str]) -> str:
     parts = []
     for set_name, items in examples.items():
@@ -222,6 +281,10 @@ def render_html(result: EvalResult) -> str:
     sections = [f"<h1>{html.escape(result.title)}</h1>"]
     sections += [f'<p class="note">{html.escape(n)}</p>' for n in result.notes]
     sections.append("<h2>Metrics</h2>" + metrics_table_html(result))
+    if result.differences and result.compared:
+        sections.append(f"<h2>Difference to {html.escape(str(result.baseline))}</h2>"
+                        f'<p class="note">{html.escape(difference_legend(result))} Green: better, red: worse.</p>'
+                        + differences_table_html(result))
     plots = [("Metrics per model (95% intervals)", metric_bars(result)),
              ("Training curves", training_curves(result.training_logs)),
              ("Reward vs KL", reward_kl_plot(result.reward_vs_kl))]
@@ -254,6 +317,14 @@ def markdown_summary(result: EvalResult) -> str:
             else:
                 cells.append(f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}] n={e.n}")
         lines.append(f"| {info.label if info else name} | " + " | ".join(cells) + " |")
+    models = result.compared
+    if result.differences and models:
+        lines += ["", f"| difference to {result.baseline} (95% paired bootstrap) | " + " | ".join(models) + " |",
+                  "|---|" + "---|" * len(models)]
+        for name, per in result.differences.items():
+            info = result.info.get(name)
+            lines.append(f"| {info.label if info else name} | " + " | ".join(format_difference(per.get(m)) for m in models) + " |")
+        lines += ["", difference_legend(result)]
     if result.contrast_agreement:
         lines += ["", "| contrast | pairs | ties | unscored | share agreeing |", "|---|---|---|---|---|"]
         lines += [f"| {r.group} | {r.pairs} | {r.ties} | {r.unscored} | {r.estimate.fmt()} |" for r in result.contrast_agreement]

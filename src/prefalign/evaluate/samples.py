@@ -41,9 +41,14 @@ def kl_to_reference(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -
     return mean((policy_logps - reference_logps).tolist())
 
 
+def perplexity_items(logps: torch.Tensor, lengths: torch.Tensor) -> list[float]:
+    """Per-response perplexity exp(−log p / tokens) under the scoring model, one per response."""
+    return torch.exp(-logps / lengths.clamp(min=1)).tolist()
+
+
 def perplexity(logps: torch.Tensor, lengths: torch.Tensor) -> Estimate:
     """Per-response perplexity exp(−log p / tokens) under the scoring model; mean and interval."""
-    return mean(torch.exp(-logps / lengths.clamp(min=1)).tolist())
+    return mean(perplexity_items(logps, lengths))
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
