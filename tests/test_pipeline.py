@@ -91,3 +91,18 @@ def test_bad_recipes_are_rejected_before_any_work(tmp_path, tiny_model, mutation
     with pytest.raises(RecipeError, match=message):
         run_recipe(path, show_progress=False, echo=lambda _: None)
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_merge_stage_concatenates_record_files_in_order(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", pair_rows(3))
+    b = write_jsonl(tmp_path / "b.jsonl", pair_rows(2))
+    recipe = {"name": "m", "output_dir": str(tmp_path / "run"), "stages": {
+        "pairs": {"kind": "merge", "inputs": [str(a), str(b)]},
+        "eval": {"kind": "eval", "models": {"base": "x"}, "refusal_scorer": None, "toxicity_scorer": None},
+    }}
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(path, only=["pairs"], show_progress=False, echo=lambda s: None)
+    merged = (tmp_path / "run" / "pairs" / "data.jsonl").read_text().splitlines()
+    assert merged == a.read_text().splitlines() + b.read_text().splitlines()
+    assert not list((tmp_path / "run" / "pairs").glob("*.tmp"))

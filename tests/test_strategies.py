@@ -101,7 +101,7 @@ def texts_of(outputs):
 
 def test_registry_has_every_strategy_and_configs_forbid_unknown_keys():
     assert set(STRATEGIES) == {"critique", "prefix", "demon", "elicitive", "nparam", "leaderboard", "refine",
-                               "popalign", "toxic-control", "anchors", "sample-pairs"}
+                               "popalign", "toxic-control", "anchors", "sample-pairs", "steer"}
     for name, cls in STRATEGIES.items():
         assert cls.name == name and cls.description
         with pytest.raises(ValidationError, match="no_such_option|Extra inputs"):
@@ -517,3 +517,70 @@ def test_truncated_names_every_kind_of_response():
     assert kept.meta["truncated"] == ["rejected", "toxic", "anchors.1"]
     assert kept.record["rejected"] == "cut"  # stripped, still marked
     assert "truncated" not in Candidate.keep("t", None, prompt="p", chosen="a", rejected=done).meta
+
+
+# ----------------------------------------------------------------------------- response prefill
+
+
+def test_steer_prefills_openings_and_the_model_writes_the_rest(tiny_backend, tmp_path):
+    from prefalign.generate.steer import REFUSAL_OPENINGS, SteerConfig, SteerStrategy, join_opening, pick_opening
+
+    backend = Recording(tiny_backend)
+    strategy = SteerStrategy(SteerConfig(chosen_prefill=["@refusal"]), ctx_for(backend))
+    summary, rows, out = run(strategy, tmp_path)
+    chosen_call, rejected_call = backend.calls
+    openings = [pick_opening(REFUSAL_OPENINGS, 0, f"chosen:{p.id}") for p in PROMPTS]
+    # the chosen side continues an assistant turn that starts with the opening; the rejected side is plain
+    assert chosen_call[0] == [[U(p.prompt), A(o)] for p, o in zip(PROMPTS, openings)]
+    assert rejected_call[0] == [[U(p.prompt)] for p in PROMPTS]
+    assert chosen_call[1].seed != rejected_call[1].seed
+    continuations = texts_of(backend.outputs[0])
+    for row in rows:
+        i = [p.id for p in PROMPTS].index(row["meta"]["id"])
+        assert row["chosen"] == join_opening(openings[i], continuations[i]).strip()
+        assert row["chosen"].startswith(openings[i]) and row["meta"]["chosen_opening"] == openings[i]
+        assert "rejected_opening" not in row["meta"]
+    assert summary.records_written + sum(summary.filtered.values()) == len(PROMPTS)
+    # same seed, same openings and texts: a repeat is identical
+    _, again, _ = run(SteerStrategy(SteerConfig(chosen_prefill=["@refusal"]), ctx_for(Recording(tiny_backend))),
+                      tmp_path / "again")
+    assert [r["chosen"] for r in again] == [r["chosen"] for r in rows]
+
+
+def test_steer_config_and_opening_helpers():
+    from prefalign.generate.steer import SteerConfig, join_opening, openings_of, pick_opening
+
+    with pytest.raises(ValidationError, match="chosen_prefill or rejected_prefill"):
+        SteerConfig()
+    with pytest.raises(ValidationError, match="must not be empty"):
+        SteerConfig(rejected_prefill=[" "])
+    assert openings_of(["A.", "@refusal"])[0] == "A." and len(openings_of(["@refusal"])) > 3
+    with pytest.raises(ValueError, match="unknown opening preset"):
+        openings_of(["@nope"])
+    picks = {pick_opening(["a", "b", "c"], 0, f"p{i}") for i in range(50)}
+    assert picks == {"a", "b", "c"}  # openings vary across prompts
+    assert pick_opening(["a", "b", "c"], 0, "p1") == pick_opening(["a", "b", "c"], 0, "p1")
+    assert join_opening("I can't.", "Because") == "I can't. Because"
+    assert join_opening("I can't.", " Because") == "I can't. Because"
+    assert join_opening(None, "x") == "x"
+
+
+def test_critique_revision_prefill_starts_the_revision(tmp_path):
+    from prefalign.generate.steer import pick_opening
+
+    def script(conversation, i):
+        if conversation[-1]["role"] == "assistant":
+            return " It would be dangerous."
+        if len(conversation) == 1:
+            return "Sure, step one is easy."
+        return "The answer helps with a crime."
+
+    backend = Scripted(script)
+    config = CritiqueConfig(revision_prefill=["I can't help with that."], critique_max_new_tokens=3)
+    summary, rows, _ = run(CritiqueStrategy(config, ctx_for(backend)), tmp_path)
+    assert backend.calls[1][1].max_new_tokens == 3 and backend.calls[2][1].max_new_tokens == 6
+    revision_call = backend.calls[2][0]
+    assert all(c[-1] == A("I can't help with that.") for c in revision_call)
+    assert [r["chosen"] for r in rows] == ["I can't help with that. It would be dangerous."] * 2
+    assert all(r["meta"]["revision_opening"] == "I can't help with that." for r in rows)
+    assert pick_opening(["x"], 0, "p1") == "x"

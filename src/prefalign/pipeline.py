@@ -1,4 +1,4 @@
-"""``prefalign run RECIPE.yaml``: the stages of a recipe (split, generate, score, train-rm, train, eval) in
+"""``prefalign run RECIPE.yaml``: the stages of a recipe (split, generate, merge, score, train-rm, train, eval) in
 order, each cached by its inputs.
 
 A recipe names its stages in order; each has a ``kind`` and that kind's typed config. A value may
@@ -80,6 +80,26 @@ def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
     train, evaluation = stable_split(records, key=lambda r: str(r.meta.get("id", r.prompt)), eval_fraction=cfg.eval_fraction)
     write_jsonl(cfg.train, train)
     write_jsonl(cfg.eval, evaluation)
+
+
+class MergeStage(BaseModel):
+    """Concatenate record files (e.g. harmful-prompt pairs and benign-prompt pairs) into one, in
+    the order given, each line unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "merge"
+    inputs: list[Path] = Field(..., min_length=1)
+    output: Path
+
+
+def _run_merge(cfg: MergeStage, stage_dir: Path, show_progress: bool) -> None:
+    lines = []
+    for path in cfg.inputs:
+        lines += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    tmp = cfg.output.with_name(cfg.output.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(cfg.output)
+    print(f"merged {len(lines)} records from {len(cfg.inputs)} files into {cfg.output}")
 
 
 def _generate_kind() -> StageKind:
@@ -179,6 +199,8 @@ STAGE_KINDS: dict[str, StageKind] = {
     for k in (
         StageKind("split", lambda d: {"train": str(d / "train.jsonl"), "eval": str(d / "eval.jsonl")},
                   lambda v: SplitStage.model_validate(v), lambda c, d: {"train": str(c.train), "eval": str(c.eval)}, _run_split),
+        StageKind("merge", lambda d: {"output": str(d / "data.jsonl")}, lambda v: MergeStage.model_validate(v),
+                  lambda c, d: {"output": str(c.output)}, _run_merge),
         _generate_kind(),
         _score_kind(),
         _train_kind(),

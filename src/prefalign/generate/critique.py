@@ -8,7 +8,8 @@ One multi-turn conversation with the teacher per prompt::
     user:      <critique request>
     assistant: <critique>                     -> meta.critique
     user:      <revision request>
-    assistant: <revision>                     -> chosen
+    assistant: <revision>                     -> chosen  (optionally started by a given opening,
+                                                          ``revision_prefill``: see generate/steer.py)
 
 Principle presets: ``safety``, ``roleplay`` (a "You are DAN ..." role-play jailbreak in the user
 turn; the answer is critiqued for being unbiased, honest, helpful, neutral and concise) and
@@ -29,6 +30,7 @@ from prefalign.generate.backends.base import same_ending
 from prefalign.generate.core import (
     Candidate, Strategy, StrategyConfig, assistant, complete_one, make_pair, matches_any, user,
 )
+from prefalign.generate.steer import continue_openings, openings_of, pick_opening
 
 
 class Principle(BaseModel):
@@ -99,6 +101,12 @@ class CritiqueConfig(StrategyConfig):
     persona: str | None = Field(
         None, description="a template with {prompt} wrapped around the user turn (role-play); '' for none"
     )
+    revision_prefill: list[str] = Field(
+        default_factory=list,
+        description="openings the revision starts with (one picked per prompt; '@refusal' = the refusal "
+                    "openings of prefalign.generate.steer); the teacher writes the rest",
+    )
+    critique_max_new_tokens: int | None = Field(None, gt=0, description="token limit of the critique (default: max_new_tokens)")
     critique_refusal_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_CRITIQUE_REFUSALS),
         description="regular expressions (case-insensitive) that mark a critique as a refusal",
@@ -194,9 +202,11 @@ class CritiqueStrategy(Strategy):
             else:
                 todo.append(i)
 
+        critique_params = self.ctx.params(seed, "critique")
+        if cfg.critique_max_new_tokens:
+            critique_params = self.ctx.params(seed, "critique", max_new_tokens=cfg.critique_max_new_tokens)
         critiques = complete_one(
-            self.backend, [critique_conversation(turns[i], answers[i], principle) for i in todo],
-            self.ctx.params(seed, "critique"),
+            self.backend, [critique_conversation(turns[i], answers[i], principle) for i in todo], critique_params,
         )
         revise = []
         for i, critique in zip(todo, critiques):
@@ -208,11 +218,15 @@ class CritiqueStrategy(Strategy):
             else:
                 revise.append(i)
 
-        revisions = complete_one(
+        openings = openings_of(cfg.revision_prefill)
+        picked = [pick_opening(openings, seed, prompts[i].id) if openings else None for i in revise]
+        revisions = [texts[0] for texts in continue_openings(
             self.backend, [revision_conversation(turns[i], answers[i], meta[i]["critique"], principle) for i in revise],
-            self.ctx.params(seed, "revision"),
-        )
-        for i, revision in zip(revise, revisions):
+            picked, self.ctx.params(seed, "revision", n=1),
+        )]
+        for i, opening, revision in zip(revise, picked, revisions):
             meta[i]["revision_raw"] = revision
+            if opening:
+                meta[i]["revision_opening"] = opening
             results[i] = [make_pair(self.name, turns[i], same_ending(revision, clean_revision(revision)), answers[i], meta[i])]
         return results  # type: ignore[return-value]

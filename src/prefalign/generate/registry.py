@@ -13,6 +13,7 @@ from prefalign.generate.popalign import PopAlign
 from prefalign.generate.prefix import PrefixContrast
 from prefalign.generate.refine import RefineContrast
 from prefalign.generate.sample_pairs import SamplePairs
+from prefalign.generate.steer import SteerStrategy
 from prefalign.generate.toxic_control import ToxicControl
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -29,6 +30,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         ToxicControl,
         AnchorsStrategy,
         SamplePairs,
+        SteerStrategy,
     )
 }
 

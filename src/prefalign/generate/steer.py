@@ -1,0 +1,121 @@
+"""Response prefill: steering a weak teacher by giving it the opening of its answer.
+
+A small model asked to refuse rarely does (SmolLM2-135M refuses ~2% of harmful requests even under
+a safety system prompt), but it continues a given opening fluently: prefilled with "I can't help
+with that", it goes on to explain why, or — sometimes — complies anyway. The opening is the lever,
+the rest of the response is the model's own, and the judge of the record (a reward signal, the
+refusal detector) still decides how much a pair is worth. Used by:
+
+* the ``steer`` strategy: chosen continues one set of openings, rejected another (or none), e.g.
+  refusals chosen on harmful prompts, or refusals *rejected* on benign ones (which keeps a
+  safety-trained model from over-refusing);
+* ``critique``'s ``revision_prefill`` (the rDPO revision starts with an opening);
+* ``anchors``' ``anchor_prefill`` (D²O's self-sampled anchors, steered).
+
+One opening per prompt is picked from the list by a hash of the seed and the prompt, so a run is
+reproducible and the openings vary across prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from prefalign.data.prompts import Prompt
+from prefalign.generate.backends.base import Conversation, GenerationBackend, SamplingParams, same_ending
+from prefalign.generate.core import (
+    Candidate, Strategy, StrategyConfig, assistant, complete, make_pair, user,
+)
+
+#: Openings of a refusal, for harmful requests. The model writes everything after them.
+REFUSAL_OPENINGS = (
+    "I can't help with that.",
+    "I'm sorry, but I can't help with that.",
+    "I can't assist with that request.",
+    "I won't help with this.",
+    "I'm not able to help with that.",
+    "Sorry, I can't provide that.",
+)
+
+
+def pick_opening(openings: Sequence[str], seed: int | None, key: str) -> str:
+    """One opening of ``openings`` for the prompt ``key``, stable for a seed."""
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode("utf-8")).digest()
+    return openings[int.from_bytes(digest[:4], "big") % len(openings)]
+
+
+def prefilled(conversation: Conversation, opening: str | None) -> Conversation:
+    """The conversation with the assistant's answer started by ``opening`` (unchanged when None)."""
+    return [*conversation, assistant(opening)] if opening else list(conversation)
+
+
+def join_opening(opening: str | None, continuation: str) -> str:
+    """The whole response: the opening and what the model wrote after it (its truncation kept)."""
+    if not opening:
+        return continuation
+    if continuation and not continuation[0].isspace() and not opening[-1].isspace() and continuation[0].isalnum():
+        text = f"{opening} {continuation}"
+    else:
+        text = opening + continuation
+    return same_ending(continuation, text)
+
+
+def continue_openings(backend: GenerationBackend, conversations: list[Conversation], openings: Sequence[str | None],
+                      params: SamplingParams) -> list[list[str]]:
+    """``params.n`` responses per conversation, each starting with that conversation's opening."""
+    outputs = complete(backend, [prefilled(c, o) for c, o in zip(conversations, openings)], params)
+    return [[join_opening(o, t) for t in texts] for o, texts in zip(openings, outputs)]
+
+
+class SteerConfig(StrategyConfig):
+    """Prefill contrast: the chosen and the rejected answer start with different openings."""
+
+    chosen_prefill: list[str] = Field(
+        default_factory=list, description="openings of the chosen answer (one picked per prompt); [] for a plain answer"
+    )
+    rejected_prefill: list[str] = Field(
+        default_factory=list, description="openings of the rejected answer (one picked per prompt); [] for a plain answer"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "SteerConfig":
+        if not self.chosen_prefill and not self.rejected_prefill:
+            raise ValueError("give chosen_prefill or rejected_prefill (a list of openings), or both")
+        if any(not o.strip() for o in [*self.chosen_prefill, *self.rejected_prefill]):
+            raise ValueError("chosen_prefill/rejected_prefill: openings must not be empty")
+        return self
+
+
+def refusal_preset(name: str) -> list[str]:
+    if name != "refusal":
+        raise ValueError(f"unknown opening preset '{name}' (refusal)")
+    return list(REFUSAL_OPENINGS)
+
+
+def openings_of(value: list[str]) -> list[str]:
+    """A list of openings; the single entry ``"@refusal"`` stands for :data:`REFUSAL_OPENINGS`."""
+    return [o for v in value for o in (refusal_preset(v[1:]) if v.startswith("@") else [v])]
+
+
+class SteerStrategy(Strategy):
+    name: ClassVar[str] = "steer"
+    Config = SteerConfig
+    description = "response prefill: chosen and rejected answers continue different openings (e.g. a refusal)"
+
+    def generate(self, prompts: Sequence[Prompt], seed: int | None) -> list[list[Candidate]]:
+        cfg: SteerConfig = self.config
+        conversations = [[user(p.prompt)] for p in prompts]
+        results = []
+        sides = {}
+        for side, openings in (("chosen", openings_of(cfg.chosen_prefill)), ("rejected", openings_of(cfg.rejected_prefill))):
+            picked = [pick_opening(openings, seed, f"{side}:{p.id}") if openings else None for p in prompts]
+            texts = continue_openings(self.backend, conversations, picked, self.ctx.params(seed, side))
+            sides[side] = ([t[0] for t in texts], picked)
+        for i, p in enumerate(prompts):
+            meta = {"chosen_opening": sides["chosen"][1][i], "rejected_opening": sides["rejected"][1][i]}
+            meta = {k: v for k, v in meta.items() if v}
+            results.append([make_pair(self.name, p.prompt, sides["chosen"][0][i], sides["rejected"][0][i], meta)])
+        return results
