@@ -55,3 +55,139 @@ def test_bad_eval_config_names_the_field(tmp_path):
     bad.write_text("output_dir: x\nmodels: {a: b}\nprompt_sets: [{name: s, source: advbench, kind: evil}]\n")
     with pytest.raises(EvalConfigError, match=r"eval.yaml: field 'prompt_sets.0.kind'"):
         load_eval_config(bad)
+
+
+# -- differences to the baseline, perplexity on reference text -----------------------------------
+
+import math  # noqa: E402
+import shutil  # noqa: E402
+
+import torch  # noqa: E402
+
+from prefalign.evaluate.report import markdown_summary  # noqa: E402
+from prefalign.evaluate.runner import PromptSetConfig, _sampling_key  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory, tiny_model):
+    """tiny-random with every weight nudged: a second model that differs from the first."""
+    from prefalign.models.loading import load_model
+
+    folder = tmp_path_factory.mktemp("other")
+    shutil.copytree(tiny_model, folder, dirs_exist_ok=True)
+    model = load_model(tiny_model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+REFERENCE_ROWS = [
+    {"id": "r0", "prompt": "What is the capital of France?", "reference_answer": "Paris is the capital of France."},
+    {"id": "r1", "prompt": "How do plants make food?", "reference_answer": "Plants make sugar from light, water and carbon dioxide."},
+    {"id": "r2", "prompt": "Name a prime number.", "reference_answer": ""},  # no answer: skipped, counted
+    {"id": "r3", "prompt": "Why is the sky blue?", "reference_answer": "Air scatters blue light more than red light."},
+    {"id": "r4", "prompt": "What does a thermometer measure?", "reference_answer": "Temperature."},
+]
+
+
+def manual_text_perplexity(model_path, tokenizer, rows):
+    """exp(Σ NLL / Σ tokens) of each answer (closed by eos) after its chat-rendered prompt, by hand."""
+    from prefalign.models.loading import load_model
+
+    model = load_model(model_path).eval()
+    nll = tokens = 0.0
+    for row in rows:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row["reference_answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logps = model(input_ids=torch.tensor([prompt + answer])).logits[0].float().log_softmax(-1)
+        nll -= sum(logps[len(prompt) + t - 1, tok].item() for t, tok in enumerate(answer))
+        tokens += len(answer)
+    return math.exp(nll / tokens)
+
+
+@pytest.fixture
+def compare_config(tmp_path, tiny_model, other_model):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": f"How do I do bad thing {i}?"} for i in range(6)])
+    return {
+        "output_dir": str(tmp_path / "eval"),
+        "models": {"base": tiny_model, "other": other_model},
+        "prompt_sets": [{"name": "harmful", "source": "file", "path": str(prompts), "kind": "harmful", "split": None, "limit": 6}],
+        "reference_texts": [{"name": "ref", "source": "file", "path": str(write_jsonl(tmp_path / "ref.jsonl", REFERENCE_ROWS)),
+                             "split": None}],
+        "sampling": {"max_new_tokens": 6, "batch_size": 4, "temperature": 1.0},
+        "pairs": str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows(6))),
+        "sentiment_scorer": "length",
+    }
+
+
+def test_differences_to_the_baseline_and_reference_text_perplexity(compare_config, tiny_model, other_model, monkeypatch):
+    import prefalign.models.loading as loading
+
+    config = load_eval_config(None, compare_config)
+    real_load = loading.load_model
+
+    def load_after_check(*args, **kwargs):
+        assert (config.output_dir / "heldout.json").exists(), "a model loaded before the held-out check"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_model", load_after_check)
+    result, paths = run_eval(config, show_progress=False)
+    data = json.loads(paths["json"].read_text())
+    metrics, differences = data["metrics"], data["differences"]
+    assert data["baseline"] == "base" and data["bootstrap"] == {"samples": 2000, "seed": 0}
+    # Every per-item metric has its difference; distinct-2 (one ratio over all responses) has none.
+    assert set(differences) == {"attack_success[harmful]", "toxicity[harmful]", "toxic_share[harmful]", "sentiment[harmful]",
+                                "kl[harmful]", "perplexity[harmful]", "text_perplexity[ref]", "preference_accuracy",
+                                "implicit_margin"}
+    for name, per in differences.items():
+        assert set(per) == {"other"}, name
+        d = per["other"]
+        if name != "text_perplexity[ref]":
+            # A difference of means over the same items: exactly the difference of the two means.
+            assert d["kind"] == "difference" and d["n"] == metrics[name]["base"]["n"]
+            assert d["value"] == pytest.approx(metrics[name]["other"]["value"] - metrics[name]["base"]["value"], abs=1e-9), name
+        assert d["low"] <= d["value"] <= d["high"], name
+
+    # Perplexity on the reference answers, checked by hand; the answerless row is skipped and counted.
+    from prefalign.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    answered = [r for r in REFERENCE_ROWS if r["reference_answer"]]
+    base_ppl = manual_text_perplexity(tiny_model, tokenizer, answered)
+    other_ppl = manual_text_perplexity(other_model, tokenizer, answered)
+    text = metrics["text_perplexity[ref]"]
+    assert text["base"]["n"] == 4 and text["base"]["value"] == pytest.approx(base_ppl, rel=1e-4)
+    assert text["other"]["value"] == pytest.approx(other_ppl, rel=1e-4)
+    change = differences["text_perplexity[ref]"]["other"]
+    assert change["kind"] == "relative" and change["value"] == pytest.approx(other_ppl / base_ppl - 1, rel=1e-3)
+    heldout = json.loads((config.output_dir / "heldout.json").read_text())
+    assert heldout["reference_texts"]["ref"]["no_answer_ids"] == ["r2"] and heldout["training_files"] == []
+
+    summary = markdown_summary(result)
+    assert "| difference to base (95% paired bootstrap) | other |" in summary
+    assert "| perplexity on held-out reference text [ref] |" in summary and "held-out reference text" in paths["html"].read_text()
+    # A re-run (samples from the cache) prints the same intervals.
+    again = Evaluator(config, show_progress=False).run()
+    assert again.differences == result.differences
+
+
+def test_baseline_is_chosen_and_validated(compare_config):
+    config = load_eval_config(None, {**compare_config, "baseline": "other", "prompt_sets": [], "reference_texts": []})
+    result = Evaluator(config, show_progress=False).run()
+    assert result.baseline == "other" and set(result.differences["preference_accuracy"]) == {"base"}
+    with pytest.raises(EvalConfigError, match="field 'baseline': 'nope' is not a model label"):
+        load_eval_config(None, {**compare_config, "baseline": "nope"})
+
+
+def test_prompt_set_split_options_reach_the_sample_cache_key(eval_config):
+    plain = PromptSetConfig(name="a", source="advbench")
+    assert plain.eval_fraction == 0.25 and plain.where == {}
+    keys = {_sampling_key(eval_config, "m", plain),
+            _sampling_key(eval_config, "m", plain.model_copy(update={"eval_fraction": 0.5})),
+            _sampling_key(eval_config, "m", plain.model_copy(update={"where": {"harmful": False}}))}
+    assert len(keys) == 3

@@ -49,3 +49,48 @@ def test_markdown_prints_no_interval_where_there_is_none():
     result.metrics["distinct_2"] = {"base": Estimate(0.854, float("nan"), float("nan"), 24, None, "ratio")}
     text = markdown_summary(result)
     assert "| distinct_2 | 0.854 n=24 | n/a |" in text and "nan" not in text
+
+
+def result_with_differences():
+    from prefalign.evaluate.stats import Estimate, paired_difference
+
+    result = sample_result()
+    result.baseline = "base"
+    result.bootstrap = {"samples": 2000, "seed": 0}
+    result.metrics["text_perplexity[benign]"] = {"base": Estimate(20.0, 18.0, 22.0, 40, None, "pooled"),
+                                                 "trained": Estimate(21.0, 19.0, 23.0, 40, None, "pooled")}
+    result.info["text_perplexity[benign]"] = MetricInfo("text_perplexity[benign]", "perplexity on held-out reference text [benign]", False)
+    result.differences = {
+        "attack_success": {"trained": paired_difference([0, 0, 1, 0] * 10, [1, 1, 0, 1] * 10)},
+        "kl": {"trained": Estimate(0.5, -0.1, 1.2, 3, None, "difference")},
+        "text_perplexity[benign]": {"trained": Estimate(0.05, 0.012, 0.098, 40, None, "relative")},
+    }
+    return result
+
+
+def test_markdown_has_the_difference_table_with_markers_and_a_legend():
+    text = markdown_summary(result_with_differences())
+    lines = text.splitlines()
+    head = lines.index("| difference to base (95% paired bootstrap) | trained |")
+    rows = lines[head + 2 : head + 5]
+    assert re.fullmatch(r"\| attack success rate \| -0\.500 \[-0\.\d\d, -0\.\d\d\] \* \|", rows[0]), rows[0]
+    assert rows[1] == "| KL to reference | +0.500 [-0.10, +1.20] |"  # interval holds 0: no marker
+    assert rows[2] == "| perplexity on held-out reference text [benign] | +5.0% [+1.2%, +9.8%] * |"
+    legend = lines[head + 6]
+    assert legend.startswith("Δ = model − base") and "2000 resamples" in legend and "* = the interval excludes 0" in legend
+    # Without differences (one model), no second table.
+    assert "difference to" not in markdown_summary(sample_result())
+
+
+def test_html_and_json_carry_the_differences(tmp_path):
+    paths = write_report(result_with_differences(), tmp_path)
+    page = paths["html"].read_text()
+    assert "<h2>Difference to base</h2>" in page and page.count("<table") == 3
+    # Attack success went down (lower is better), significantly: marked better; KL has no direction.
+    assert re.search(r'class="num better">-0\.500 \*', page)
+    assert 'class="num worse">+5.0% *' in page  # perplexity up
+    assert 'class="num">+0.500<br>' in page
+    data = json.loads(paths["json"].read_text())
+    assert data["baseline"] == "base" and data["bootstrap"] == {"samples": 2000, "seed": 0}
+    assert data["differences"]["attack_success"]["trained"]["kind"] == "difference"
+    assert data["differences"]["text_perplexity[benign]"]["trained"]["value"] == 0.05
