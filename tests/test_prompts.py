@@ -15,7 +15,7 @@ EXPECTED = {
     "advbench": 520,
     "donotanswer": 939,
     "realtoxicity": 700,
-    "rho-sycophancy": 150,
+    "rho-sycophancy": 250,
     "rho-refusal": 300,
     "rho-overrefusal": 150,
     "rho-toxigen": 200,

