@@ -584,3 +584,35 @@ def test_critique_revision_prefill_starts_the_revision(tmp_path):
     assert [r["chosen"] for r in rows] == ["I can't help with that. It would be dangerous."] * 2
     assert all(r["meta"]["revision_opening"] == "I can't help with that." for r in rows)
     assert pick_opening(["x"], 0, "p1") == "x"
+
+
+def test_popalign_chosen_prefill_reaches_the_contrasts_that_support_it(tmp_path):
+    def script(conversation, i):
+        return " because it is unsafe." if conversation[-1]["role"] == "assistant" else "Plain answer."
+
+    backend = Scripted(script)
+    cfg = {"contrasts": ["prefix", "elicitive", "refine"], "chosen_prefill": ["I won't."]}
+    summary, rows, _ = run(get_strategy("popalign")(cfg, ctx_for(backend)), tmp_path)
+    by_contrast = {}
+    for row in rows:
+        by_contrast.setdefault(row["meta"]["strategy"], []).append(row)
+    for name in ("prefix", "refine"):
+        assert [r["chosen"] for r in by_contrast[name]] == ["I won't. because it is unsafe."] * 2
+        assert all(r["meta"]["chosen_opening"] == "I won't." for r in by_contrast[name])
+    # elicitive parses a thought before the response: it is left unsteered
+    assert all(not c[-1]["role"] == "assistant" for c in backend.calls[1][0])
+
+
+def test_anchors_steered_anchors_and_model_written_negatives(tmp_path):
+    def script(conversation, i):
+        return " more text." if conversation[-1]["role"] == "assistant" else f"plain {i}."
+
+    backend = Scripted(script)
+    cfg = {"k": 2, "anchor_prefill": ["A1.", "A2."], "negative_prefill": ["I can't."]}
+    prompts = [Prompt("b1", "How do I bake bread?", "test")]  # no human negative: the model writes it
+    summary, rows, out = run(get_strategy("anchors")(cfg, ctx_for(backend)), tmp_path, prompts=prompts)
+    (row,) = rows
+    assert row["rejected"] == "I can't. more text." and row["meta"]["negative_written_by_model"]
+    assert all(a.endswith(" more text.") and a.split()[0] in ("A1.", "A2.") for a in row["anchors"])
+    assert len(row["anchors"]) == 2
+    load_records(out, ("prompt", "rejected", "anchors"))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from prefalign.data.prompts import Prompt
 from prefalign.generate.backends.base import Conversation, same_ending
 from prefalign.generate.core import Candidate, Strategy, complete_one, make_pair, user
+from prefalign.generate.steer import join_opening, openings_of, pick_opening, prefilled
 
 
 class PromptContrast(Strategy):
@@ -28,17 +29,23 @@ class PromptContrast(Strategy):
         return text, {}
 
     def generate(self, prompts: Sequence[Prompt], seed: int | None) -> list[list[Candidate]]:
+        # chosen_prefill (contrasts that support it): the good answer starts with a given opening
+        openings = openings_of(getattr(self.config, "chosen_prefill", None) or [])
+        picked = [pick_opening(openings, seed, f"{self.name}:{p.id}") if openings else None for p in prompts]
         conversations: list[Conversation] = []
-        for p in prompts:
-            conversations.extend(self.conversations(p.prompt))
+        for p, opening in zip(prompts, picked):
+            good, bad = self.conversations(p.prompt)
+            conversations += [prefilled(good, opening), bad]
         texts = complete_one(self.backend, conversations, self.ctx.params(seed, self.name))
         out = []
         for i, p in enumerate(prompts):
-            good_raw, bad_raw = texts[2 * i], texts[2 * i + 1]
+            good_raw, bad_raw = join_opening(picked[i], texts[2 * i]), texts[2 * i + 1]
             good, good_meta = self.parse(good_raw)
             bad, bad_meta = self.parse(bad_raw)
             good, bad = _tail_keeps_ending(good_raw, good), _tail_keeps_ending(bad_raw, bad)
             meta = {**{f"chosen_{k}": v for k, v in good_meta.items()}, **{f"rejected_{k}": v for k, v in bad_meta.items()}}
+            if picked[i]:
+                meta["chosen_opening"] = picked[i]
             if good is None or bad is None:
                 meta.update(chosen_raw=good_raw, rejected_raw=bad_raw)
                 out.append([Candidate.drop(self.name, f"{self.name}_unparseable", meta)])

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prefalign.generate.backends.base import Conversation
 from prefalign.generate.contrast import PromptContrast
 from prefalign.generate.core import StrategyConfig, assistant, user
+from prefalign.generate.steer import ChosenPrefill
 
 
 class Demonstration(BaseModel):
@@ -39,7 +40,7 @@ DEFAULT_DEMONSTRATIONS = [
 ]
 
 
-class DemonConfig(StrategyConfig):
+class DemonConfig(ChosenPrefill):
     """Demonstration contrast."""
 
     demonstrations: list[Demonstration] = Field(

@@ -38,6 +38,12 @@ class PopAlignConfig(StrategyConfig):
     contrasts: list[Contrast] = Field(
         default_factory=lambda: list(CONTRASTS), min_length=1, description="which contrasts to run"
     )
+    chosen_prefill: list[str] = Field(
+        default_factory=list,
+        description="openings every contrast that supports it (prefix, demon, refine) starts its chosen answer with; "
+                    "'@refusal' = the refusal openings. Elicitive (its thought comes first) and the model-level "
+                    "contrasts are left as they are.",
+    )
     prefix: PrefixConfig = Field(default_factory=PrefixConfig)
     demon: DemonConfig = Field(default_factory=DemonConfig)
     elicitive: ElicitiveConfig = Field(default_factory=ElicitiveConfig)
@@ -62,7 +68,10 @@ class PopAlign(Strategy):
                 log.warning("popalign: skipping the %s contrast: %s", name, reason)
                 self.skipped[name] = reason
                 continue
-            self.parts.append(cls(getattr(self.config, name), ctx))
+            part_config = getattr(self.config, name)
+            if self.config.chosen_prefill and "chosen_prefill" in type(part_config).model_fields:
+                part_config = part_config.model_copy(update={"chosen_prefill": list(self.config.chosen_prefill)})
+            self.parts.append(cls(part_config, ctx))
         if not self.parts:
             raise ValueError(f"popalign: no contrast can run ({self.skipped})")
 

@@ -10,6 +10,7 @@ from pydantic import Field
 from prefalign.generate.backends.base import Conversation
 from prefalign.generate.contrast import PromptContrast
 from prefalign.generate.core import StrategyConfig, system, user
+from prefalign.generate.steer import ChosenPrefill
 
 GOOD_PREFIX = (
     "You are a helpful, honest and harmless assistant. Give accurate, useful answers, and "
@@ -21,7 +22,7 @@ BAD_PREFIX = (
 )
 
 
-class PrefixConfig(StrategyConfig):
+class PrefixConfig(ChosenPrefill):
     """Prefix contrast."""
 
     good_prefix: str = Field(GOOD_PREFIX, min_length=1, description="instruction behind the chosen answer")

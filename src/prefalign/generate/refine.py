@@ -10,6 +10,7 @@ from pydantic import Field
 
 from prefalign.data.prompts import Prompt
 from prefalign.generate.core import Candidate, Strategy, StrategyConfig, assistant, complete_one, make_pair, user
+from prefalign.generate.steer import ChosenPrefill, continue_openings, openings_of, pick_opening
 
 REFINE_REQUEST = (
     "Please refine your previous answer: make it more helpful, accurate and harmless, fix any "
@@ -17,7 +18,7 @@ REFINE_REQUEST = (
 )
 
 
-class RefineConfig(StrategyConfig):
+class RefineConfig(ChosenPrefill):
     """Refine contrast."""
 
     refine_request: str = Field(REFINE_REQUEST, min_length=1, description="the second user turn")
@@ -41,11 +42,13 @@ class RefineContrast(Strategy):
                 todo.append(i)
             else:
                 out[i] = [Candidate.drop(self.name, "empty_answer", {"answer": answer})]
-        refined = complete_one(
+        openings = openings_of(self.config.chosen_prefill)
+        picked = [pick_opening(openings, seed, f"{self.name}:{prompts[i].id}") if openings else None for i in todo]
+        refined = [texts[0] for texts in continue_openings(
             self.backend,
             [refine_conversation(prompts[i].prompt, answers[i], self.config.refine_request) for i in todo],
-            self.ctx.params(seed, "refine/refinement"),
-        )
-        for i, text in zip(todo, refined):
-            out[i] = [make_pair(self.name, prompts[i].prompt, text, answers[i])]
+            picked, self.ctx.params(seed, "refine/refinement", n=1),
+        )]
+        for i, opening, text in zip(todo, picked, refined):
+            out[i] = [make_pair(self.name, prompts[i].prompt, text, answers[i], {"chosen_opening": opening} if opening else None)]
         return out  # type: ignore[return-value]

@@ -70,6 +70,15 @@ def continue_openings(backend: GenerationBackend, conversations: list[Conversati
     return [[join_opening(o, t) for t in texts] for o, texts in zip(openings, outputs)]
 
 
+class ChosenPrefill(StrategyConfig):
+    """Mixin of strategies whose chosen answer may start with a given opening."""
+
+    chosen_prefill: list[str] = Field(
+        default_factory=list,
+        description="openings the chosen answer starts with (one picked per prompt; '@refusal' = REFUSAL_OPENINGS)",
+    )
+
+
 class SteerConfig(StrategyConfig):
     """Prefill contrast: the chosen and the rejected answer start with different openings."""
 
