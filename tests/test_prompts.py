@@ -168,3 +168,11 @@ def test_where_filters_on_meta_after_the_split():
     assert benign and all(p.meta["harmful"] is False for p in benign)
     evals = {p.id for p in load_prompts("rho-refusal", split="eval")}
     assert not evals & {p.id for p in benign}
+
+
+def test_shuffle_seed_spreads_a_limited_set_over_categories_reproducibly():
+    plain = load_prompts("donotanswer", split="eval", limit=60)
+    mixed = load_prompts("donotanswer", split="eval", limit=60, shuffle_seed=0)
+    assert len({p.meta["category"] for p in mixed}) > len({p.meta["category"] for p in plain})
+    assert [p.id for p in mixed] == [p.id for p in load_prompts("donotanswer", split="eval", limit=60, shuffle_seed=0)]
+    assert {p.id for p in mixed} <= {p.id for p in load_prompts("donotanswer", split="eval")}

@@ -426,13 +426,15 @@ def load_prompts(
     split: str | None = None,
     eval_fraction: float = DEFAULT_EVAL_FRACTION,
     where: dict[str, Any] | None = None,
+    shuffle_seed: int | None = None,
 ) -> list[Prompt]:
     """Load a prompt set by name (see :data:`PROMPT_SOURCES`); ``source="file"`` needs ``path``.
 
     ``split`` keeps the train or eval side of the stable split (by normalised prompt text, see
     :func:`split_key`) before ``where`` filters on ``meta`` and ``limit`` takes the first prompts,
     so train and eval never overlap whatever the filter or the limit. Prompts with a duplicate id
-    are dropped (the first is kept).
+    are dropped (the first is kept). ``shuffle_seed`` orders the prompts by a hash of (seed, id)
+    before ``limit``, so a limited set spreads over every category of a file-ordered source.
     """
     if source not in PROMPT_SOURCES:
         raise ValueError(f"unknown prompt source {source!r}; choose one of {', '.join(PROMPT_SOURCES)}")
@@ -454,6 +456,8 @@ def load_prompts(
             seen.add(p.id)
             unique.append(p)
     prompts = [p for p in split_prompts(unique, split, eval_fraction) if matches_where(p, where)]
+    if shuffle_seed is not None:
+        prompts.sort(key=lambda p: hashlib.sha256(f"{shuffle_seed}\x00{p.id}".encode("utf-8")).digest())
     if limit is not None:
         prompts = prompts[:limit]
     return prompts

@@ -51,6 +51,7 @@ class PromptSetConfig(BaseModel):
     split: Literal["train", "eval"] | None = "eval"
     eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, gt=0, lt=1)  # of the stable hash split
     where: dict[str, Any] = Field(default_factory=dict)  # keep prompts whose meta has these values
+    shuffle_seed: int | None = None  # order by a hash of (seed, id) before the limit: spread over categories
     # harmful: attack success = share not refused; benign: over-refusal = share refused.
     kind: Literal["harmful", "benign", "general"] = "general"
 
@@ -233,7 +234,7 @@ class Evaluator:
 
         return load_prompts(prompt_set.source, path=prompt_set.path, prompt_field=prompt_set.prompt_field,
                             limit=limit, split=prompt_set.split, eval_fraction=prompt_set.eval_fraction,
-                            where=prompt_set.where or None)
+                            where=prompt_set.where or None, shuffle_seed=getattr(prompt_set, "shuffle_seed", None))
 
     def held_out(self) -> HeldOut:
         """Every evaluation item, with those seen in ``training_data`` dropped; writes

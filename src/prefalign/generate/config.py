@@ -53,6 +53,7 @@ class PromptSettings(BaseModel):
     split: Literal["train", "eval"] | None = Field(None, description="one side of the stable split by normalised prompt text")
     eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, gt=0, lt=1)
     where: dict[str, Any] | None = Field(None, description="keep prompts whose meta has these values, e.g. {harmful: false}")
+    shuffle_seed: int | None = Field(None, description="order prompts by a hash of (seed, id) before the limit")
 
     @model_validator(mode="after")
     def _check(self) -> "PromptSettings":

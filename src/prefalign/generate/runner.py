@@ -319,7 +319,8 @@ def run_from_config(
     strategy_config = cfg.strategy_config()
     p = cfg.prompts
     prompts = load_prompts(p.source, path=p.path, prompt_field=p.prompt_field, limit=p.limit, split=p.split,
-                           eval_fraction=p.eval_fraction, where=p.where)
+                           eval_fraction=p.eval_fraction, where=p.where,
+                           shuffle_seed=p.shuffle_seed)
     if make_backend is None:
         make_backend = backend_factory(cfg)
     if backends is None:
