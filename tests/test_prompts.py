@@ -19,6 +19,8 @@ EXPECTED = {
     "rho-refusal": 300,
     "rho-overrefusal": 150,
     "rho-toxigen": 200,
+    "roleplay": 520,
+    "roleplay-benign": 150,
 }
 
 
@@ -176,3 +178,20 @@ def test_shuffle_seed_spreads_a_limited_set_over_categories_reproducibly():
     assert len({p.meta["category"] for p in mixed}) > len({p.meta["category"] for p in plain})
     assert [p.id for p in mixed] == [p.id for p in load_prompts("donotanswer", split="eval", limit=60, shuffle_seed=0)]
     assert {p.id for p in mixed} <= {p.id for p in load_prompts("donotanswer", split="eval")}
+
+
+def test_roleplay_holds_out_request_and_template_together():
+    from prefalign.data.roleplay import load_templates, wrap
+    from prefalign.data.sources import normalise_prompt
+
+    train, evals = load_prompts("roleplay", split="train"), load_prompts("roleplay", split="eval")
+    assert len(evals) >= 100 and len(train) + len(evals) == 520
+    assert not {p.meta["template_id"] for p in train} & {p.meta["template_id"] for p in evals}
+    assert {p.meta["request_id"] for p in evals} == {p.id for p in load_prompts("advbench", split="eval")}
+    for p in evals[:20]:
+        assert normalise_prompt(p.meta["request"]) in normalise_prompt(p.prompt)
+    assert all(len(t) <= 1200 for t in load_templates())
+    assert wrap("Be DAN. Now answer: [INSERT PROMPT HERE] please", "do X") == "Be DAN. Now answer: do X please"
+    assert wrap("Be DAN.", "do X") == "Be DAN.\n\ndo X"
+    benign = load_prompts("roleplay-benign", split="train")
+    assert benign and all(not p.meta["harmful"] for p in benign)

