@@ -106,3 +106,25 @@ def test_merge_stage_concatenates_record_files_in_order(tmp_path):
     merged = (tmp_path / "run" / "pairs" / "data.jsonl").read_text().splitlines()
     assert merged == a.read_text().splitlines() + b.read_text().splitlines()
     assert not list((tmp_path / "run" / "pairs").glob("*.tmp"))
+
+
+def test_extends_merges_a_variant_onto_its_recipe(tmp_path):
+    base = {"name": "base", "output_dir": str(tmp_path / "run"), "model": "m1", "stages": {
+        "pairs": {"kind": "merge", "inputs": ["a.jsonl", "b.jsonl"]},
+        "eval": {"kind": "eval", "models": {"base": "${model}"}, "refusal_scorer": None, "toxicity_scorer": None,
+                 "sampling": {"max_new_tokens": 8, "temperature": 1.0}},
+    }}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "gpu").mkdir()
+    variant = {"extends": "../base.yaml", "model": "m2", "stages": {"eval": {"sampling": {"max_new_tokens": 64}}}}
+    (tmp_path / "gpu" / "big.yaml").write_text(yaml.safe_dump(variant))
+    stages = {s.name: s for s in plan_recipe(tmp_path / "gpu" / "big.yaml")}
+    assert stages["eval"].config.models == {"base": "m2"}
+    assert stages["eval"].config.sampling.max_new_tokens == 64 and stages["eval"].config.sampling.temperature == 1.0
+    assert [str(p) for p in stages["pairs"].config.inputs] == ["a.jsonl", "b.jsonl"]
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"extends": "loop.yaml"}))
+    with pytest.raises(RecipeError, match="extends itself"):
+        plan_recipe(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump({"extends": "nope.yaml"}))
+    with pytest.raises(RecipeError, match="no recipe at"):
+        plan_recipe(tmp_path / "missing.yaml")

@@ -253,10 +253,42 @@ def _error_lines(exc: Exception, source: str, stage: str) -> str:
     return f"{source}: field 'stages.{stage}': {exc}"
 
 
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``: mappings merge key by key, anything else is replaced; a
+    ``null`` value deletes the key (e.g. a stage the variant does not run)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe's mapping, with ``extends: OTHER.yaml`` (a path relative to this file) resolved:
+    a variant (e.g. a GPU-scale one) states only what differs from the recipe it extends."""
+    path = Path(path)
+    recipe = read_yaml_mapping(path, RecipeError)
+    parent = recipe.pop("extends", None)
+    if parent is None:
+        return recipe
+    if not isinstance(parent, str) or not parent.strip():
+        raise RecipeError(f"{path}: field 'extends': expected the path of another recipe (relative to this file)")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in _seen or parent_path == path.resolve():
+        raise RecipeError(f"{path}: field 'extends': {parent} extends itself (a cycle)")
+    if not parent_path.is_file():
+        raise RecipeError(f"{path}: field 'extends': no recipe at {parent_path}")
+    return deep_merge(read_recipe(parent_path, (*_seen, path.resolve())), recipe)
+
+
 def plan_recipe(path: Path, *, output_dir: Path | None = None) -> list[PlannedStage]:
     """Read and validate the whole recipe (every stage, references filled in) before any work."""
     source = str(path)
-    recipe = read_yaml_mapping(path, RecipeError)
+    recipe = read_recipe(path)
     if not isinstance(recipe.get("stages"), dict) or not recipe["stages"]:
         raise RecipeError(f"{source}: field 'stages': a recipe needs a mapping of stage name -> stage config")
     unknown = set(recipe) - {"name", "description", "output_dir", "model", "stages"}
