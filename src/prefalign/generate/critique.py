@@ -30,7 +30,7 @@ from prefalign.generate.backends.base import same_ending
 from prefalign.generate.core import (
     Candidate, Strategy, StrategyConfig, assistant, complete_one, make_pair, matches_any, user,
 )
-from prefalign.generate.steer import continue_openings, openings_of, pick_opening
+from prefalign.generate.steer import continue_openings, opening_for
 
 
 class Principle(BaseModel):
@@ -218,8 +218,7 @@ class CritiqueStrategy(Strategy):
             else:
                 revise.append(i)
 
-        openings = openings_of(cfg.revision_prefill)
-        picked = [pick_opening(openings, seed, prompts[i].id) if openings else None for i in revise]
+        picked = [opening_for(cfg.revision_prefill, seed, prompts[i].id, prompts[i].prompt) for i in revise]
         revisions = [texts[0] for texts in continue_openings(
             self.backend, [revision_conversation(turns[i], answers[i], meta[i]["critique"], principle) for i in revise],
             picked, self.ctx.params(seed, "revision", n=1),

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from prefalign.data.prompts import Prompt
 from prefalign.generate.core import Candidate, Strategy, StrategyConfig, assistant, complete_one, make_pair, user
-from prefalign.generate.steer import ChosenPrefill, continue_openings, openings_of, pick_opening
+from prefalign.generate.steer import ChosenPrefill, continue_openings, opening_for
 
 REFINE_REQUEST = (
     "Please refine your previous answer: make it more helpful, accurate and harmless, fix any "
@@ -42,8 +42,7 @@ class RefineContrast(Strategy):
                 todo.append(i)
             else:
                 out[i] = [Candidate.drop(self.name, "empty_answer", {"answer": answer})]
-        openings = openings_of(self.config.chosen_prefill)
-        picked = [pick_opening(openings, seed, f"{self.name}:{prompts[i].id}") if openings else None for i in todo]
+        picked = [opening_for(self.config.chosen_prefill, seed, f"{self.name}:{prompts[i].id}", prompts[i].prompt) for i in todo]
         refined = [texts[0] for texts in continue_openings(
             self.backend,
             [refine_conversation(prompts[i].prompt, answers[i], self.config.refine_request) for i in todo],

@@ -95,18 +95,33 @@ class SteerConfig(StrategyConfig):
             raise ValueError("give chosen_prefill or rejected_prefill (a list of openings), or both")
         if any(not o.strip() for o in [*self.chosen_prefill, *self.rejected_prefill]):
             raise ValueError("chosen_prefill/rejected_prefill: openings must not be empty")
+        for o in [*self.chosen_prefill, *self.rejected_prefill]:
+            if o.startswith("@"):
+                preset_openings(o[1:], "")  # an unknown preset fails here, before any work
         return self
 
 
-def refusal_preset(name: str) -> list[str]:
-    if name != "refusal":
-        raise ValueError(f"unknown opening preset '{name}' (refusal)")
-    return list(REFUSAL_OPENINGS)
+def preset_openings(name: str, prompt_text: str | None = None) -> list[str]:
+    """``@refusal``: :data:`REFUSAL_OPENINGS`. ``@choices``: the prompt's own answer options (the
+    "(A) Agree" lines of a multiple-choice question), so the model commits to one and explains it."""
+    if name == "refusal":
+        return list(REFUSAL_OPENINGS)
+    if name == "choices":
+        from prefalign.data.sources import choice_labels
+
+        return [f"({letter}) {label}" for letter, label in choice_labels(prompt_text or "").items()]
+    raise ValueError(f"unknown opening preset '@{name}' (@refusal, @choices)")
 
 
-def openings_of(value: list[str]) -> list[str]:
-    """A list of openings; the single entry ``"@refusal"`` stands for :data:`REFUSAL_OPENINGS`."""
-    return [o for v in value for o in (refusal_preset(v[1:]) if v.startswith("@") else [v])]
+def openings_of(value: list[str], prompt_text: str | None = None) -> list[str]:
+    """The openings a spec stands for: literal strings, and presets (``@refusal``, ``@choices``)."""
+    return [o for v in value for o in (preset_openings(v[1:], prompt_text) if v.startswith("@") else [v])]
+
+
+def opening_for(spec: list[str], seed: int | None, key: str, prompt_text: str) -> str | None:
+    """The opening for one prompt (``None`` for no prefill, or when the spec gives this prompt none)."""
+    openings = openings_of(spec, prompt_text) if spec else []
+    return pick_opening(openings, seed, key) if openings else None
 
 
 class SteerStrategy(Strategy):
@@ -119,8 +134,8 @@ class SteerStrategy(Strategy):
         conversations = [[user(p.prompt)] for p in prompts]
         results = []
         sides = {}
-        for side, openings in (("chosen", openings_of(cfg.chosen_prefill)), ("rejected", openings_of(cfg.rejected_prefill))):
-            picked = [pick_opening(openings, seed, f"{side}:{p.id}") if openings else None for p in prompts]
+        for side, spec in (("chosen", cfg.chosen_prefill), ("rejected", cfg.rejected_prefill)):
+            picked = [opening_for(spec, seed, f"{side}:{p.id}", p.prompt) for p in prompts]
             texts = continue_openings(self.backend, conversations, picked, self.ctx.params(seed, side))
             sides[side] = ([t[0] for t in texts], picked)
         for i, p in enumerate(prompts):
