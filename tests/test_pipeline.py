@@ -8,7 +8,9 @@ import yaml
 from conftest import pair_rows, write_jsonl
 from prefalign.pipeline import RecipeError, plan_recipe, run_recipe, stage_state
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+GPU_VARIANTS = sorted((RECIPE_DIR / "gpu").glob("*.yaml"))
 
 
 def test_every_method_has_a_recipe():
@@ -16,7 +18,11 @@ def test_every_method_has_a_recipe():
     assert {"quickstart", "rdpo-safety", "rdpo-sycophancy", "odpo-sentiment", "popalign", "d2o-harmless", "adpo-toxicity"} <= names
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_method_recipe_has_a_gpu_variant():
+    assert {p.stem for p in RECIPES} - {"quickstart"} == {p.stem for p in GPU_VARIANTS}
+
+
+@pytest.mark.parametrize("recipe", RECIPES + GPU_VARIANTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_recipes_validate(recipe, tmp_path):
     stages = plan_recipe(recipe, output_dir=tmp_path)
     assert stages and all(s.directory.parent == tmp_path for s in stages)
