@@ -445,9 +445,11 @@ def test_compute_missing_input_is_value_error():
         get_loss("adpo").compute(p, r_no_toxic, w)
 
 
-def test_get_loss_unknown_lists_names():
-    with pytest.raises(ValueError, match=r"unknown loss 'kto'.*\['adpo', 'd2o', 'dpo', 'ipo', 'odpo', 'rdpo', 'sft'\]"):
+def test_get_loss_unknown_lists_the_public_names():
+    # sft is internal (the toxic-control SFT): accepted, but not offered in the list.
+    with pytest.raises(ValueError, match=r"^unknown loss 'kto'; choose one of dpo, ipo, rdpo, odpo, d2o, adpo$"):
         get_loss("kto")
+    assert get_loss("sft").internal
 
 
 def test_sft_loss_is_negative_log_likelihood():

@@ -128,10 +128,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model, pai
         return (losses, *rest)
 
     monkeypatch.setattr(trainer, "loss_on", poisoned)
-    with pytest.raises(TrainingDiverged, match="step 3.*step-00000002"):
+    # The weights saved after step 2 are the ones that gave the NaN at step 3: that checkpoint is
+    # not kept, and the message names step 1's, whose weights gave a finite loss at step 2.
+    with pytest.raises(TrainingDiverged, match=r"step 3: the loss is nan; last good checkpoint: .*step-00000001 .*--resume --lr"):
         trainer.train()
-    assert (cfg.output_dir / "checkpoints" / "step-00000002" / "trainer_state.json").exists()
-    assert not (cfg.output_dir / "checkpoints" / "step-00000003").exists()
+    assert (cfg.output_dir / "checkpoints" / "step-00000001" / "trainer_state.json").exists()
+    assert not (cfg.output_dir / "checkpoints" / "step-00000002").exists()
+    assert not list((cfg.output_dir / "checkpoints").glob(".partial-*"))  # the unproven one is gone
 
 
 def test_grad_accumulation_matches_a_bigger_batch(tmp_path, tiny_model, pairs_file):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +41,30 @@ def _user_errors():
     from prefalign.train.config import ConfigError
     from prefalign.train.loop import TrainingDiverged
 
-    return (DataError, ConfigError, TrainingDiverged, FileNotFoundError, ValueError)
+    return (DataError, ConfigError, TrainingDiverged, OSError, ValueError)
+
+
+def _message(exc: BaseException) -> str:
+    """One line: an OS error on a user's path names the path and the reason, never a traceback."""
+    from prefalign.data.errors import DataError
+    from prefalign.data.io import os_error_message
+
+    if isinstance(exc, OSError) and not isinstance(exc, DataError):
+        return os_error_message(exc)
+    return str(exc)
+
+
+@contextmanager
+def _errors(*extra: type[BaseException]):
+    """Turn user errors (bad data, config, paths, divergence) into ``error: ...`` and exit code 2."""
+    try:
+        yield
+    except (*extra, *_user_errors()) as exc:
+        _fail(_message(exc))
+
+
+# The losses `train --help` offers; tests/test_cli.py checks it is prefalign.losses.PUBLIC_LOSSES.
+LOSS_HELP = "dpo, ipo, rdpo, odpo, d2o or adpo"
 
 
 @models_app.command("list")
@@ -61,28 +85,34 @@ def models_prepare(name: str = typer.Argument(..., help="registry name, e.g. smo
 
     try:
         console.print(str(prepare(name)))
-    except (KeyError, FileNotFoundError) as exc:
+    except KeyError as exc:
         _fail(str(exc).strip("'\""))
+    except OSError as exc:
+        _fail(_message(exc))
 
 
 @data_app.command("check")
 def data_check(
     path: Path = typer.Argument(..., help="JSONL, JSON, Parquet or a datasets folder"),
-    loss: str = typer.Option("dpo", help="the loss whose required fields are checked"),
+    loss: str = typer.Option("dpo", help=f"{LOSS_HELP}: the loss whose fields and rules are checked"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="count and skip bad rows instead of failing"),
+    strict: bool = typer.Option(False, "--strict", help="pairs training would drop or that carry no preference are errors"),
 ) -> None:
-    """Validate a preference file for a loss without loading any model."""
-    from prefalign.data.validate import load_records
-    from prefalign.losses import get_loss
+    """Validate a preference file for a loss without loading any model: the same checks `train`
+    makes before it loads one (length limits need the tokenizer: `train` counts those)."""
+    from prefalign.data.validate import load_for_loss
+    from prefalign.losses import LOSSES, unknown_loss_message
 
-    try:
-        spec = get_loss(loss)
-        result = load_records(path, spec.required_fields, skip_invalid=skip_invalid)
-    except _user_errors() as exc:
-        _fail(str(exc))
-    console.print(f"{path}: {len(result.records)} valid records for '{loss}', {len(result.skipped)} skipped")
+    if loss not in LOSSES:
+        _fail(f"--loss: {unknown_loss_message(loss)}")
+    with _errors():
+        result = load_for_loss(path, LOSSES[loss], skip_invalid=skip_invalid, strict=strict)
+    notes = [f"{n} {text}" for n, text in ((result.dropped_nonpositive_reward_gap, "pair(s) with reward gap <= 0 would be dropped"),
+                                         (result.identical_pairs, "pair(s) with chosen == rejected (no preference)")) if n]
+    console.print(f"{path}: {len(result.records)} valid records for '{loss}', {len(result.skipped)} skipped"
+                  + "".join(f"; {n}" for n in notes), highlight=False, soft_wrap=True)
     for error in result.skipped[:20]:
-        console.print(f"  skipped {error}", highlight=False)
+        console.print(f"  skipped {error}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -90,7 +120,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override its values"),
     model: Optional[str] = typer.Option(None, help="registry name, HF folder or .gguf [default: smollm2-135m-instruct]"),
     data: Optional[Path] = typer.Option(None, help="preference data file"),
-    loss: Optional[str] = typer.Option(None, help="dpo, ipo, rdpo, odpo, d2o or adpo [default: dpo]"),
+    loss: Optional[str] = typer.Option(None, help=f"{LOSS_HELP} [default: dpo]"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     epochs: Optional[float] = typer.Option(None),
@@ -105,30 +135,37 @@ def train(
     seed: Optional[int] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 autocast where the hardware runs it fast), float32 or bfloat16"),
     skip_invalid: Optional[bool] = typer.Option(None, "--skip-invalid", help="count and skip bad rows"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in --output-dir"),
+    strict: Optional[bool] = typer.Option(None, "--strict", help="identical pairs, cut prompts/responses and dropped ODPO pairs are errors"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in --output-dir (lr, schedule, warmup, steps may change)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="remove the earlier run in --output-dir (log, checkpoints, model) and start again"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Train a model on preference data with a DPO-family loss."""
     from prefalign.train.config import load_train_config
-    from prefalign.train.loop import run_training
+    from prefalign.train.loop import data_changes, run_training
 
     _setup_logging(verbose=not quiet)
     overrides = dict(
         model=model, data=data, loss=loss, output_dir=output_dir, max_steps=max_steps, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, beta=beta, merge=merge, reference=reference,
         save_every=save_every, seed=seed, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code, dtype=dtype,
+        strict=strict,
     )
     if lora is True:
         overrides["lora"] = {}
-    try:
+    with _errors():
         cfg = load_train_config(config, overrides)
         if lora is False:
             cfg = cfg.model_copy(update={"lora": None})
-        result = run_training(cfg, resume=resume, show_progress=not quiet)
-    except _user_errors() as exc:
-        _fail(str(exc))
-    console.print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}; model saved to {result.model_dir}")
+        result = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=not quiet)
+    changes = data_changes(result.data_summary)
+    if changes:
+        console.print(f"data changes: {'; '.join(changes)} (train_summary.json; --strict makes them errors)",
+                      highlight=False, soft_wrap=True)
+    loss_text = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    console.print(f"trained {result.steps} steps, final loss {loss_text}; model saved to {result.model_dir}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -170,13 +207,52 @@ def evaluate(
     if model:
         pairs_ = [m.split("=", 1) if "=" in m else [Path(m).name, m] for m in model]
         overrides["models"] = {label: path for label, path in pairs_}
-    try:
+    with _errors(EvalConfigError):
         cfg = load_eval_config(config, overrides)
+        _check_eval_inputs(cfg)  # every input file and model name, before any model loads
         result, paths = run_eval(cfg, show_progress=not quiet)
-    except (EvalConfigError, *_user_errors()) as exc:
-        _fail(str(exc))
     console.print(markdown_summary(result), highlight=False)
     console.print(f"report: {paths['html']}")
+
+
+def _check_model_name(name: str, where: str) -> None:
+    """A model name must be a registry name, an HF folder or a .gguf file (checked, not loaded)."""
+    from prefalign.models.registry import EMBEDDED, TINY_RANDOM
+
+    path = Path(name).expanduser()
+    if name in EMBEDDED or name == TINY_RANDOM or (path.is_file() and path.suffix == ".gguf"):
+        return
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{where}: model folder {path} has no config.json")
+        return
+    raise FileNotFoundError(f"{where}: unknown model '{name}': not a registry name "
+                            f"({', '.join([*EMBEDDED, TINY_RANDOM])}), a local HF folder or a .gguf file")
+
+
+def _check_eval_inputs(cfg) -> None:
+    from prefalign.data.io import check_regular_file, open_rows
+    from prefalign.data.validate import load_records
+
+    for label, name in cfg.models.items():
+        _check_model_name(name, f"models.{label}")
+    if cfg.reference and cfg.reference not in cfg.models.values():
+        _check_model_name(cfg.reference, "reference")
+    for field_name in ("pairs", "contrast_pairs"):
+        if getattr(cfg, field_name):
+            load_records(getattr(cfg, field_name), ("prompt", "chosen", "rejected"))
+    for path in cfg.training_data:
+        open_rows(path)
+    for label, path in cfg.training_logs.items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"training_logs.{label}: {path}: file not found")
+        check_regular_file(path)
+    for prompt_set in [*cfg.prompt_sets, *getattr(cfg, "reference_texts", [])]:
+        if prompt_set.path is not None:
+            if not Path(prompt_set.path).exists():
+                raise FileNotFoundError(f"{prompt_set.name}: {prompt_set.path}: file not found")
+            if not Path(prompt_set.path).is_dir():
+                check_regular_file(prompt_set.path)
 
 
 @app.command("run")
@@ -191,14 +267,12 @@ def run_recipe_command(
     from prefalign.pipeline import RecipeError, plan_recipe, run_recipe, stage_state
 
     _setup_logging(verbose=not quiet)
-    try:
+    with _errors(RecipeError):
         if dry_run:
             for s in plan_recipe(recipe, output_dir=output_dir):
                 console.print(f"{s.name:<16} {s.kind.name:<9} {stage_state(s):<12} {s.key}  -> {', '.join(s.outputs.values())}", highlight=False)
             return
         run_recipe(recipe, output_dir=output_dir, only=stage, show_progress=not quiet)
-    except (RecipeError, *_user_errors()) as exc:
-        _fail(str(exc))
 
 
 from prefalign.generate.cli import generate  # noqa: E402
@@ -215,17 +289,16 @@ def score_command(
     fields: str = typer.Option("chosen,rejected", "--fields", help="response groups to score: chosen, rejected, anchors, toxic"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="count and skip bad rows"),
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the score cache"),
+    in_place: bool = typer.Option(False, "--in-place", help="allow -o to be the input file (replaced, atomically)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Add reward_chosen / reward_rejected (and meta.scores for anchors/toxic) to a preference file."""
     from prefalign.score import ScorerUnavailableError, score_file
 
     _setup_logging(verbose=not quiet)
-    try:
+    with _errors(ScorerUnavailableError, ImportError):
         result = score_file(input, output, scorer, config, fields=fields, skip_invalid=skip_invalid,
-                            cache=not no_cache, show_progress=not quiet)
-    except (ScorerUnavailableError, ImportError, *_user_errors()) as exc:
-        _fail(str(exc))
+                            cache=not no_cache, show_progress=not quiet, in_place=in_place)
     console.print(f"{output}: {len(result.records)} records, {result.scored} responses scored, "
                   f"{result.unparsed} unparsed, {result.skipped_rows} invalid rows skipped", highlight=False)
     agreement = result.agreement()
@@ -255,11 +328,9 @@ def train_rm_command(
     _setup_logging(verbose=not quiet)
     overrides = dict(data=data, output_dir=output_dir, model=model, eval_fraction=eval_fraction,
                      max_steps=max_steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    try:
+    with _errors(ImportError):
         cfg = load_rm_config(config, overrides)
         result = train_reward_model(cfg, show_progress=not quiet)
-    except (ImportError, *_user_errors()) as exc:
-        _fail(str(exc))
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     console.print(f"trained {result.steps} steps ({result.head} head), final loss {result.final_loss:.4f}; "
                   f"held-out pair accuracy {fmt(result.eval_accuracy_before)} -> {fmt(result.eval_accuracy_after)} "

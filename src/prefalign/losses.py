@@ -38,6 +38,7 @@ from torch import Tensor
 __all__ = [
     "LOSSES",
     "LossSpec",
+    "PUBLIC_LOSSES",
     "adpo_loss",
     "check_positive_reward_gap",
     "d2o_loss",
@@ -47,6 +48,7 @@ __all__ = [
     "ipo_loss",
     "odpo_loss",
     "rdpo_loss",
+    "unknown_loss_message",
 ]
 
 
@@ -524,6 +526,8 @@ class LossSpec:
             computes no reference log-probs at all.
         requires_positive_reward_gap: the data step drops (and counts) pairs whose
             ``reward_chosen - reward_rejected <= 0`` before training (ODPO's log of the gap).
+        internal: used by prefalign itself (SFT of the toxic-control model), not offered to
+            users: left out of the list that the unknown-loss error and ``--help`` show.
     """
 
     name: str
@@ -537,6 +541,7 @@ class LossSpec:
     negative: str = "rejected"
     requires_positive_reward_gap: bool = False
     needs_reference: bool = True
+    internal: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -657,17 +662,27 @@ LOSSES: dict[str, LossSpec] = {
             bind=lambda p, r, w, k: sft_loss(p["chosen"]),
             negative="chosen",
             needs_reference=False,
+            internal=True,
         ),
     )
 }
 
 
+#: The losses offered to users, in the README's order (``train --help`` lists the same).
+PUBLIC_LOSSES: tuple[str, ...] = tuple(name for name, spec in LOSSES.items() if not spec.internal)
+
+
+def unknown_loss_message(name: str) -> str:
+    """The one wording of the unknown-loss error (``data check``, ``train``, configs, recipes)."""
+    return f"unknown loss {name!r}; choose one of {', '.join(PUBLIC_LOSSES)}"
+
+
 def get_loss(name: str) -> LossSpec:
     """Return the :class:`LossSpec` registered under ``name``.
 
-    Raises ``ValueError`` listing the available names when ``name`` is unknown.
+    Raises ``ValueError`` (:func:`unknown_loss_message`) when ``name`` is unknown.
     """
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; available: {sorted(LOSSES)}") from None
+        raise ValueError(unknown_loss_message(name)) from None

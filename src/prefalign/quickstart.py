@@ -48,6 +48,6 @@ def run_quickstart(output_dir: Path, *, model: str = "smollm2-135m-instruct", ma
 
     tokenizer = load_tokenizer(model)
     before = preference_score(load_model(model), tokenizer, eval_records, settings)
-    result = run_training(config, show_progress=show_progress)
+    result = run_training(config, overwrite=True, show_progress=show_progress)  # a demo: each run starts clean
     after = preference_score(load_model(result.model_dir), tokenizer, eval_records, settings)
     return QuickstartResult(before, after, len(train_records), len(eval_records), output_dir)

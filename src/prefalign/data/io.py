@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -60,9 +62,10 @@ def open_rows(path: str | os.PathLike) -> tuple[str, Iterator[RowItem]]:
         )
     if p.is_dir():
         return "row", _dataset_folder_rows(p, shown)
+    check_regular_file(p, DataError)
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        return "line", _jsonl_rows(p, shown)
+        return "line", _jsonl_rows(_open_binary(p, shown), shown)
     if suffix == ".json":
         return _json_rows(p, shown)
     if suffix == ".parquet":
@@ -72,6 +75,47 @@ def open_rows(path: str | os.PathLike) -> tuple[str, Iterator[RowItem]]:
         path=shown,
         kind="format",
     )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def os_error_message(exc: OSError, path: str | os.PathLike | None = None) -> str:
+    """One line for an OS error on a user's path: ``PATH: cannot read: Permission denied``."""
+    where = path if path is not None else (exc.filename if exc.filename is not None else "")
+    reason = exc.strerror or str(exc)
+    if getattr(exc, "filename2", None):
+        reason = f"{reason} ({exc.filename2})"
+    return f"{where}: {reason}" if where != "" else reason
+
+
+def check_regular_file(p: str | os.PathLike, error: type[Exception] = DataError) -> None:
+    """Raise ``error`` naming the path unless it is a regular file (or a link to one): a FIFO with
+    no writer would block a reader forever, and a device or socket is no data file."""
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as exc:
+        raise _as_error(error, os_error_message(exc, str(p)), str(p)) from None
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a folder" if stat.S_ISDIR(mode) else "not a regular file")
+    raise _as_error(error, f"{p}: is {kind}, not a regular file; give a file", str(p), kind="not_regular")
+
+
+def _as_error(error: type[Exception], message: str, path: str, kind: str = "os") -> Exception:
+    if issubclass(error, DataError):
+        # DataError puts the path in front itself.
+        return error(message.removeprefix(f"{path}: "), path=path, kind=kind)
+    return error(message)
+
+
+def _open_binary(p: Path, path: str):
+    try:
+        return open(p, "rb")
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror or exc}", path=path, kind="os") from None
 
 
 # --------------------------------------------------------------------------- JSON Lines
@@ -124,8 +168,8 @@ def _parse_line(raw: bytes, number: int, path: str, is_last_unterminated: bool):
     return value
 
 
-def _jsonl_rows(p: Path, path: str) -> Iterator[RowItem]:
-    with open(p, "rb") as fh:
+def _jsonl_rows(fh, path: str) -> Iterator[RowItem]:
+    with fh:
         for number, raw in enumerate(fh, 1):
             row = _parse_line(raw, number, path, not raw.endswith(b"\n"))
             if row is not None:
@@ -136,7 +180,8 @@ def _jsonl_rows(p: Path, path: str) -> Iterator[RowItem]:
 
 
 def _json_rows(p: Path, path: str) -> tuple[str, Iterator[RowItem]]:
-    data = p.read_bytes()
+    with _open_binary(p, path) as fh:
+        data = fh.read()
     body = data[len(_BOM):] if data.startswith(_BOM) else data
     if not body.lstrip().startswith(b"["):
         # JSON Lines saved as .json -- unless the file is one object spread over many lines.
@@ -153,7 +198,7 @@ def _json_rows(p: Path, path: str) -> tuple[str, Iterator[RowItem]]:
                     path=path,
                     kind="format",
                 )
-        return "line", _jsonl_rows(p, path)
+        return "line", _jsonl_rows(_open_binary(p, path), path)
 
     try:
         text = body.decode("utf-8")
@@ -285,21 +330,17 @@ def write_jsonl(
 ) -> int:
     """Write one JSON object per line (UTF-8, ``ensure_ascii=False``); returns the count written.
 
+    Without ``append`` the file is written atomically: to a temporary file next to it, renamed
+    over ``path`` only once complete, so a crash or a bad row never leaves it half-written.
     With ``append=True`` rows are added to the end; if the file ends mid-line (an interrupted
     write) a newline is added first so the new rows are not glued onto it.
     """
     p = Path(path)
     if p.parent and not p.parent.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
-    needs_newline = False
-    if append and p.exists() and p.stat().st_size > 0:
-        with open(p, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            needs_newline = fh.read(1) != b"\n"
-    n = 0
-    with open(p, "a" if append else "w", encoding="utf-8", newline="\n") as fh:
-        if needs_newline:
-            fh.write("\n")
+
+    def write(fh) -> int:
+        n = 0
         for item in records_or_dicts:
             row = record_to_dict(item)
             try:
@@ -308,8 +349,66 @@ def write_jsonl(
                 raise ValueError(f"cannot write row {n + 1} to {path} as JSON: {exc}") from None
             fh.write(line + "\n")
             n += 1
+        return n
+
+    if not append:
+        with atomic_writer(p) as fh:
+            return write(fh)
+    needs_newline = False
+    if p.exists() and p.stat().st_size > 0:
+        with open(p, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            needs_newline = fh.read(1) != b"\n"
+    with open(p, "a", encoding="utf-8", newline="\n") as fh:
+        if needs_newline:
+            fh.write("\n")
+        n = write(fh)
         fh.flush()
     return n
+
+
+class atomic_writer:
+    """``with atomic_writer(path) as fh: fh.write(...)``: text goes to a temporary file in the same
+    folder, which replaces ``path`` (``os.replace``) only when the block ends without an error;
+    on an error the temporary file is removed and ``path`` is left as it was."""
+
+    def __init__(self, path: str | os.PathLike, encoding: str = "utf-8") -> None:
+        self.path = Path(path)
+        self.encoding = encoding
+
+    def __enter__(self):
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent or ".")
+        self.fh = os.fdopen(fd, "w", encoding=self.encoding, newline="\n")
+        return self.fh
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+            self.fh.close()
+            if exc_type is None:
+                os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+        return False
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import (os.umask can only be read by setting it)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (see :class:`atomic_writer`)."""
+    with atomic_writer(path) as fh:
+        fh.write(text)
 
 
 def type_name(value: Any) -> str:

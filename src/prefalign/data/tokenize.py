@@ -39,6 +39,10 @@ class TokenizedExample:
     responses: dict[str, list[list[int]]]  # group -> one id list per response ("anchors": K of them)
     toxic_prompt_ids: list[int] | None = None  # prompt with the [TOXIC] control token (ADPO)
     rewards: dict[str, float] = field(default_factory=dict)
+    # What the length limits cut: prompt tokens dropped from the left, and the responses (their
+    # meta.truncated names, e.g. "anchors.2") that lost tokens on the right.
+    prompt_tokens_cut: int = 0
+    responses_cut: tuple[str, ...] = ()
 
     def num_tokens(self) -> int:
         total = sum(len(self.prompt_ids) + len(r) for group in self.responses.values() for r in group)
@@ -109,8 +113,10 @@ def tokenize_record(
         for g in groups
     }
     flat = [ids for group in encoded.values() for ids in group]
-    truncated_prompt, flat = truncate(prompt_ids, flat, settings)
-    it = iter(flat)
+    names = [response_name(g, k) for g in groups for k in range(len(encoded[g]))]
+    truncated_prompt, cut_flat = truncate(prompt_ids, flat, settings)
+    responses_cut = tuple(n for n, before, after in zip(names, flat, cut_flat) if len(after) < len(before))
+    it = iter(cut_flat)
     responses = {g: [next(it) for _ in encoded[g]] for g in groups}
     toxic_prompt_ids = None
     if with_toxic_prompt:
@@ -123,4 +129,5 @@ def tokenize_record(
         for name in ("reward_chosen", "reward_rejected")
         if (value := getattr(record, name)) is not None
     }
-    return TokenizedExample(index, truncated_prompt, responses, toxic_prompt_ids, rewards)
+    return TokenizedExample(index, truncated_prompt, responses, toxic_prompt_ids, rewards,
+                            prompt_tokens_cut=len(prompt_ids) - len(truncated_prompt), responses_cut=responses_cut)

@@ -339,3 +339,114 @@ def filter_positive_reward_gap(
         else:
             dropped += 1
     return kept, dropped
+
+
+# --------------------------------------------------------------------------- per-loss checks
+
+
+@dataclass
+class LossCheck:
+    """What :func:`check_for_loss` kept, and the counts of what the loss would use differently
+    from the file: ``dropped_nonpositive_reward_gap`` (ODPO pairs whose gap is <= 0, dropped) and
+    ``identical_pairs`` (chosen == rejected: no preference to learn, kept)."""
+
+    records: list[PreferenceRecord]
+    skipped: list[DataError] = field(default_factory=list)
+    dropped_nonpositive_reward_gap: int = 0
+    identical_pairs: int = 0
+
+    def counts(self, prefix: str = "") -> dict[str, int]:
+        return {f"{prefix}skipped_invalid": len(self.skipped),
+                f"{prefix}dropped_nonpositive_reward_gap": self.dropped_nonpositive_reward_gap,
+                f"{prefix}identical_pairs": self.identical_pairs}
+
+
+def _error_at(rec: PreferenceRecord, field_name: str, message: str, kind: str) -> DataError:
+    # ``source`` is already "file:line" (or "file: row N").
+    return DataError(message, path=rec.source or None, field=field_name, kind=kind)
+
+
+def check_for_loss(loaded: LoadResult, spec, *, skip_invalid: bool = False, strict: bool = False) -> LossCheck:
+    """The checks that depend on the loss, shared by ``prefalign data check`` and ``prefalign
+    train`` (before any model loads), so that a file passing one never fails the other:
+
+    * responses the loss stacks ([B, K]: D²O's anchors) have the same count K in every record
+      (the most common K; other rows are errors, or skipped with ``skip_invalid``);
+    * rewards whose gap overflows are errors; ODPO pairs with ``reward_chosen - reward_rejected
+      <= 0`` are dropped and counted (the offset takes the log of the gap);
+    * pairs whose chosen and rejected texts are identical are counted (they carry no preference).
+
+    With ``strict`` the dropped and identical pairs are errors naming file, line and field.
+    ``spec`` is a :class:`prefalign.losses.LossSpec`.
+    """
+    out = LossCheck(records=[], skipped=list(loaded.skipped))
+
+    def bad(err: DataError) -> None:
+        if not skip_invalid:
+            raise err
+        out.skipped.append(err)
+        logger.warning("skipping invalid row: %s", err)
+
+    records = list(loaded.records)
+    if "anchors" in spec.responses:
+        counts: dict[int, int] = {}
+        for rec in records:
+            counts[len(rec.anchors or ())] = counts.get(len(rec.anchors or ()), 0) + 1
+        k = max(counts, key=lambda n: (counts[n], -n)) if counts else 0
+        first = next((r for r in records if len(r.anchors or ()) == k), None)
+        kept = []
+        for rec in records:
+            if len(rec.anchors or ()) == k:
+                kept.append(rec)
+            else:
+                bad(_error_at(rec, "anchors", f"{len(rec.anchors or ())} anchors, but {counts[k]} record(s) have {k} "
+                              f"(e.g. {first.source}): '{spec.name}' needs the same number of anchors in every record",
+                              "ragged_anchors"))
+        records = kept
+
+    if spec.requires_positive_reward_gap:
+        kept = []
+        for rec in records:
+            for name in REWARD_FIELDS:
+                if getattr(rec, name) is None:
+                    raise _error_at(rec, name, _REWARD_MISSING, "reward_missing")
+            gap = rec.reward_chosen - rec.reward_rejected
+            if not math.isfinite(gap):
+                bad(_error_at(rec, "reward_chosen", f"reward gap reward_chosen - reward_rejected overflows ({gap})",
+                              "non_finite"))
+            elif gap > 0:
+                kept.append(rec)
+            elif strict:
+                raise _error_at(rec, "reward_chosen", f"reward gap {rec.reward_chosen} - {rec.reward_rejected} <= 0: "
+                                f"'{spec.name}' takes the log of the gap (--strict; without it such pairs are dropped)",
+                                "nonpositive_reward_gap")
+            else:
+                out.dropped_nonpositive_reward_gap += 1
+        if out.dropped_nonpositive_reward_gap:
+            logger.warning("%s: dropped %d pair(s) whose reward gap is <= 0 (%s needs a positive gap)",
+                           loaded.path, out.dropped_nonpositive_reward_gap, spec.name)
+        records = kept
+
+    if "chosen" in spec.responses and "rejected" in spec.responses:
+        for rec in records:
+            if rec.chosen == rec.rejected:
+                if strict:
+                    raise _error_at(rec, "rejected", "identical to chosen: the pair carries no preference (--strict)",
+                                    "identical_pair")
+                out.identical_pairs += 1
+        if out.identical_pairs:
+            logger.warning("%s: %d pair(s) with chosen == rejected: they carry no preference (zero gradient)",
+                           loaded.path, out.identical_pairs)
+
+    if not records:
+        raise DataError(f"no record left for '{spec.name}' ({len(loaded.records)} valid, "
+                        f"{out.dropped_nonpositive_reward_gap} dropped for a reward gap <= 0, "
+                        f"{len(out.skipped) - len(loaded.skipped)} skipped)", path=loaded.path or None, kind="no_records")
+    out.records = records
+    return out
+
+
+def load_for_loss(path: str | os.PathLike, spec, *, skip_invalid: bool = False, strict: bool = False) -> LossCheck:
+    """:func:`load_records` with the fields ``spec`` requires, then :func:`check_for_loss`."""
+    return check_for_loss(load_records(path, spec.required_fields, skip_invalid=skip_invalid), spec,
+                          skip_invalid=skip_invalid, strict=strict)

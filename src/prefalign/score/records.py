@@ -153,12 +153,17 @@ def score_file(
     skip_invalid: bool = False,
     cache: bool = True,
     show_progress: bool = True,
+    in_place: bool = False,
 ) -> ScoreResult:
     """``prefalign score``: validate the config and the data, build the scorer, score, write JSONL.
 
     ``config`` is a mapping, a validated config, or the path of a YAML file holding one. Nothing is
-    loaded (no model, no data) before the config and the field names are known to be valid.
+    loaded (no model, no data) before the config and the field names are known to be valid. An
+    output that is the input file is refused unless ``in_place``; the output is written atomically
+    (a temporary file renamed into place), so it is never left half-written.
     """
+    if not in_place and same_file(input_path, output_path):
+        raise ScoreConfigError(f"-o {output_path} is the input file: pass --in-place to replace it, or write elsewhere")
     from prefalign.data.io import write_jsonl
     from prefalign.data.validate import load_records
 
@@ -173,8 +178,13 @@ def score_file(
     built = make_scorer(scorer, cfg, cache=cache, show_progress=show_progress)
     result = score_records(loaded.records, built, groups)
     result.skipped_rows = len(loaded.skipped)
-    out = Path(output_path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    write_jsonl(tmp, result.records)
-    os.replace(tmp, out)
+    write_jsonl(Path(output_path), result.records)  # atomic
     return result
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (also through links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()

@@ -37,11 +37,15 @@ class ScoreStageConfig(BaseModel):
         from .records import check_fields
         from .registry import parse_config
 
+        from .records import same_file
+
         try:
             parse_config(self.scorer, self.config, source="config")
             check_fields(self.fields)
         except ScoreConfigError as exc:
             raise ValueError(str(exc)) from None
+        if same_file(self.input, self.output):
+            raise ValueError("output: is the input file; a score stage writes a new file (leave output out)")
         return self
 
 

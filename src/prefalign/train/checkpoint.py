@@ -1,6 +1,7 @@
 """Atomic checkpoints: model/adapters, optimizer, scheduler and RNG through ``accelerate``,
 plus the trainer's own position. A checkpoint folder appears under its final name only once it
-is complete, so a ``kill -9`` at any moment leaves the previous one intact."""
+is complete, so a ``kill -9`` at any moment leaves the previous one intact; the trainer renames it
+into place only once the next forward pass has shown that its weights give a finite loss."""
 
 from __future__ import annotations
 
@@ -10,27 +11,45 @@ import shutil
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+PENDING_PREFIX = ".partial-"  # a checkpoint being written, or not yet known to be good
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> Path:
+def write_pending(accelerator, output_dir: Path, state: dict) -> Path:
+    """Write a checkpoint into a hidden folder that no reader takes for a checkpoint yet; it
+    becomes one with :func:`commit_checkpoint` once its weights are known to give a finite loss
+    (or is thrown away with :func:`discard_pending`)."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state['step']:08d}"
-    tmp = root / f".partial-{final.name}"
+    tmp = root / f"{PENDING_PREFIX}step-{state['step']:08d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     accelerator.save_state(str(tmp), safe_serialization=True)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    return tmp
+
+
+def commit_checkpoint(output_dir: Path, pending: Path, keep: int) -> Path:
+    """Rename a pending checkpoint into place (atomic) and keep only the last ``keep``."""
+    final = pending.parent / pending.name.removeprefix(PENDING_PREFIX)
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    os.replace(pending, final)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def discard_pending(pending: Path | None) -> None:
+    if pending is not None:
+        shutil.rmtree(pending, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> Path:
+    return commit_checkpoint(output_dir, write_pending(accelerator, output_dir, state), keep)
 
 
 def drop_checkpoints(output_dir: Path) -> None:

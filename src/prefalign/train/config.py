@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
-from prefalign.losses import LOSSES
+from prefalign.losses import LOSSES, unknown_loss_message
 from prefalign.models.lora import LoraSettings
 
 ReferenceMode = Literal["auto", "precompute", "copy", "disable-adapters"]
@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are rejected by name ("Input should be a finite number"), before any range check.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = "smollm2-135m-instruct"
     data: Path
@@ -83,12 +84,15 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     skip_invalid: bool = False
+    # Data the trainer would change silently (identical chosen/rejected, prompts or responses cut
+    # to the length limits, ODPO pairs dropped for a reward gap <= 0) is an error instead of a count.
+    strict: bool = False
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.loss not in LOSSES:
-            raise ValueError(f"loss: unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
+            raise ValueError(f"loss: {unknown_loss_message(self.loss)}")
         spec = LOSSES[self.loss]
         unknown = set(self.loss_params) - set(spec.defaults)
         if unknown:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -21,14 +22,28 @@ class MetricsLogger:
             self._tb = None
 
     def log(self, metrics: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._append(metrics)
         if self._tb is not None:
             for k, v in metrics.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, metrics["step"])
+
+    def event(self, row: dict) -> None:
+        """A line that is not a step's metrics (e.g. ``{"step": 4, "event": "resumed", ...}``);
+        readers of the curves skip it, since it has no metric keys."""
+        self._append(row)
+
+    def _append(self, row: dict) -> None:
+        # Strict JSON: a non-finite number (never expected: the trainer stops first) becomes null.
+        line = json.dumps(_finite(row), allow_nan=False)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        """Start a new log: the lines of an earlier run must never mix with this one's."""
+        self.path.unlink(missing_ok=True)
 
     def history(self) -> list[dict]:
         if not self.path.exists():
@@ -44,9 +59,19 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         kept = [row for row in self.history() if row.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +16,19 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from prefalign.data.errors import DataError
+from prefalign.data.io import write_text_atomic
 from prefalign.data.tokenize import TokenizedExample, TokenizeSettings, tokenize_record
-from prefalign.data.validate import filter_positive_reward_gap, load_records
+from prefalign.data.validate import load_for_loss
 from prefalign.data.sources import stable_split
 from prefalign.losses import LossSpec, get_loss, implicit_rewards
 from prefalign.models.loading import load_model, load_tokenizer
 from prefalign.models.lora import apply_lora
 from prefalign.models.registry import cache_root, model_fingerprint, resolve_model
-from prefalign.train.checkpoint import latest_checkpoint, read_state, save_checkpoint
-from prefalign.train.config import TrainConfig
+from prefalign.train.checkpoint import (
+    checkpoints_dir, commit_checkpoint, discard_pending, latest_checkpoint, read_state, save_checkpoint, write_pending,
+)
+from prefalign.train.config import ConfigError, TrainConfig
 from prefalign.train.logging import MetricsLogger
 from prefalign.train.online_anchors import refresh_anchors
 from prefalign.train.precision import resolve_dtype
@@ -32,12 +37,29 @@ from prefalign.train.sequences import collate, sequence_logps, split_groups, sup
 
 log = logging.getLogger("prefalign.train")
 
-#: Config fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = {"max_steps", "epochs", "save_every", "eval_every", "log_every", "keep_checkpoints", "merge"}
+#: Config fields that may change between a run and its resumption: how long it runs, how often
+#: it saves and evaluates, and the optimiser's settings (a lower lr after a divergence). Changes
+#: are logged and recorded in train_log.jsonl as a ``resumed`` event.
+RESUMABLE_CHANGES = {
+    "max_steps", "epochs", "save_every", "eval_every", "log_every", "keep_checkpoints", "merge",
+    "lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
+}
+
+#: What a run writes into its output dir; ``--overwrite`` removes these (and nothing else).
+RUN_FILES = ("checkpoints", "train_log.jsonl", "train_summary.json", "train_config.json", "tensorboard", "model", "adapter")
+
+# Divergence guards (besides a non-finite loss, gradient norm or weight): the trainable weights'
+# norm grown past WEIGHT_EXPLOSION times its value at the start of the run, or a gradient norm past
+# GRAD_EXPLOSION times the median of the run's first GRAD_BASELINE_STEPS steps.
+WEIGHT_EXPLOSION = 10.0
+GRAD_EXPLOSION = 1e4
+GRAD_BASELINE_STEPS = 5
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, gradients or weights became non-finite or exploded. Training stops before the bad
+    weights are saved; the message names the step, the cause and the last good checkpoint (one
+    whose weights gave a finite loss)."""
 
 
 @dataclass
@@ -59,17 +81,10 @@ def prepare_examples(config: TrainConfig, spec: LossSpec, tokenizer) -> tuple[li
     summary: dict = {}
 
     def load(path: Path, name: str):
-        result = load_records(path, spec.required_fields, skip_invalid=config.skip_invalid)
-        records = result.records
-        summary[f"{name}_skipped_invalid"] = len(result.skipped)
-        if spec.requires_positive_reward_gap:
-            records, dropped = filter_positive_reward_gap(records)
-            summary[f"{name}_dropped_nonpositive_reward_gap"] = dropped
-            if dropped:
-                log.warning("%s: dropped %d pairs whose reward gap is <= 0 (%s needs a positive gap)", path, dropped, spec.name)
-            if not records:
-                raise ValueError(f"{path}: no pair left with reward_chosen > reward_rejected")
-        return records
+        # The same checks as `prefalign data check --loss` (one function), before any model loads.
+        checked = load_for_loss(path, spec, skip_invalid=config.skip_invalid, strict=config.strict)
+        summary.update(checked.counts(f"{name}_"))
+        return checked.records
 
     train_records = load(config.data, "train")
     eval_records = load(config.eval_data, "eval") if config.eval_data else []
@@ -78,16 +93,54 @@ def prepare_examples(config: TrainConfig, spec: LossSpec, tokenizer) -> tuple[li
     settings = TokenizeSettings(config.max_length, config.max_prompt_length, config.chat_template, config.toxic_control_token)
     groups = spec.responses
 
-    def tokenize(records, offset):
-        return [
-            tokenize_record(r, offset + i, tokenizer, groups, settings, with_toxic_prompt=spec.needs_toxic_reference)
-            for i, r in enumerate(records)
-        ]
+    def tokenize(records, offset, name):
+        examples = []
+        prompts_cut = responses_cut = 0
+        for i, r in enumerate(records):
+            ex = tokenize_record(r, offset + i, tokenizer, groups, settings, with_toxic_prompt=spec.needs_toxic_reference)
+            if ex.prompt_tokens_cut or ex.responses_cut:
+                if config.strict:
+                    raise _cut_error(r, ex, config)
+                prompts_cut += bool(ex.prompt_tokens_cut)
+                responses_cut += len(ex.responses_cut)
+            examples.append(ex)
+        summary[f"{name}_truncated_prompts"] = prompts_cut
+        summary[f"{name}_truncated_responses"] = responses_cut
+        if prompts_cut or responses_cut:
+            log.warning("%s data: %d prompt(s) cut from the left to fit max_prompt_length=%d / max_length=%d, "
+                        "%d response(s) cut from the right to fit max_length", name, prompts_cut,
+                        config.max_prompt_length, config.max_length, responses_cut)
+        return examples
 
-    train = tokenize(train_records, 0)
-    evaluation = tokenize(eval_records, len(train))
+    train = tokenize(train_records, 0, "train")
+    evaluation = tokenize(eval_records, len(train), "eval")
     summary.update(train_examples=len(train), eval_examples=len(evaluation))
     return train, evaluation, summary
+
+
+def _cut_error(record, example: TokenizedExample, config: TrainConfig) -> DataError:
+    if example.prompt_tokens_cut:
+        kept = len(example.prompt_ids)
+        return DataError(f"prompt is {kept + example.prompt_tokens_cut} tokens; training would cut it to {kept} "
+                         f"(max_prompt_length {config.max_prompt_length}, max_length {config.max_length}; --strict)",
+                         path=record.source or None, field="prompt", kind="truncated_prompt")
+    name = example.responses_cut[0]
+    field_name = f"anchors[{name.split('.')[1]}]" if name.startswith("anchors.") else name
+    return DataError(f"response would be cut to fit max_length {config.max_length} (--strict)",
+                     path=record.source or None, field=field_name, kind="truncated_response")
+
+
+def data_changes(summary: dict) -> list[str]:
+    """The data changes a run made, in words (for the CLI and the log): empty when none."""
+    words = {"skipped_invalid": "invalid row(s) skipped", "dropped_nonpositive_reward_gap": "pair(s) dropped for a reward gap <= 0",
+             "identical_pairs": "pair(s) with chosen == rejected (no preference, kept)",
+             "truncated_prompts": "prompt(s) cut to the length limit", "truncated_responses": "response(s) cut to max_length"}
+    out = []
+    for split in ("train", "eval"):
+        for key, text in words.items():
+            if summary.get(f"{split}_{key}"):
+                out.append(f"{split}: {summary[f'{split}_{key}']} {text}")
+    return out
 
 
 LENGTH_WINDOW_BATCHES = 16
@@ -133,9 +186,11 @@ def batch_metrics(spec: LossSpec, policy: dict, reference: dict, beta: float) ->
         }
 
 
-def rewards_of(examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+def rewards_of(examples: Sequence[TokenizedExample], device=None) -> dict[str, torch.Tensor]:
+    """Rewards in float64: a gap that validation saw as positive (e.g. 1.0 + 1e-9 vs 1.0) must not
+    round to a tie in float32, where ODPO's log of the gap would fail mid-training."""
     names = examples[0].rewards.keys()
-    return {n: torch.tensor([ex.rewards[n] for ex in examples], dtype=torch.float32) for n in names}
+    return {n: torch.tensor([ex.rewards[n] for ex in examples], dtype=torch.float64, device=device) for n in names}
 
 
 # -------------------------------------------------------------------------------------- trainer
@@ -152,11 +207,15 @@ def make_adamw(params, **kwargs) -> torch.optim.AdamW:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, resume: bool = False, show_progress: bool = True):
-        self.config, self.resume, self.show_progress = config, resume, show_progress
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True):
+        self.config, self.resume, self.overwrite, self.show_progress = config, resume, overwrite, show_progress
         self.spec = get_loss(config.loss)
         self.params = config.resolved_loss_params()
         self.output_dir = Path(config.output_dir)
+        self.pending: Path | None = None  # a checkpoint written but not yet shown to give a finite loss
+        self.resume_changes: dict[str, list] = {}
+        self.grad_norms: list[float] = []  # the first GRAD_BASELINE_STEPS steps' gradient norms
+        self.start_weight_norm: float | None = None
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -164,14 +223,17 @@ class Trainer:
         from accelerate.utils import set_seed
 
         config = self.config
-        # Data first: a bad file fails in seconds, before any model is loaded.
+        # The output dir's state, then the data: a conflict or a bad file fails in seconds,
+        # before any model is loaded.
+        self._check_output_dir()
+        self._check_resume_compatible()
         self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self.train_examples, self.eval_examples, self.data_summary = prepare_examples(config, self.spec, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
 
+        self._clear_output_dir()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._check_resume_compatible()
-        (self.output_dir / "train_config.json").write_text(config.model_dump_json(indent=1))
+        write_text_atomic(self.output_dir / "train_config.json", config.model_dump_json(indent=1))
         set_seed(config.seed)
         self.dtype = resolve_dtype(config.dtype)
         self.accelerator = Accelerator(mixed_precision="bf16" if self.dtype == "bfloat16" else "no", cpu=not torch.cuda.is_available())
@@ -199,6 +261,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.refreshed_anchors: dict[int, list[list[int]]] = {}
         self.logger = MetricsLogger(self.output_dir)
+        self.start_weight_norm = self._weight_norm()
         if self.resume:
             self._load_checkpoint()
 
@@ -248,19 +311,64 @@ class Trainer:
             )
         return tables[0], tables[1]
 
-    # -- checkpoints --------------------------------------------------------------------------
+    # -- output dir and checkpoints -------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        """Refuse, before any work, to mix two runs in one output dir."""
+        out = self.output_dir
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite: give one (continue the run in the output dir, or replace it)")
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output_dir {out}: exists and is not a folder")
+        if self.overwrite:
+            return
+        has_checkpoint = latest_checkpoint(out) is not None
+        finished = (out / "train_summary.json").exists()
+        if not self.resume and has_checkpoint:
+            raise ConfigError(f"checkpoints at {checkpoints_dir(out)}: pass --resume, or --overwrite")
+        if finished and not has_checkpoint:
+            raise ConfigError(f"{out} holds a finished run (train_summary.json) and no checkpoint to resume from: "
+                              "pass --overwrite, or another --output-dir")
+
+    def _clear_output_dir(self) -> None:
+        """``--overwrite``: remove the earlier run's files. A fresh run whose output dir holds only
+        the log of a run that saved no checkpoint (nothing to resume) starts a new log."""
+        import shutil
+
+        out = self.output_dir
+        if self.overwrite:
+            removed = [name for name in RUN_FILES if (out / name).exists()]
+            for name in removed:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if removed:
+                log.info("--overwrite: removed the earlier run's %s from %s", ", ".join(removed), out)
+        elif not self.resume and (out / "train_log.jsonl").exists():
+            log.info("%s: the earlier run saved no checkpoint; starting a new train_log.jsonl", out)
+            (out / "train_log.jsonl").unlink()
+
     def _check_resume_compatible(self) -> None:
         saved = self.output_dir / "train_config.json"
-        if not (self.resume and saved.exists()):
+        if not (self.resume and saved.exists() and latest_checkpoint(self.output_dir) is not None):
             return
         before = json.loads(saved.read_text())
         now = json.loads(self.config.model_dump_json())
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
+        # A field added since that run started counts as its default there.
+        defaults = json.loads(type(self.config)(data=self.config.data, output_dir=self.config.output_dir).model_dump_json())
+
+        def old(k):
+            return before.get(k, defaults.get(k))
+
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and old(k) != now[k])
         if changed:
-            raise ValueError(f"--resume: {self.output_dir} was trained with different settings for {changed}; use a new output dir")
+            raise ConfigError(
+                f"--resume: {self.output_dir} was trained with different settings for {changed}; only "
+                f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume: use a new output dir, or --overwrite"
+            )
+        self.resume_changes = {k: [old(k), now[k]] for k in sorted(RESUMABLE_CHANGES) if k in now and old(k) != now[k]}
 
     def _state(self) -> dict:
-        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "loss": self.config.loss}
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "loss": self.config.loss,
+                 "start_weight_norm": self.start_weight_norm, "grad_norms": self.grad_norms}
         if self.refreshed_anchors:
             state["refreshed_anchors"] = {str(k): v for k, v in self.refreshed_anchors.items()}
         return state
@@ -274,16 +382,111 @@ class Trainer:
         self.accelerator.load_state(str(checkpoint))
         state = read_state(checkpoint)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.start_weight_norm = state.get("start_weight_norm") or self.start_weight_norm
+        self.grad_norms = list(state.get("grad_norms", []))
         by_index = {ex.index: ex for ex in self.train_examples}
         for index, anchors in state.get("refreshed_anchors", {}).items():
             by_index[int(index)].responses["anchors"] = anchors
             self.refreshed_anchors[int(index)] = anchors
+        if self.resume_changes:
+            self._apply_optimizer_settings()
+            log.warning("--resume: from step %d with changed settings: %s", self.step,
+                        "; ".join(f"{k} {a} -> {b}" for k, (a, b) in self.resume_changes.items()))
         # Steps the killed run logged after its last checkpoint are run again: drop their lines.
         self.logger.truncate_after(self.step)
+        self.logger.event({"step": self.step, "event": "resumed", "checkpoint": checkpoint.name,
+                           "changed": self.resume_changes})
         log.info("resumed from %s (step %d)", checkpoint, self.step)
+
+    def _apply_optimizer_settings(self) -> None:
+        """After loading a checkpoint: the config's lr, schedule, warmup and weight decay replace the
+        saved ones (the scheduler keeps its position; its lambdas already come from the config)."""
+        config = self.config
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        scheduler = getattr(self.scheduler, "scheduler", self.scheduler)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = config.lr
+            group["weight_decay"] = config.weight_decay
+        if hasattr(scheduler, "lr_lambdas"):
+            scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+            lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
 
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.accelerator, self.output_dir, self._state(), self.config.keep_checkpoints)
+
+    def _save_pending(self) -> None:
+        discard_pending(self.pending)
+        self.pending = write_pending(self.accelerator, self.output_dir, self._state())
+
+    def _settle_pending(self, loss_is_finite: bool) -> None:
+        """The pending checkpoint's weights just gave a loss: keep the checkpoint only if it is finite."""
+        if self.pending is None:
+            return
+        if loss_is_finite:
+            commit_checkpoint(self.output_dir, self.pending, self.config.keep_checkpoints)
+        else:
+            discard_pending(self.pending)
+        self.pending = None
+
+    def _verify_final_weights(self) -> None:
+        """The last checkpoint has no next step to test it: one forward pass without gradients."""
+        if self.pending is None:
+            return
+        examples = self.upcoming_examples(1)
+        losses, *_ = self.loss_on(examples, self.reference, train=False)
+        loss = losses.mean()
+        finite = bool(torch.isfinite(loss))
+        self._settle_pending(finite)
+        if not finite:
+            self._diverged(f"the loss at the final weights is {loss.item()}", step=self.step)
+
+    # -- divergence -----------------------------------------------------------------------------
+    def _trainable(self):
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _weight_norm(self) -> float:
+        norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for _, p in self._trainable()]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def _diverged(self, cause: str, *, step: int | None = None):
+        step = self.step + 1 if step is None else step
+        discard_pending(self.pending)
+        self.pending = None
+        self.optimizer.zero_grad(set_to_none=True)
+        last = latest_checkpoint(self.output_dir)
+        lower = f"{self.config.lr / 10:g}"
+        if last is not None:
+            advice = (f"last good checkpoint: {last} (step {read_state(last)['step']}: finite loss and weights); to go on "
+                      f"from it with a lower learning rate, run the same command with --resume --lr {lower}")
+        else:
+            advice = f"no checkpoint was kept; run again with a lower learning rate (e.g. --lr {lower})"
+        raise TrainingDiverged(f"training stopped at step {step}: {cause}; {advice}")
+
+    def _check_gradients(self, grad_norm: float) -> None:
+        if not math.isfinite(grad_norm):
+            self._diverged(f"the gradient norm is {grad_norm}")
+        if len(self.grad_norms) >= GRAD_BASELINE_STEPS:
+            baseline = sorted(self.grad_norms)[len(self.grad_norms) // 2]
+            if baseline > 0 and grad_norm > GRAD_EXPLOSION * baseline:
+                self._diverged(f"the gradient norm exploded to {grad_norm:.3g}, over {GRAD_EXPLOSION:g}x the median "
+                               f"{baseline:.3g} of the first {GRAD_BASELINE_STEPS} steps")
+        else:
+            self.grad_norms.append(grad_norm)
+
+    def _check_weights(self) -> None:
+        norm = self._weight_norm()
+        if not math.isfinite(norm):
+            bad = [n for n, p in self._trainable() if not bool(torch.isfinite(p).all())]
+            if bad:
+                shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                self._diverged(f"the update made weights non-finite (nan/inf in {shown})")
+        start = self.start_weight_norm or 0.0
+        if not math.isfinite(norm) or (start > 0 and norm > WEIGHT_EXPLOSION * start):
+            self._diverged(f"the weights exploded: the trainable weights' norm grew from {start:.3g} to {norm:.3g} "
+                           f"(over {WEIGHT_EXPLOSION:g}x its value at the start of the run)")
 
     # -- steps ---------------------------------------------------------------------------------
     def loss_on(self, examples: Sequence[TokenizedExample], reference_fn, *, train: bool):
@@ -292,8 +495,9 @@ class Trainer:
         context = torch.enable_grad() if train else torch.no_grad()
         with context:
             policy = split_groups(sequence_logps(self.model, batch), batch.rows)
-        reference = {k: v.to(policy[next(iter(policy))].device) for k, v in reference_fn(examples).items()}
-        rewards = rewards_of(examples) if examples[0].rewards else {}
+        device = policy[next(iter(policy))].device
+        reference = {k: v.to(device) for k, v in reference_fn(examples).items()}
+        rewards = rewards_of(examples, device) if examples[0].rewards else {}
         losses = self.spec.compute(policy, reference, rewards, **self.params)
         return losses, policy, reference, batch.num_tokens
 
@@ -346,27 +550,28 @@ class Trainer:
             with ctx:
                 losses, policy, reference, n_tokens = self.loss_on(examples, self.reference, train=True)
                 loss = losses.mean()
-                if not torch.isfinite(loss):
-                    last = latest_checkpoint(self.output_dir)
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {self.step + 1}; training stopped. "
-                        f"Last good checkpoint: {last or 'none yet'} (resume from it with a lower lr)"
-                    )
+                finite = bool(torch.isfinite(loss))
+                if micro == 0:  # the weights of the pending checkpoint just gave this loss
+                    self._settle_pending(finite)
+                if not finite:
+                    self._diverged(f"the loss is {loss.item()}")
                 accelerator.backward(loss / config.grad_accum)
             loss_sum += loss.item() / config.grad_accum
             tokens += n_tokens
             for k, v in batch_metrics(self.spec, policy, reference, self.params.get("beta", 0.1)).items():
                 totals[k] = totals.get(k, 0.0) + v / config.grad_accum
-        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or float("inf"))
+        grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or float("inf")))
+        self._check_gradients(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._check_weights()  # before anything is saved from these weights
         self.step += 1
         elapsed = time.perf_counter() - started
         return {
             "step": self.step, "epoch": self.epoch, "loss": loss_sum, **totals,
-            "grad_norm": float(grad_norm), "lr": lr,
+            "grad_norm": grad_norm, "lr": lr,
             "tokens_per_s": tokens / elapsed, "samples_per_s": config.batch_size * config.grad_accum / elapsed,
             "step_time_s": elapsed,
         }
@@ -404,8 +609,9 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracy', float('nan')):.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if self.step % config.save_every == 0 or self.step == self.total_steps:
-                self.save_checkpoint()
+                self._save_pending()  # kept once the next forward pass gives a finite loss
         bar.close()
+        self._verify_final_weights()
         final_eval = self.evaluate()
         if final_eval:
             self.logger.log({"step": self.step, **final_eval})
@@ -416,26 +622,36 @@ class Trainer:
         adapter_dir = None
         if self.config.lora is not None:
             adapter_dir = self.output_dir / "adapter"
-            model.save_pretrained(adapter_dir)
-            self.tokenizer.save_pretrained(adapter_dir)
+            self._save_folder(adapter_dir, model)
             model_dir = self.output_dir / "model"
             if self.config.merge:
-                merged = model.merge_and_unload()
-                merged.save_pretrained(model_dir)
-                self.tokenizer.save_pretrained(model_dir)
+                self._save_folder(model_dir, model.merge_and_unload())
             else:
                 model_dir = adapter_dir
         else:
             model_dir = self.output_dir / "model"
-            model.save_pretrained(model_dir)
-            self.tokenizer.save_pretrained(model_dir)
+            self._save_folder(model_dir, model)
         self.logger.close()
         summary = {
             "steps": self.step, "final_loss": final_loss, "model_dir": str(model_dir),
             "adapter_dir": str(adapter_dir) if adapter_dir else None, "data": self.data_summary, **final_eval,
         }
-        (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(self.output_dir / "train_summary.json", json.dumps(summary, indent=1))
         return TrainResult(self.output_dir, self.step, final_loss, model_dir, adapter_dir, self.logger.history(), self.data_summary)
+
+
+    def _save_folder(self, final: Path, model) -> None:
+        """Save into a hidden folder, then swap it in: a kill never leaves a half-written model."""
+        import shutil
+
+        tmp = final.with_name(f".{final.name}.partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
 
 
 def _no_reference(examples) -> dict:
@@ -450,7 +666,9 @@ class _null:
         return False
 
 
-def run_training(config: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    trainer = Trainer(config, resume=resume, show_progress=show_progress)
+def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train. An output dir holding an earlier run's checkpoints needs ``resume`` (continue it;
+    only RESUMABLE_CHANGES may differ) or ``overwrite`` (remove it and start again)."""
+    trainer = Trainer(config, resume=resume, overwrite=overwrite, show_progress=show_progress)
     trainer.setup()
     return trainer.train()

