@@ -182,6 +182,12 @@ def test_non_finite_numbers_are_rejected_by_name(tmp_path, tiny_model):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_rm_rejects_non_finite_numbers_too(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", pair_rows(4))
+    result = cli("train-rm", "--data", data, "-o", tmp_path / "rm", "--lr", "nan", "-q")
+    assert result.exit_code == 2 and error_line(result) == "error: flags: field 'lr': must be a finite number, found nan"
+
+
 def test_a_huge_lr_stops_with_the_step_and_the_cause(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", pair_rows(8))
     out = tmp_path / "run"
