@@ -243,3 +243,11 @@ def test_generate_command_runs_and_resumes(tiny_model, tmp_path, prompt_file):
 
     check = runner.invoke(app, ["data", "check", str(out), "--loss", "d2o"])
     assert check.exit_code == 0 and f"{len(rows)} valid records" in " ".join(check.output.split())
+
+
+@pytest.mark.parametrize("field, value", [("temperature", float("inf")), ("top_p", float("nan"))])
+def test_non_finite_sampling_numbers_are_rejected_by_name(tmp_path, field, value):
+    from prefalign.generate.config import GenerateConfigError
+
+    with pytest.raises(GenerateConfigError, match=field):
+        load_generate_config(None, {"strategy": "critique", "output": str(tmp_path / "o.jsonl"), field: value})

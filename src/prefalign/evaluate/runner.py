@@ -41,7 +41,7 @@ class EvalConfigError(ValueError):
 
 
 class PromptSetConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/nan: an error naming the field
 
     name: str
     source: str  # a prompt source of prefalign.data.prompts (advbench, rho-overrefusal, file, ...)
@@ -61,7 +61,7 @@ class ReferenceTextConfig(BaseModel):
     perplexity of each model on them, given their chat-rendered prompts, shows whether training
     broke the model's language modelling."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/nan: an error naming the field
 
     name: str
     source: str  # a prompt source of prefalign.data.prompts
@@ -75,7 +75,7 @@ class ReferenceTextConfig(BaseModel):
 
 
 class SamplingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/nan: an error naming the field
 
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(0.7, ge=0)
@@ -85,7 +85,7 @@ class SamplingConfig(BaseModel):
 
 
 class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/nan: an error naming the field
 
     title: str = "prefalign evaluation"
     output_dir: Path

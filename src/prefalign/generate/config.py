@@ -44,7 +44,7 @@ class GenerateConfigError(ValueError):
 
 
 class PromptSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/nan: an error naming the field
 
     source: str = Field("advbench", description="a built-in prompt set or 'file'")
     path: Path | None = Field(None, description="the prompt file, for source 'file'")
@@ -67,7 +67,7 @@ class PromptSettings(BaseModel):
 
 
 class GenerateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/nan: an error naming the field
 
     strategy: str = Field(..., description="the generation strategy")
     prompts: PromptSettings = Field(default_factory=PromptSettings)

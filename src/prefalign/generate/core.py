@@ -32,7 +32,7 @@ Scorer = Callable[[Sequence[str]], Sequence[float]]  # texts -> one float per te
 class StrategyConfig(BaseModel):
     """Base of every strategy's typed configuration: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/nan: an error naming the field
 
 
 # ----------------------------------------------------------------------------- outputs
