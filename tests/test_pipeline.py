@@ -134,3 +134,27 @@ def test_extends_merges_a_variant_onto_its_recipe(tmp_path):
     (tmp_path / "missing.yaml").write_text(yaml.safe_dump({"extends": "nope.yaml"}))
     with pytest.raises(RecipeError, match="no recipe at"):
         plan_recipe(tmp_path / "missing.yaml")
+
+
+def test_a_new_option_left_at_its_default_keeps_finished_stages_cached(tmp_path, monkeypatch):
+    from pydantic import Field
+
+    from prefalign.pipeline import MergeStage
+
+    recipe = {"name": "k", "output_dir": str(tmp_path / "run"), "stages": {
+        "pairs": {"kind": "merge", "inputs": ["a.jsonl"]},
+        "eval": {"kind": "eval", "models": {"base": "x"}, "refusal_scorer": None, "toxicity_scorer": None}}}
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    before = [s.key for s in plan_recipe(path)]
+
+    class Newer(MergeStage):
+        dedupe: bool = Field(False)
+
+    monkeypatch.setattr("prefalign.pipeline.MergeStage", Newer)
+    from prefalign import pipeline
+
+    monkeypatch.setitem(pipeline.STAGE_KINDS, "merge", pipeline.StageKind(
+        "merge", pipeline.STAGE_KINDS["merge"].defaults, lambda v: Newer.model_validate(v),
+        pipeline.STAGE_KINDS["merge"].outputs, pipeline.STAGE_KINDS["merge"].run))
+    assert [s.key for s in plan_recipe(path)] == before

@@ -328,7 +328,9 @@ def plan_recipe(path: Path, *, output_dir: Path | None = None) -> list[PlannedSt
 
 
 def _jsonable(config) -> Any:
-    return config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+    # Values left at their defaults are not part of a stage's key: a new option (with a default that
+    # keeps today's behaviour) must not make every finished stage of every run start over.
+    return config.model_dump(mode="json", exclude_defaults=True) if hasattr(config, "model_dump") else config
 
 
 def _read(path: Path) -> dict | None:
