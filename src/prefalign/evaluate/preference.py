@@ -22,6 +22,7 @@ class PreferenceScore:
     share_ci95: tuple[float, float]  # Wilson score interval
     mean_gap: float  # mean of logp(chosen) - logp(rejected), nats
     gap_stderr: float
+    wins: list[bool] | None = None  # per pair: logp(chosen) > logp(rejected) (for paired differences)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -44,4 +45,4 @@ def preference_score(model, tokenizer, records, settings: TokenizeSettings | Non
     wins = int((gaps > 0).sum())
     n = len(gaps)
     stderr = float(gaps.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    return PreferenceScore(n, wins / n, wilson_interval(wins, n), float(gaps.mean()), stderr)
+    return PreferenceScore(n, wins / n, wilson_interval(wins, n), float(gaps.mean()), stderr, (gaps > 0).tolist())
