@@ -147,16 +147,28 @@ def test_render_uses_chat_template(backend, monkeypatch):
 
     monkeypatch.setattr(backend.tokenizer, "apply_chat_template", spy)
     fed = []
-    real_generate = backend.model.generate
+    real_batch = backend._generate_batch  # both engines get their prompt ids here
 
-    def spy_generate(**kwargs):
-        fed.append(kwargs["input_ids"][0].tolist())
-        return real_generate(**kwargs)
+    def spy_batch(prompts, params, n_rows):
+        fed.extend(prompts)
+        return real_batch(prompts, params, n_rows)
 
-    monkeypatch.setattr(backend.model, "generate", spy_generate)
+    monkeypatch.setattr(backend, "_generate_batch", spy_batch)
     backend.generate([conv], SamplingParams(max_new_tokens=2, temperature=0))
     assert seen and seen[0][1]["add_generation_prompt"] is True
     assert backend.tokenizer.decode(fed[0]) == text
+    # ...and model.generate (the hf engine) is fed the same ids.
+    hf = TransformersBackend(backend.model, backend.tokenizer, show_progress=False, engine="hf")
+    fed_hf = []
+    real_generate = hf.model.generate
+
+    def spy_generate(**kwargs):
+        fed_hf.append(kwargs["input_ids"][0].tolist())
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(hf.model, "generate", spy_generate)
+    hf.generate([conv], SamplingParams(max_new_tokens=2, temperature=0))
+    assert fed_hf == fed
 
 
 def test_stats_recorded(backend, caplog):

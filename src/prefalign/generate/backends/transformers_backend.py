@@ -1,11 +1,24 @@
-"""Generation with plain ``transformers``: batched ``model.generate`` with left padding and a KV cache.
+"""Generation with a local ``transformers`` model, batched with left padding and a KV cache.
+
+Two engines run the model:
+
+- ``fast`` (the default on a CPU for Llama-family models, :mod:`.fast_decode`): a hand-written
+  decode loop with fused weights (bf16 where the CPU multiplies bf16 natively), a KV cache
+  allocated once per batch, each prompt prefilled once for its ``n`` samples, ended rows dropped
+  from the batch, the thread count tuned to the machine's load, and a sampler that does not sort
+  the vocabulary. In fp32 its greedy tokens are HF ``generate``'s.
+- ``hf``: ``model.generate`` (any model, any device; the fallback).
+
+In both:
 
 - Conversations are rendered with the tokenizer's chat template (``add_generation_prompt=True``), or
   as ``User: ...\\nAssistant:`` text when the tokenizer has none (:meth:`TransformersBackend.render`).
 - Prompts are sorted by token length and cut into batches, so little compute goes to padding;
   results come back in the input order.
-- Sampling is seeded per batch from ``(seed, batch contents, sampling params)``: the same inputs give
-  the same outputs whatever ran before, and the global torch RNG is left untouched.
+- Sampling is seeded: the same inputs give the same outputs whatever ran before, and the global
+  torch RNG is left untouched. ``fast`` seeds each sample row from (seed, sampling settings,
+  prompt, sample index), so a row's tokens do not depend on the rest of its batch; ``hf`` seeds
+  each batch from (seed, batch contents, sampling settings).
 - Only the new tokens are decoded (special tokens skipped); texts are cut at the first stop string.
 """
 
@@ -36,13 +49,24 @@ from prefalign.generate.backends.base import (
 log = logging.getLogger("prefalign.generate")
 
 
+ENGINES = ("auto", "fast", "hf")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
 class TransformersBackend:
-    """The default backend: a local causal LM driven by ``model.generate``.
+    """The default backend: a local causal LM, run by the fast decode loop or ``model.generate``.
 
     ``model`` is a registry name (``smollm2-135m-instruct``, ``tiny-random``), a local HF folder, a
     ``.gguf`` file, or an already loaded model (then pass ``tokenizer`` too, or the tokenizer is
-    loaded from ``model.name_or_path``). ``batch_size`` counts sequences per ``generate`` call, so
-    with sampling and ``n > 1`` each batch holds ``batch_size // n`` prompts (at least one).
+    loaded from ``model.name_or_path``). ``batch_size`` counts sequences per batch, so with
+    sampling and ``n > 1`` each batch holds ``batch_size // n`` prompts (at least one).
+
+    ``engine``: ``auto`` (``fast`` for a Llama-family model on a CPU whose generation config asks
+    for nothing but temperature/top-k/top-p, else ``hf``), ``fast`` or ``hf``
+    (:mod:`prefalign.generate.backends.fast_decode`). ``compute_dtype``: the fast engine's matmul
+    precision; ``auto`` is bf16 on a CPU with native bf16 (AVX512-BF16/AMX, as ``dtype: auto``
+    decides for training) and fp32 elsewhere; norms, attention and the residual stream stay fp32.
+    ``threads``: the fast engine's intra-op threads (``None``: tuned while decoding).
     """
 
     name = "transformers"
@@ -51,17 +75,26 @@ class TransformersBackend:
         self,
         model,
         tokenizer=None,
-        batch_size: int = 8,
+        batch_size: int = 32,
         dtype: str = "float32",
         trust_remote_code: bool = False,
         *,
         device: str | None = None,
         show_progress: bool = True,
+        engine: str = "auto",
+        compute_dtype: str = "auto",
+        threads: int | None = None,
     ) -> None:
         from prefalign.models.loading import load_model, load_tokenizer
 
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+        if threads is not None and threads < 1:
+            raise ValueError("threads must be >= 1")
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.last_stats = GenerationStats()
@@ -107,9 +140,51 @@ class TransformersBackend:
         if self.pad_token_id in set(getattr(tokenizer, "all_special_ids", []) or []):
             self._end_ids.add(self.pad_token_id)
         self._stop_support: dict[tuple[str, ...], bool] = {}
+        self.engine, self.engine_reason = self._choose_engine(engine)
+        self.compute_dtype = self._choose_compute_dtype(compute_dtype) if self.engine == "fast" else None
+        self._decoder = None
+        self._threads = threads
+        log.info("transformers backend: %s engine%s (%s)", self.engine,
+                 f", {self.compute_dtype} matmuls" if self.compute_dtype else "", self.engine_reason)
 
     def __repr__(self) -> str:
-        return f"TransformersBackend(model_id={self.model_id!r}, batch_size={self.batch_size})"
+        return f"TransformersBackend(model_id={self.model_id!r}, batch_size={self.batch_size}, engine={self.engine!r})"
+
+    def _choose_engine(self, requested: str) -> tuple[str, str]:
+        from prefalign.generate.backends.fast_decode import unsupported_reason
+
+        if requested == "hf":
+            return "hf", "asked for"
+        reason = unsupported_reason(self.model)
+        if requested == "fast":
+            if reason:
+                raise ValueError(f"engine 'fast' cannot run this model: {reason}; use engine 'hf'")
+            return "fast", "asked for"
+        if reason:
+            return "hf", f"fast path not available: {reason}"
+        if self.model.device.type != "cpu":
+            return "hf", f"on {self.model.device.type}, model.generate is the tested path"
+        return "fast", "llama-family model on the CPU"
+
+    def _choose_compute_dtype(self, requested: str) -> str:
+        if requested != "auto":
+            return requested
+        from prefalign.train.precision import bf16_is_fast
+
+        if self.model.dtype in (torch.float32, torch.bfloat16) and bf16_is_fast(self.model.device.type)[0]:
+            return "bfloat16"
+        return "float32"
+
+    @property
+    def decoder(self):
+        """The fast engine's :class:`~prefalign.generate.backends.fast_decode.FastDecoder` (built
+        on first use; it re-reads the weights when the model's parameters changed)."""
+        if self._decoder is None:
+            from prefalign.generate.backends.fast_decode import FastDecoder
+
+            self._decoder = FastDecoder(self.model, getattr(torch, self.compute_dtype), threads=self._threads,
+                                        device=self.model.device)
+        return self._decoder
 
     # ------------------------------------------------------------------ prompts
 
@@ -171,19 +246,51 @@ class TransformersBackend:
         stats.seconds = time.perf_counter() - start
         stats.extra = {
             "backend": self.name,
+            "engine": self.engine,
+            "compute_dtype": self.compute_dtype,
             "batches": len(batches),
             "prompt_tokens": prompt_tokens,
             "padding_tokens": padded,
             "sequences": len(prompts) * n_rows,
         }
         self.last_stats = stats
+        if self.engine == "fast" and self.decoder.tuner is not None:
+            stats.extra["threads"] = self.decoder.tuner.best
         log.info(
-            "generated %d tokens for %d prompts in %.2fs (%.1f tokens/s, %d batches)",
-            stats.new_tokens, stats.prompts, stats.seconds, stats.tokens_per_s, len(batches),
+            "generated %d tokens for %d prompts in %.2fs (%.1f tokens/s, %d batches, %s engine)",
+            stats.new_tokens, stats.prompts, stats.seconds, stats.tokens_per_s, len(batches), self.engine,
         )
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, n_rows: int) -> list[list[int]]:
+        """New token ids of ``n_rows`` rows per prompt (prompt-major), cut before the first end token."""
+        if self.engine == "fast":
+            return self._generate_batch_fast(prompts, params, n_rows)
+        return self._generate_batch_hf(prompts, params, n_rows)
+
+    def _generate_batch_fast(self, prompts: list[list[int]], params: SamplingParams, n_rows: int) -> list[list[int]]:
+        from prefalign.generate.backends.fast_decode import Sampler, row_seed
+
+        seeds: list[int] = []
+        if params.temperature > 0:
+            for p in prompts:
+                for j in range(n_rows):
+                    if params.seed is None:  # unseeded: the global torch RNG decides, as with model.generate
+                        seeds.append(int(torch.randint(0, 2**62, (1,)).item()))
+                    else:
+                        seeds.append(row_seed(params.seed, params.temperature, params.top_p, params.top_k, p, j))
+        sampler = Sampler(params.temperature, params.top_p, params.top_k, row_seeds=seeds)
+        stop_check = None
+        if params.stop:
+            stops = [s for s in params.stop if s]
+
+            def stop_check(ids: list[int]) -> bool:
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                return any(s in text for s in stops)
+
+        return self.decoder.generate(prompts, n_rows, params.max_new_tokens, sampler, self._end_ids, stop_check)
+
+    def _generate_batch_hf(self, prompts: list[list[int]], params: SamplingParams, n_rows: int) -> list[list[int]]:
         device = self.model.device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
