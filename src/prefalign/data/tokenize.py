@@ -1,7 +1,8 @@
 """Turn preference records into token ids.
 
-Prompts are rendered with the tokenizer's chat template (chat messages always; plain strings when
-``chat_template`` is ``auto`` and the tokenizer has one, or ``always``). Every response ends with
+Prompts are rendered by the one prompt renderer, :func:`prefalign.data.render.encode_prompt` (the
+chat template, or its plain-role fallback, per ``chat_template: auto|always|never``), which
+generation, the reward model and evaluation use too. Every response ends with
 the tokenizer's end-of-sequence token so the model learns to stop, except those a generation's
 token limit cut (listed in ``meta.truncated``, e.g. ``["rejected", "anchors.2"]``). When an
 example is too long the prompt loses tokens from the left (its end, next to the response, matters
@@ -11,11 +12,13 @@ most) and responses from the right, as in the DPO papers' reference code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 from prefalign.data.records import PreferenceRecord, response_name
+from prefalign.data.render import ChatTemplateMode, encode_prompt
 
-ChatTemplateMode = Literal["auto", "always", "never"]
+__all__ = ["ChatTemplateMode", "TokenizeSettings", "TokenizedExample", "encode_prompt", "encode_response",
+           "tokenize_record", "truncate"]
 
 
 @dataclass(frozen=True)
@@ -47,38 +50,6 @@ class TokenizedExample:
     def num_tokens(self) -> int:
         total = sum(len(self.prompt_ids) + len(r) for group in self.responses.values() for r in group)
         return total
-
-
-def _uses_chat_template(tokenizer, prompt, mode: ChatTemplateMode) -> bool:
-    if isinstance(prompt, list):
-        return True
-    if mode == "never":
-        return False
-    return mode == "always" or bool(getattr(tokenizer, "chat_template", None))
-
-
-def _with_control_token(prompt, token: str):
-    """Insert the control token at the start of the last user turn (or of a plain prompt)."""
-    if isinstance(prompt, str):
-        return f"{token} {prompt}"
-    messages = [dict(m) for m in prompt]
-    for message in reversed(messages):
-        if message["role"] == "user":
-            message["content"] = f"{token} {message['content']}"
-            break
-    else:
-        messages.append({"role": "user", "content": token})
-    return messages
-
-
-def encode_prompt(tokenizer, prompt, mode: ChatTemplateMode = "auto") -> list[int]:
-    if _uses_chat_template(tokenizer, prompt, mode):
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("prompt is a list of chat messages but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
 def encode_response(tokenizer, text: str, *, finished: bool = True) -> list[int]:
@@ -120,9 +91,9 @@ def tokenize_record(
     responses = {g: [next(it) for _ in encoded[g]] for g in groups}
     toxic_prompt_ids = None
     if with_toxic_prompt:
-        toxic_prompt = _with_control_token(record.prompt, settings.toxic_control_token)
         toxic_prompt_ids, _ = truncate(
-            encode_prompt(tokenizer, toxic_prompt, settings.chat_template), responses.get("toxic", []), settings
+            encode_prompt(tokenizer, record.prompt, settings.chat_template, control_token=settings.toxic_control_token),
+            responses.get("toxic", []), settings,
         )
     rewards = {
         name: float(value)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from prefalign.data.io import write_jsonl
 from prefalign.data.prompts import Prompt
-from prefalign.data.tokenize import _with_control_token
+from prefalign.data.render import with_control_token
 from prefalign.generate.backends.base import Completion, is_truncated
 from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, pair_problem, stripped, user
 from prefalign.generate.jsonl import read_lines, rewrite
@@ -97,12 +97,12 @@ def sft_records(prompt: str, samples: Sequence[str], scores: Sequence[float], th
     for text, toxic in zip(samples, label(scores, threshold)):
         if text.strip():
             meta = {"label": "toxic" if toxic else "non_toxic", **({"truncated": ["chosen"]} if is_truncated(text) else {})}
-            records.append({"prompt": _with_control_token(prompt, token) if toxic else prompt, "chosen": text.strip(), "meta": meta})
+            records.append({"prompt": with_control_token(prompt, token) if toxic else prompt, "chosen": text.strip(), "meta": meta})
     return records
 
 
 def toxic_conversation(prompt: str, token: str) -> list[dict]:
-    return [user(_with_control_token(prompt, token))]
+    return [user(with_control_token(prompt, token))]
 
 
 def extremes(samples: Sequence[str], scores: Sequence[float]) -> tuple[int, int] | None:

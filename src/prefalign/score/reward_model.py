@@ -3,8 +3,9 @@
 ``model`` is any local ``AutoModelForSequenceClassification`` folder (or one written by
 ``prefalign train-rm``, including its mean-pool MiniLM layout; see :mod:`prefalign.score.rm_model`).
 The score is the logit of the model's single output, or of ``label`` (an index, or a name from
-``config.label2id``) when it has several. Prompts are rendered with the tokenizer's chat template
-when it has one (``chat_template: auto|always|never``), else encoded as a text pair.
+``config.label2id``) when it has several. Prompts are rendered by the one prompt renderer
+(:mod:`prefalign.data.render`, ``chat_template: auto|always|never``), as for generation and
+training; a cross-encoder (BERT-style) tokenizer without a chat template reads a text pair.
 """
 
 from __future__ import annotations

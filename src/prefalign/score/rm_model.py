@@ -7,12 +7,14 @@ Two folder layouts load through :func:`load_reward_model`:
   folder plus ``reward_head.safetensors`` and ``prefalign_reward.json``; the score is a linear head
   on the attention-masked mean of the last hidden states.
 
-Inputs (:func:`encode_pairs`): with a prompt and a tokenizer that has a chat template, the template
-renders ``[user: prompt, assistant: response]``; otherwise prompt and response are encoded as a
-text pair (``[CLS] prompt [SEP] response [SEP]`` for BERT-style tokenizers), or the response alone
-when there is no prompt. Too long? A chat-template text is cut from the left (the prompt goes
-first, the end of the response stays); a text pair loses tokens from the longer of its two parts.
-Batches are padded on the right.
+Inputs (:func:`encode_pairs`): a causal tokenizer renders the prompt with the one prompt renderer
+(:mod:`prefalign.data.render`: the chat template, or the plain-role fallback, per
+``chat_template: auto|always|never``), so the reward model reads the prompt tokens the policy was
+sampled and trained with, followed by the response as the closed assistant turn. A cross-encoder
+tokenizer (BERT-style) without a chat template gets a text pair (``[CLS] prompt [SEP] response
+[SEP]``); with no prompt, the response alone. Too long? A rendered exchange is cut from the left
+(the prompt goes first, the end of the response stays); a text pair loses tokens from the longer
+of its two parts. Batches are padded on the right.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from prefalign.data.render import encode_exchange, uses_chat_template
 
 from .base import Prompt, prompt_text
 
@@ -121,27 +125,45 @@ def prepare_tokenizer(tokenizer, model) -> None:
 
 
 def use_chat_template(tokenizer, mode: str) -> bool:
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if mode == "always" and not has:
-        raise ValueError("chat_template: 'always' but the tokenizer has no chat template")
-    return has and mode != "never"
+    """Whether ``mode`` renders with the chat template (``always`` without one: a ``ValueError``)."""
+    return uses_chat_template(tokenizer, mode)
+
+
+def reads_text_pairs(tokenizer, mode: str) -> bool:
+    """A cross-encoder tokenizer (BERT-style, with a separator token) reads ``prompt [SEP] response``
+    when no chat template renders the prompt; causal tokenizers go through the prompt renderer."""
+    return getattr(tokenizer, "sep_token_id", None) is not None and not uses_chat_template(tokenizer, mode)
 
 
 def encode_pairs(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str], *, max_length: int,
                  chat_template: str = "auto"):
-    """Token ids + attention mask for (prompt, response) pairs, padded on the right."""
-    if use_chat_template(tokenizer, chat_template):
-        texts = []
-        for p, r in zip(prompts, responses):
-            messages = [] if p is None else ([{"role": "user", "content": p}] if isinstance(p, str) else list(p))
-            texts.append(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": r}], tokenize=False))
-        return tokenizer(texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_length,
-                         return_tensors="pt")
+    """Token ids + attention mask for (prompt, response) pairs, padded on the right.
+
+    With a causal tokenizer each row is :func:`prefalign.data.render.encode_exchange`: the prompt's
+    ids exactly as generation and training render them (:func:`prefalign.data.render.encode_prompt`),
+    then the response as the closed assistant turn; rows longer than ``max_length`` lose tokens from
+    the left. A cross-encoder tokenizer without a chat template gets a text pair."""
     if all(p is None for p in prompts):
         return tokenizer(list(responses), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    firsts = [prompt_text(p) for p in prompts]
-    return tokenizer(firsts, list(responses), padding=True, truncation="longest_first", max_length=max_length,
-                     return_tensors="pt")
+    if reads_text_pairs(tokenizer, chat_template):
+        firsts = [prompt_text(p) for p in prompts]
+        return tokenizer(firsts, list(responses), padding=True, truncation="longest_first", max_length=max_length,
+                         return_tensors="pt")
+    rows = []
+    for p, r in zip(prompts, responses):
+        if p is None:
+            ids = list(tokenizer(r, add_special_tokens=True)["input_ids"])
+        else:
+            ids = encode_exchange(tokenizer, p, r, chat_template)
+        rows.append(ids[-max_length:])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def reward_logits(model, batch):

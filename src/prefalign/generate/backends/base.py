@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
+from prefalign.data.render import encode_prompt as _encode_prompt
+from prefalign.data.render import render_plain, render_prompt  # noqa: F401  (render_plain: re-exported)
+
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 Conversation = list[Message]
 
@@ -81,9 +84,6 @@ class GenerationBackend(Protocol):
 
 # --- helpers shared by the backends (additions; the names above are the public interface) ---
 
-_PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
 def check_conversations(conversations: Sequence[Conversation]) -> None:
     """Raise a ``ValueError`` naming the conversation and message that is malformed."""
     if isinstance(conversations, (str, dict)):
@@ -98,17 +98,6 @@ def check_conversations(conversations: Sequence[Conversation]) -> None:
                 raise ValueError(f"conversation {i}, message {j}: 'content' must be a string")
 
 
-def render_plain(conversation: Conversation) -> str:
-    """Plain-text rendering for tokenizers without a chat template: ``User: ...\\nAssistant:``.
-
-    A conversation that ends with an assistant message is continued (no new ``Assistant:`` line).
-    """
-    lines = [f"{_PLAIN_ROLES.get(m['role'], str(m['role']).capitalize())}: {m['content']}" for m in conversation]
-    if conversation and conversation[-1]["role"] == "assistant":
-        return "\n".join(lines)
-    return "\n".join([*lines, "Assistant:"])
-
-
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """Cut ``text`` at the earliest occurrence of any stop string (the stop string is removed)."""
     cut = len(text)
@@ -121,19 +110,12 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def render_with_tokenizer(tokenizer, conversation: Conversation) -> str:
-    """The prompt text for ``conversation``: the tokenizer's chat template with the generation prompt,
-    or :func:`render_plain` when it has none. A final assistant message is continued, not closed."""
-    if not getattr(tokenizer, "chat_template", None):
-        return render_plain(conversation)
-    if conversation[-1]["role"] == "assistant":
-        return tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=False, continue_final_message=True
-        )
-    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    """The prompt text for ``conversation``: the one prompt renderer (:mod:`prefalign.data.render`)
+    that training, the reward model and evaluation use too (chat template with the generation
+    prompt, or :func:`render_plain` without one; a final assistant message is continued)."""
+    return render_prompt(tokenizer, conversation)
 
 
 def encode_prompt(tokenizer, conversation: Conversation) -> list[int]:
-    """Token ids of :func:`render_with_tokenizer` (a chat template already holds its special tokens)."""
-    text = render_with_tokenizer(tokenizer, conversation)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    return list(tokenizer(text, add_special_tokens=not has_template)["input_ids"])
+    """Token ids of :func:`render_with_tokenizer` (:func:`prefalign.data.render.encode_prompt`)."""
+    return _encode_prompt(tokenizer, conversation)
