@@ -42,10 +42,13 @@ def model_and_tokenizer(tiny_model):
     return model, load_tokenizer(tiny_model)
 
 
-@pytest.fixture(scope="module")
-def backend(model_and_tokenizer):
+@pytest.fixture(scope="module", params=["fast", "hf"])
+def backend(model_and_tokenizer, request):
+    """Both engines (fast: the default, at this CPU's default precision; hf: model.generate)."""
     model, tokenizer = model_and_tokenizer
-    return TransformersBackend(model, tokenizer, batch_size=4, show_progress=False)
+    b = TransformersBackend(model, tokenizer, batch_size=4, show_progress=False, engine=request.param)
+    assert b.engine == request.param
+    return b
 
 
 def test_protocol_and_registry(backend):
