@@ -13,6 +13,7 @@ import torch
 
 from prefalign.losses import (
     LOSSES,
+    LossInputs,
     sft_loss,
     LossSpec,
     adpo_loss,
@@ -24,6 +25,8 @@ from prefalign.losses import (
     ipo_loss,
     odpo_loss,
     rdpo_loss,
+    rpo_loss,
+    simpo_loss,
 )
 
 D = torch.float64
@@ -274,6 +277,8 @@ def _all_losses(pc, pr, rc, rr, *, beta=0.1):
         "odpo": odpo_loss(pc, pr, rc, rr, reward_chosen=3 * one, reward_rejected=one, beta=beta),
         "d2o": d2o_loss(pr, rr, torch.stack([pc, pc + 1], 1), torch.stack([rc, rc], 1), beta=beta),
         "adpo": adpo_loss(pc, pr, rc, rr, pr * 0.5, rr, beta=beta),
+        "simpo": simpo_loss(pc, pr, 3 * one, 2 * one, beta=beta),
+        "rpo": rpo_loss(pc, pr, rc, rr, 3 * one, beta=beta),
         "sft": sft_loss(pc),
     }
 
@@ -320,6 +325,8 @@ def test_gradcheck_all_losses():
         "odpo": (lambda *x: odpo_loss(*x, reward_chosen=rw_c, reward_rejected=rw_r, beta=0.7, alpha=0.5), (pc, pr, rc, rr)),
         "d2o": (lambda *x: d2o_loss(*x, beta=0.7, alpha=0.3), (pr, rr, pa, ra)),
         "adpo": (lambda *x: adpo_loss(*x, beta=0.7, gamma=0.3), (pc, pr, rc, rr, pt, tr)),
+        "simpo": (lambda *x: simpo_loss(*x, rw_c * 3, rw_c * 2, beta=0.7, gamma=0.3), (pc, pr)),
+        "rpo": (lambda *x: rpo_loss(*x, rw_c * 3, beta=0.7, alpha=0.5), (pc, pr, rc, rr)),
         "sft": (lambda x: sft_loss(x), (pc,)),
     }
     assert set(cases) == set(LOSSES)
@@ -355,6 +362,9 @@ def _inputs(b=3, k=2):
     return policy, reference, rewards
 
 
+TOKENS = {"chosen": torch.tensor([3.0, 5.0, 1.0], dtype=D), "rejected": torch.tensor([2.0, 7.0, 4.0], dtype=D)}
+
+
 def _direct(name, p, r, w, params):
     """The same loss called directly through its function (expected value for compute())."""
     pair = (p["chosen"], p["rejected"], r["chosen"], r["rejected"])
@@ -366,6 +376,8 @@ def _direct(name, p, r, w, params):
         "odpo": lambda: odpo_loss(*pair, **rew, **params),
         "d2o": lambda: d2o_loss(p["rejected"], r["rejected"], p["anchors"], r["anchors"], **params),
         "adpo": lambda: adpo_loss(*pair, p["toxic"], r["toxic_ref"], **params),
+        "simpo": lambda: simpo_loss(p["chosen"], p["rejected"], TOKENS["chosen"], TOKENS["rejected"], **params),
+        "rpo": lambda: rpo_loss(*pair, TOKENS["chosen"], **params),
         "sft": lambda: sft_loss(p["chosen"]),
     }
     return calls[name]()
@@ -386,6 +398,8 @@ EXPECTED_REGISTRY = {
     ),
     "d2o": (("rejected", "anchors"), ("prompt", "rejected", "anchors"), {"beta": 0.1, "alpha": 0.1}),
     "adpo": (("chosen", "rejected", "toxic"), ("prompt", "chosen", "rejected", "toxic"), {"beta": 0.1, "gamma": 0.1}),
+    "simpo": (("chosen", "rejected"), ("prompt", "chosen", "rejected"), {"beta": 2.0, "gamma": 1.0}),
+    "rpo": (("chosen", "rejected"), ("prompt", "chosen", "rejected"), {"beta": 0.1, "alpha": 1.0}),
     "sft": (("chosen",), ("prompt", "chosen"), {}),
 }
 
@@ -402,7 +416,7 @@ def test_registry_contents():
         assert spec.needs_toxic_reference == (name == "adpo")
         assert spec.positive == ("anchors" if name == "d2o" else "chosen")
         assert spec.negative == ("chosen" if name == "sft" else "rejected")
-        assert spec.needs_reference == (name != "sft")
+        assert spec.needs_reference == (name not in ("sft", "simpo"))  # reference-free losses
         assert spec.requires_positive_reward_gap == (name == "odpo")
     with pytest.raises(TypeError):
         LOSSES["dpo"].defaults["beta"] = 1.0  # read-only
@@ -412,13 +426,16 @@ def test_registry_contents():
 def test_registry_compute_matches_function(name):
     p, r, w = _inputs()
     spec = get_loss(name)
-    out = spec.compute(p, r, w)
+    inputs = LossInputs.from_dicts(p, r, w, num_tokens=TOKENS)
+    out = spec(inputs)
     assert out.shape == (3,) and torch.isfinite(out).all()
     torch.testing.assert_close(out, _direct(name, p, r, w, dict(spec.defaults)))
+    if not spec.token_count_groups:  # the dictionary form (no token counts) gives the same
+        torch.testing.assert_close(spec.compute(p, r, w), out)
     if "beta" not in spec.defaults:  # SFT has no hyperparameter to override
         return
     # an override reaches the function and changes the result
-    overridden = spec.compute(p, r, w, beta=0.7)
+    overridden = spec(inputs, beta=0.7)
     torch.testing.assert_close(overridden, _direct(name, p, r, w, {**spec.defaults, "beta": 0.7}))
     assert not torch.allclose(out, overridden)
 
@@ -447,7 +464,7 @@ def test_compute_missing_input_is_value_error():
 
 def test_get_loss_unknown_lists_the_public_names():
     # sft is internal (the toxic-control SFT): accepted, but not offered in the list.
-    with pytest.raises(ValueError, match=r"^unknown loss 'kto'; choose one of dpo, ipo, rdpo, odpo, d2o, adpo$"):
+    with pytest.raises(ValueError, match=r"^unknown loss 'kto'; choose one of dpo, ipo, rdpo, odpo, d2o, adpo, simpo, rpo$"):
         get_loss("kto")
     assert get_loss("sft").internal
 

@@ -63,8 +63,14 @@ def _errors(*extra: type[BaseException]):
         _fail(_message(exc))
 
 
-# The losses `train --help` offers; tests/test_cli.py checks it is prefalign.losses.PUBLIC_LOSSES.
-LOSS_HELP = "dpo, ipo, rdpo, odpo, d2o or adpo"
+def _loss_help() -> str:
+    from prefalign.losses import loss_help
+
+    return loss_help()
+
+
+# The losses `train --help` and `data check --help` offer: the registry's public names.
+LOSS_HELP = _loss_help()
 
 
 @models_app.command("list")
@@ -94,19 +100,21 @@ def models_prepare(name: str = typer.Argument(..., help="registry name, e.g. smo
 @data_app.command("check")
 def data_check(
     path: Path = typer.Argument(..., help="JSONL, JSON, Parquet or a datasets folder"),
-    loss: str = typer.Option("dpo", help=f"{LOSS_HELP}: the loss whose fields and rules are checked"),
+    loss: str = typer.Option("dpo", help=f"{LOSS_HELP} (or a mixture, e.g. dpo,sft): the loss whose fields and rules are checked"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="count and skip bad rows instead of failing"),
     strict: bool = typer.Option(False, "--strict", help="pairs training would drop or that carry no preference are errors"),
 ) -> None:
     """Validate a preference file for a loss without loading any model: the same checks `train`
     makes before it loads one (length limits need the tokenizer: `train` counts those)."""
     from prefalign.data.validate import load_for_loss
-    from prefalign.losses import LOSSES, unknown_loss_message
+    from prefalign.losses import resolve_loss
 
-    if loss not in LOSSES:
-        _fail(f"--loss: {unknown_loss_message(loss)}")
+    try:
+        spec = resolve_loss(loss)
+    except ValueError as exc:
+        _fail(f"--loss: {exc}")
     with _errors():
-        result = load_for_loss(path, LOSSES[loss], skip_invalid=skip_invalid, strict=strict)
+        result = load_for_loss(path, spec, skip_invalid=skip_invalid, strict=strict)
     notes = [f"{n} {text}" for n, text in ((result.dropped_nonpositive_reward_gap, "pair(s) with reward gap <= 0 would be dropped"),
                                          (result.identical_pairs, "pair(s) with chosen == rejected (no preference)")) if n]
     console.print(f"{path}: {len(result.records)} valid records for '{loss}', {len(result.skipped)} skipped"
@@ -120,7 +128,8 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override its values"),
     model: Optional[str] = typer.Option(None, help="registry name, HF folder or .gguf [default: smollm2-135m-instruct]"),
     data: Optional[Path] = typer.Option(None, help="preference data file"),
-    loss: Optional[str] = typer.Option(None, help=f"{LOSS_HELP} [default: dpo]"),
+    loss: Optional[str] = typer.Option(None, help=f"{LOSS_HELP}; several, comma-separated, are mixed (dpo,sft) [default: dpo]"),
+    loss_weights: Optional[str] = typer.Option(None, "--loss-weights", help="weights of a mixed --loss, comma-separated (1,0.5) [default: 1 each]"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     epochs: Optional[float] = typer.Option(None),
@@ -146,8 +155,14 @@ def train(
     from prefalign.train.loop import data_changes, run_training
 
     _setup_logging(verbose=not quiet)
+    weights = None
+    if loss_weights is not None:
+        try:
+            weights = [float(w) for w in loss_weights.split(",")]
+        except ValueError:
+            _fail(f"--loss-weights: expected numbers separated by commas (e.g. 1,0.5), got {loss_weights!r}")
     overrides = dict(
-        model=model, data=data, loss=loss, output_dir=output_dir, max_steps=max_steps, epochs=epochs,
+        model=model, data=data, loss=loss, loss_weights=weights, output_dir=output_dir, max_steps=max_steps, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, beta=beta, merge=merge, reference=reference,
         save_every=save_every, seed=seed, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code, dtype=dtype,
         strict=strict,

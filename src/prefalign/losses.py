@@ -2,7 +2,8 @@
 
 Every loss here is a *pure function* of per-sequence **summed** log-probabilities
 (``log pi(y | x) = sum_t log pi(y_t | x, y_<t)``) produced by the policy being
-trained and by a frozen reference model.  Inputs are 1-D float tensors of shape
+trained and (for most) by a frozen reference model, and, where a loss says so, of
+response lengths in tokens (SimPO, RPO) or rewards.  Inputs are 1-D float tensors of shape
 ``[B]`` (one entry per example), or ``[B, K]`` for the K anchor responses of
 D2O.  Every loss returns the **unreduced** per-example loss of shape ``[B]``;
 the caller chooses how to reduce it (usually ``.mean()``).  None of these
@@ -18,26 +19,34 @@ is the difference between the chosen and the rejected log-ratio ("margin").
 :func:`torch.nn.functional.logsigmoid`, which is finite and has finite
 gradients for arbitrarily large margins of either sign.
 
-The :data:`LOSSES` registry maps a loss name to a :class:`LossSpec` that says
-which response groups the trainer must score, which record fields a data set
-must provide, which hyperparameters the loss takes (with defaults), and how to
-call the loss from dictionaries of log-probs (:meth:`LossSpec.compute`).
+The :data:`LOSSES` registry maps a loss name to a :class:`LossSpec`: the function,
+the :class:`Input` s it reads from a typed :class:`LossInputs` (policy and
+reference log-probs per response group, token counts, per-token log-probs,
+rewards, ADPO's toxic reference) and its hyperparameters (with defaults). What
+the trainer computes (which groups it scores, whether a reference exists at all)
+and which record fields a data set must provide follow from those inputs. A new
+loss is one function and one registry line; :func:`resolve_loss` mixes several
+(``loss: [dpo, sft]``, ``loss_weights: [1.0, 0.5]``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable, Literal, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "In",
+    "Input",
     "LOSSES",
+    "LossInputs",
     "LossSpec",
+    "MixedLoss",
     "PUBLIC_LOSSES",
     "adpo_loss",
     "check_positive_reward_gap",
@@ -46,8 +55,13 @@ __all__ = [
     "get_loss",
     "implicit_rewards",
     "ipo_loss",
+    "loss_help",
     "odpo_loss",
     "rdpo_loss",
+    "resolve_loss",
+    "rpo_loss",
+    "sft_loss",
+    "simpo_loss",
     "unknown_loss_message",
 ]
 
@@ -473,6 +487,105 @@ def sft_loss(policy_logps: Tensor, num_tokens: Tensor | None = None) -> Tensor:
     return -policy_logps / num_tokens.clamp(min=1)
 
 
+def _check_counts(loss: str, **counts: Tensor) -> None:
+    for name, t in counts.items():
+        if bool((t.detach() <= 0).any()):
+            raise ValueError(f"{loss}: {name} must be > 0 in every row (a response has at least one token)")
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_num_tokens: Tensor,
+    rejected_num_tokens: Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+) -> Tensor:
+    """Simple Preference Optimization (SimPO): length-normalised and reference-free.
+
+    Formula::
+
+        loss = -log sigma( beta / |y_w| * pi_chosen - beta / |y_l| * pi_rejected - gamma )
+
+    ``pi`` is the summed log-prob of a response under the policy and ``|y|`` its length in tokens,
+    so ``pi / |y|`` is the average per-token log-prob: the implicit reward the policy uses when it
+    generates, with no reference model at all.  ``gamma`` is a target reward margin.  The paper's
+    defaults are ``beta = 2.0`` and ``gamma / beta = 0.5`` (so ``gamma = 1.0``).
+
+    Paper: Meng, Xia, Chen, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+    2024, arXiv:2405.14734.
+
+    Args:
+        policy_chosen_logps: [B] summed log-probs of the chosen responses under the policy.
+        policy_rejected_logps: [B] summed log-probs of the rejected responses under the policy.
+        chosen_num_tokens: [B] lengths of the chosen responses in tokens (> 0), the tokens summed
+            in ``policy_chosen_logps``.
+        rejected_num_tokens: [B] lengths of the rejected responses in tokens (> 0).
+        beta: reward scale (>= 0).
+        gamma: target reward margin (>= 0).
+
+    Returns:
+        [B] per-example loss (unreduced).
+    """
+    _check_1d("simpo_loss", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+              chosen_num_tokens=chosen_num_tokens, rejected_num_tokens=rejected_num_tokens)
+    _check_counts("simpo_loss", chosen_num_tokens=chosen_num_tokens, rejected_num_tokens=rejected_num_tokens)
+    _check_nonneg("simpo_loss", "beta", beta)
+    _check_nonneg("simpo_loss", "gamma", gamma)
+    chosen = policy_chosen_logps / chosen_num_tokens.to(policy_chosen_logps.dtype)
+    rejected = policy_rejected_logps / rejected_num_tokens.to(policy_rejected_logps.dtype)
+    return -F.logsigmoid(beta * (chosen - rejected) - gamma)
+
+
+def rpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_num_tokens: Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float = 1.0,
+) -> Tensor:
+    """DPO plus a length-normalised NLL term on the chosen response (RPO, "DPO+NLL").
+
+    Formula::
+
+        loss = -log sigma(beta * h)  +  alpha * ( -pi_chosen / |y_w| )
+        h    = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
+
+    The NLL term keeps the chosen response's likelihood from falling while DPO widens the margin
+    (plain DPO often lowers both).  The paper writes ``NLL + alpha' * DPO`` with ``alpha' = 1`` and
+    normalises the NLL by the length of the whole sequence (prompt, chain of thought and answer);
+    here, as in TRL's ``rpo_alpha``, ``alpha`` weights the NLL, normalised by the response length
+    ``|y_w|`` in tokens: with ``alpha = 1`` the two weightings agree.  ``alpha = 0`` is DPO.
+
+    Paper: Pang, Yuan, Cho, He, Sukhbaatar, Weston, "Iterative Reasoning Preference
+    Optimization", 2024, arXiv:2404.19733 (beta = 0.1, alpha = 1).
+
+    Args:
+        policy_chosen_logps: [B] summed log-probs of the chosen responses under the policy.
+        policy_rejected_logps: [B] summed log-probs of the rejected responses under the policy.
+        ref_chosen_logps: [B] summed log-probs of the chosen responses under the reference.
+        ref_rejected_logps: [B] summed log-probs of the rejected responses under the reference.
+        chosen_num_tokens: [B] lengths of the chosen responses in tokens (> 0).
+        beta: KL-regularisation strength (>= 0) of the DPO term.
+        alpha: weight (>= 0) of the NLL term.
+
+    Returns:
+        [B] per-example loss (unreduced).
+    """
+    _check_pair("rpo_loss", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    _check_1d("rpo_loss", policy_chosen_logps=policy_chosen_logps, chosen_num_tokens=chosen_num_tokens)
+    _check_counts("rpo_loss", chosen_num_tokens=chosen_num_tokens)
+    _check_nonneg("rpo_loss", "beta", beta)
+    _check_nonneg("rpo_loss", "alpha", alpha)
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    nll = -policy_chosen_logps / chosen_num_tokens.to(policy_chosen_logps.dtype)
+    return -F.logsigmoid(beta * h) + alpha * nll
+
+
 def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
     """Implicit DPO reward ``beta * (policy_logps - ref_logps)``, for logging.
 
@@ -495,175 +608,332 @@ def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Te
 
 
 # --------------------------------------------------------------------------- #
-# registry
+# typed inputs
 # --------------------------------------------------------------------------- #
-Bind = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Mapping[str, Tensor], Mapping[str, float]], Tensor]
+#: Record fields holding the external rewards (``reward_<side>``).
+REWARD_FIELDS = ("reward_chosen", "reward_rejected")
 
 
 @dataclass(frozen=True)
-class LossSpec:
-    """How the trainer computes one loss from dictionaries of log-probs.
+class LossInputs:
+    """Everything a registered loss may read, filled by the trainer with exactly what the loss's
+    :class:`LossSpec` declares (a reference-free loss gets no reference values: none is computed).
+
+    Shapes: ``[B]`` per example, ``[B, K]`` for the K anchors of D2O; per-token values add a last
+    dimension ``T`` (the longest response of the group in the batch).
+
+    Attributes:
+        policy: response group -> summed log-probs under the policy being trained.
+        reference: response group -> summed log-probs under the frozen reference model.
+        toxic_reference: ADPO: the toxic response's summed log-probs under the reference model
+            with the ``[TOXIC]`` control token in the prompt (the inner toxic model).
+        rewards: ``reward_chosen`` / ``reward_rejected`` -> external rewards (float64).
+        num_tokens: response group -> response lengths in tokens (the tokens summed in ``policy``).
+        token_logps: response group -> per-token log-probs under the policy, 0 past each
+            response's end (only for losses that ask for them).
+        token_mask: response group -> ``True`` on each response's real tokens.
+    """
+
+    policy: Mapping[str, Tensor]
+    reference: Mapping[str, Tensor] = field(default_factory=dict)
+    toxic_reference: Tensor | None = None
+    rewards: Mapping[str, Tensor] = field(default_factory=dict)
+    num_tokens: Mapping[str, Tensor] = field(default_factory=dict)
+    token_logps: Mapping[str, Tensor] = field(default_factory=dict)
+    token_mask: Mapping[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_dicts(
+        cls,
+        policy: Mapping[str, Tensor],
+        reference: Mapping[str, Tensor] | None = None,
+        rewards: Mapping[str, Tensor] | None = None,
+        num_tokens: Mapping[str, Tensor] | None = None,
+    ) -> "LossInputs":
+        """From plain dictionaries; a ``"toxic_ref"`` entry of ``reference`` is the toxic reference."""
+        reference = dict(reference or {})
+        toxic = reference.pop("toxic_ref", None)
+        return cls(policy=dict(policy), reference=reference, toxic_reference=toxic, rewards=dict(rewards or {}),
+                   num_tokens=dict(num_tokens or {}))
+
+    def describe(self) -> str:
+        parts = [f"policy {sorted(self.policy)}", f"reference {sorted(self.reference)}",
+                 f"rewards {sorted(self.rewards)}", f"num_tokens {sorted(self.num_tokens)}"]
+        if self.token_logps:
+            parts.append(f"token_logps {sorted(self.token_logps)}")
+        if self.toxic_reference is not None:
+            parts.append("toxic_ref")
+        return ", ".join(parts)
+
+
+InputKind = Literal["policy", "reference", "toxic_reference", "reward", "num_tokens", "token_logps", "token_mask"]
+
+
+@dataclass(frozen=True)
+class Input:
+    """One tensor a loss function takes, and where :class:`LossInputs` holds it. A registry entry
+    lists these for its function's arguments; what the trainer computes follows from them."""
+
+    kind: InputKind
+    group: str  # the response group ("chosen", "anchors", ...), or the reward's side
+
+    @property
+    def label(self) -> str:
+        if self.kind == "toxic_reference":
+            return "toxic_ref"
+        if self.kind == "reward":
+            return f"reward_{self.group}"
+        return f"{self.kind}[{self.group}]"
+
+    def read(self, inputs: LossInputs) -> Tensor:
+        if self.kind == "toxic_reference":
+            value = inputs.toxic_reference
+        elif self.kind == "reward":
+            value = inputs.rewards.get(f"reward_{self.group}")
+        else:
+            value = getattr(inputs, self.kind).get(self.group)
+        if value is None:
+            raise KeyError(self.label)
+        return value
+
+
+class In:
+    """Shorthands for the inputs a registry entry names."""
+
+    @staticmethod
+    def policy(group: str) -> Input:
+        return Input("policy", group)
+
+    @staticmethod
+    def ref(group: str) -> Input:
+        return Input("reference", group)
+
+    @staticmethod
+    def tokens(group: str) -> Input:
+        return Input("num_tokens", group)
+
+    @staticmethod
+    def token_logps(group: str) -> Input:
+        return Input("token_logps", group)
+
+    @staticmethod
+    def token_mask(group: str) -> Input:
+        return Input("token_mask", group)
+
+    @staticmethod
+    def reward(side: str) -> Input:
+        return Input("reward", side)
+
+    toxic_ref = Input("toxic_reference", "toxic")
+
+
+class _Needs:
+    """What a loss needs the trainer to compute, derived from the :class:`Input` s it reads."""
+
+    inputs: tuple[Input, ...]
+
+    def _groups(self, *kinds: str) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(i.group for i in self.inputs if i.kind in kinds))
+
+    @property
+    def responses(self) -> tuple[str, ...]:
+        """Response groups to tokenise and score with the policy (the order of the inputs)."""
+        return self._groups("policy", "reference", "toxic_reference", "num_tokens", "token_logps", "token_mask")
+
+    @property
+    def reference_groups(self) -> tuple[str, ...]:
+        """Response groups the reference model scores (none: no reference is computed for them)."""
+        return self._groups("reference")
+
+    @property
+    def needs_toxic_reference(self) -> bool:
+        return any(i.kind == "toxic_reference" for i in self.inputs)
+
+    @property
+    def needs_reference(self) -> bool:
+        return bool(self.reference_groups) or self.needs_toxic_reference
+
+    @property
+    def reward_fields(self) -> tuple[str, ...]:
+        return tuple(f"reward_{side}" for side in self._groups("reward"))
+
+    @property
+    def token_count_groups(self) -> tuple[str, ...]:
+        return self._groups("num_tokens")
+
+    @property
+    def token_logp_groups(self) -> tuple[str, ...]:
+        return self._groups("token_logps", "token_mask")
+
+    @property
+    def required_fields(self) -> tuple[str, ...]:
+        """Record fields a data set must provide."""
+        return ("prompt", *self.responses, *self.reward_fields)
+
+    def compute(
+        self,
+        policy: Mapping[str, Tensor] | LossInputs,
+        reference: Mapping[str, Tensor] | None = None,
+        rewards: Mapping[str, Tensor] | None = None,
+        **params: float,
+    ) -> Tensor:
+        """The loss from a :class:`LossInputs`, or from dictionaries (see :meth:`LossInputs.from_dicts`)."""
+        inputs = policy if isinstance(policy, LossInputs) else LossInputs.from_dicts(policy, reference, rewards)
+        return self(inputs, **params)  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class LossSpec(_Needs):
+    """A registry entry: a pure loss function and the inputs it reads.
 
     Attributes:
         name: registry key.
         fn: the pure loss function above.
-        responses: response groups the trainer scores with policy *and*
-            reference; a subset of ``("chosen", "rejected", "anchors", "toxic")``.
-        required_fields: record fields a data set must provide.
+        args: its tensor arguments, in order (``In.policy("chosen")``, ``In.ref("chosen")``, ...).
+        kwargs: its keyword tensor arguments (``reward_chosen=In.reward("chosen")``).
         defaults: hyperparameters and their default values (read-only).
-        bind: ``(policy, reference, rewards, params) -> [B] loss``; ``policy``
-            and ``reference`` map response group -> log-probs ([B], or [B, K]
-            for ``"anchors"``), ``rewards`` maps ``"reward_chosen"`` /
-            ``"reward_rejected"`` -> [B], ``params`` is the full set of
-            hyperparameters.
-        needs_toxic_reference: ADPO only: ``reference`` must also carry the key
-            ``"toxic_ref"`` (toxic response scored by the reference model with
-            ``[TOXIC]`` in the prompt).
-        positive: response group logged as the "preferred" side (D2O:
-            ``"anchors"``, to be averaged over K by the caller).
+        positive: response group logged as the "preferred" side (D2O: ``"anchors"``, averaged
+            over K).
         negative: response group logged as the "dispreferred" side.
-        needs_reference: False for losses that ignore the reference (SFT): the trainer then
-            computes no reference log-probs at all.
         requires_positive_reward_gap: the data step drops (and counts) pairs whose
             ``reward_chosen - reward_rejected <= 0`` before training (ODPO's log of the gap).
-        internal: used by prefalign itself (SFT of the toxic-control model), not offered to
-            users: left out of the list that the unknown-loss error and ``--help`` show.
+        internal: used by prefalign itself (SFT of the toxic-control model, a term of a mixture),
+            not offered in the list that the unknown-loss error and ``--help`` show.
+
+    Derived from the inputs (:class:`_Needs`): ``responses`` (groups tokenised and scored by the
+    policy), ``reference_groups``, ``needs_reference``, ``needs_toxic_reference``,
+    ``reward_fields``, ``token_count_groups``, ``token_logp_groups`` and ``required_fields``.
     """
 
     name: str
     fn: Callable[..., Tensor]
-    responses: tuple[str, ...]
-    required_fields: tuple[str, ...]
-    defaults: Mapping[str, float]
-    bind: Bind
-    needs_toxic_reference: bool = False
+    args: tuple[Input, ...]
+    kwargs: Mapping[str, Input] = field(default_factory=dict)
+    defaults: Mapping[str, float] = field(default_factory=dict)
     positive: str = "chosen"
     negative: str = "rejected"
     requires_positive_reward_gap: bool = False
-    needs_reference: bool = True
     internal: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "kwargs", MappingProxyType(dict(self.kwargs)))
 
-    def compute(
-        self,
-        policy: Mapping[str, Tensor],
-        reference: Mapping[str, Tensor],
-        rewards: Mapping[str, Tensor] | None = None,
-        **params: float,
-    ) -> Tensor:
-        """Per-example loss [B]; ``params`` override :attr:`defaults`.
+    @property
+    def inputs(self) -> tuple[Input, ...]:  # type: ignore[override]
+        return (*self.args, *self.kwargs.values())
 
-        Raises ``ValueError`` on a hyperparameter this loss does not take, or
-        when a needed log-prob / reward entry is missing.
-        """
+    @property
+    def components(self) -> tuple[tuple["LossSpec", float], ...]:
+        return ((self, 1.0),)
+
+    def check_params(self, params: Mapping[str, float]) -> None:
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
-            raise ValueError(
-                f"loss {self.name!r} got unknown parameter(s) {unknown}; "
-                f"accepted: {sorted(self.defaults)}"
-            )
-        merged = {**self.defaults, **params}
-        rewards = {} if rewards is None else rewards
+            raise ValueError(f"loss {self.name!r} got unknown parameter(s) {unknown}; accepted: {sorted(self.defaults)}")
+
+    def __call__(self, inputs: LossInputs, **params: float) -> Tensor:
+        """Per-example loss [B]; ``params`` override :attr:`defaults`.
+
+        Raises ``ValueError`` on a hyperparameter this loss does not take, or when ``inputs``
+        lacks a value the loss reads.
+        """
+        self.check_params(params)
         try:
-            return self.bind(policy, reference, rewards, merged)
+            args = [i.read(inputs) for i in self.args]
+            kwargs = {k: i.read(inputs) for k, i in self.kwargs.items()}
         except KeyError as exc:
-            raise ValueError(
-                f"loss {self.name!r} is missing input {exc.args[0]!r} "
-                f"(policy has {sorted(policy)}, reference has {sorted(reference)}, "
-                f"rewards has {sorted(rewards)})"
-            ) from exc
+            raise ValueError(f"loss {self.name!r} is missing input {exc.args[0]!r} (it reads "
+                             f"{[i.label for i in self.inputs]}; given {inputs.describe()})") from None
+        return self.fn(*args, **kwargs, **{**self.defaults, **params})
+
+    def terms(self, inputs: LossInputs, **params: float) -> dict[str, Tensor]:
+        return {self.name: self(inputs, **params)}
 
 
-def _pair(p: Mapping[str, Tensor], r: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return p["chosen"], p["rejected"], r["chosen"], r["rejected"]
+@dataclass(frozen=True)
+class MixedLoss(_Needs):
+    """A weighted sum of registered losses, per example: ``sum_i w_i * loss_i`` (TRL's
+    ``loss_type=[...]`` with ``loss_weights``), e.g. ``dpo`` + 0.5 ``sft``.
+
+    It needs the union of its terms' inputs (and the records the union of their fields). A
+    hyperparameter given applies to every term that takes it; each term keeps its own default
+    otherwise (``defaults`` lists the accepted names, with the first term's default where two
+    differ).
+    """
+
+    components: tuple[tuple[LossSpec, float], ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(spec.name for spec, _ in self.components)
+
+    @property
+    def inputs(self) -> tuple[Input, ...]:  # type: ignore[override]
+        return tuple(dict.fromkeys(i for spec, _ in self.components for i in spec.inputs))
+
+    @property
+    def defaults(self) -> Mapping[str, float]:
+        merged: dict[str, float] = {}
+        for spec, _ in self.components:
+            for k, v in spec.defaults.items():
+                merged.setdefault(k, v)
+        return MappingProxyType(merged)
+
+    @property
+    def _logged(self) -> LossSpec:
+        return next((s for s, _ in self.components if s.positive != s.negative), self.components[0][0])
+
+    @property
+    def positive(self) -> str:
+        return self._logged.positive
+
+    @property
+    def negative(self) -> str:
+        return self._logged.negative
+
+    @property
+    def requires_positive_reward_gap(self) -> bool:
+        return any(spec.requires_positive_reward_gap for spec, _ in self.components)
+
+    internal = False
+
+    def check_params(self, params: Mapping[str, float]) -> None:
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"loss {self.name!r} got unknown parameter(s) {unknown}; accepted: {sorted(self.defaults)}")
+
+    def terms(self, inputs: LossInputs, **params: float) -> dict[str, Tensor]:
+        """Each term's unweighted per-example loss."""
+        self.check_params(params)
+        return {spec.name: spec(inputs, **{k: v for k, v in params.items() if k in spec.defaults})
+                for spec, _ in self.components}
+
+    def __call__(self, inputs: LossInputs, **params: float) -> Tensor:
+        terms = self.terms(inputs, **params)
+        return sum(weight * terms[spec.name] for spec, weight in self.components)  # type: ignore[return-value]
 
 
-_PAIR_FIELDS = ("prompt", "chosen", "rejected")
-_REWARD_FIELDS = ("reward_chosen", "reward_rejected")
+AnyLoss = Union[LossSpec, MixedLoss]
+
+_PAIR = (In.policy("chosen"), In.policy("rejected"), In.ref("chosen"), In.ref("rejected"))
+_REWARDS = {"reward_chosen": In.reward("chosen"), "reward_rejected": In.reward("rejected")}
 
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
-        LossSpec(
-            name="dpo",
-            fn=dpo_loss,
-            responses=("chosen", "rejected"),
-            required_fields=_PAIR_FIELDS,
-            defaults={"beta": 0.1},
-            bind=lambda p, r, w, k: dpo_loss(*_pair(p, r), beta=k["beta"]),
-        ),
-        LossSpec(
-            name="ipo",
-            fn=ipo_loss,
-            responses=("chosen", "rejected"),
-            required_fields=_PAIR_FIELDS,
-            defaults={"beta": 0.1},
-            bind=lambda p, r, w, k: ipo_loss(*_pair(p, r), beta=k["beta"]),
-        ),
-        LossSpec(
-            name="rdpo",
-            fn=rdpo_loss,
-            responses=("chosen", "rejected"),
-            required_fields=_PAIR_FIELDS + _REWARD_FIELDS,
-            defaults={"beta": 0.1, "tau": 1.0},
-            bind=lambda p, r, w, k: rdpo_loss(
-                *_pair(p, r),
-                reward_chosen=w["reward_chosen"],
-                reward_rejected=w["reward_rejected"],
-                beta=k["beta"],
-                tau=k["tau"],
-            ),
-        ),
-        LossSpec(
-            name="odpo",
-            fn=odpo_loss,
-            responses=("chosen", "rejected"),
-            required_fields=_PAIR_FIELDS + _REWARD_FIELDS,
-            defaults={"beta": 0.1, "alpha": 1.0},
-            requires_positive_reward_gap=True,
-            bind=lambda p, r, w, k: odpo_loss(
-                *_pair(p, r),
-                reward_chosen=w["reward_chosen"],
-                reward_rejected=w["reward_rejected"],
-                beta=k["beta"],
-                alpha=k["alpha"],
-            ),
-        ),
-        LossSpec(
-            name="d2o",
-            fn=d2o_loss,
-            responses=("rejected", "anchors"),
-            required_fields=("prompt", "rejected", "anchors"),
-            defaults={"beta": 0.1, "alpha": 0.1},
-            bind=lambda p, r, w, k: d2o_loss(
-                p["rejected"], r["rejected"], p["anchors"], r["anchors"], beta=k["beta"], alpha=k["alpha"]
-            ),
-            positive="anchors",
-        ),
-        LossSpec(
-            name="adpo",
-            fn=adpo_loss,
-            responses=("chosen", "rejected", "toxic"),
-            required_fields=_PAIR_FIELDS + ("toxic",),
-            defaults={"beta": 0.1, "gamma": 0.1},
-            bind=lambda p, r, w, k: adpo_loss(
-                *_pair(p, r), p["toxic"], r["toxic_ref"], beta=k["beta"], gamma=k["gamma"]
-            ),
-            needs_toxic_reference=True,
-        ),
-        LossSpec(
-            name="sft",
-            fn=sft_loss,
-            responses=("chosen",),
-            required_fields=("prompt", "chosen"),
-            defaults={},
-            bind=lambda p, r, w, k: sft_loss(p["chosen"]),
-            negative="chosen",
-            needs_reference=False,
-            internal=True,
-        ),
+        LossSpec("dpo", dpo_loss, _PAIR, defaults={"beta": 0.1}),
+        LossSpec("ipo", ipo_loss, _PAIR, defaults={"beta": 0.1}),
+        LossSpec("rdpo", rdpo_loss, _PAIR, _REWARDS, defaults={"beta": 0.1, "tau": 1.0}),
+        LossSpec("odpo", odpo_loss, _PAIR, _REWARDS, defaults={"beta": 0.1, "alpha": 1.0},
+                 requires_positive_reward_gap=True),
+        LossSpec("d2o", d2o_loss, (In.policy("rejected"), In.ref("rejected"), In.policy("anchors"), In.ref("anchors")),
+                 defaults={"beta": 0.1, "alpha": 0.1}, positive="anchors"),
+        LossSpec("adpo", adpo_loss, (*_PAIR, In.policy("toxic"), In.toxic_ref), defaults={"beta": 0.1, "gamma": 0.1}),
+        LossSpec("simpo", simpo_loss, (In.policy("chosen"), In.policy("rejected"), In.tokens("chosen"), In.tokens("rejected")),
+                 defaults={"beta": 2.0, "gamma": 1.0}),
+        LossSpec("rpo", rpo_loss, (*_PAIR, In.tokens("chosen")), defaults={"beta": 0.1, "alpha": 1.0}),
+        LossSpec("sft", sft_loss, (In.policy("chosen"),), negative="chosen", internal=True),
     )
 }
 
@@ -677,6 +947,11 @@ def unknown_loss_message(name: str) -> str:
     return f"unknown loss {name!r}; choose one of {', '.join(PUBLIC_LOSSES)}"
 
 
+def loss_help() -> str:
+    """The loss list of ``--help``, from the registry: ``dpo, ipo, ... or rpo``."""
+    return f"{', '.join(PUBLIC_LOSSES[:-1])} or {PUBLIC_LOSSES[-1]}"
+
+
 def get_loss(name: str) -> LossSpec:
     """Return the :class:`LossSpec` registered under ``name``.
 
@@ -686,3 +961,38 @@ def get_loss(name: str) -> LossSpec:
         return LOSSES[name]
     except KeyError:
         raise ValueError(unknown_loss_message(name)) from None
+
+
+def loss_names(loss: str | Sequence[str]) -> list[str]:
+    """``"dpo"``, ``"dpo,sft"`` or ``["dpo", "sft"]`` -> the list of names."""
+    names = [n.strip() for n in loss.split(",")] if isinstance(loss, str) else [str(n).strip() for n in loss]
+    return names
+
+
+def resolve_loss(loss: str | Sequence[str], weights: Sequence[float] | None = None) -> AnyLoss:
+    """The loss a config names: one registry entry, or a :class:`MixedLoss` of several
+    (``loss: [dpo, sft]``, ``loss_weights: [1.0, 0.5]``; weights default to 1).
+
+    Raises ``ValueError`` for an unknown or repeated name, an empty list, or weights that do not
+    match the names, are negative or non-finite, or sum to zero.
+    """
+    names = loss_names(loss)
+    if not names or any(not n for n in names):
+        raise ValueError(f"give a loss name, or a list of them to mix; got {loss!r}")
+    specs = [get_loss(n) for n in names]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"loss {repeated[0]!r} is listed twice; give each term once (with its weight)")
+    if weights is None:
+        if len(specs) == 1:
+            return specs[0]
+        weights = [1.0] * len(specs)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(specs):
+        raise ValueError(f"loss_weights: {len(weights)} weight(s) for {len(specs)} loss(es) {names}: give one weight per loss")
+    for name, w in zip(names, weights):
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"loss_weights: the weight of {name!r} must be a finite number >= 0, got {w!r}")
+    if sum(weights) <= 0:
+        raise ValueError("loss_weights: at least one weight must be > 0")
+    return MixedLoss(tuple(zip(specs, weights)))

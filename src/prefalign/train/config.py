@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
-from prefalign.losses import LOSSES, unknown_loss_message
+from prefalign.losses import AnyLoss, loss_names, resolve_loss
 from prefalign.models.lora import LoraSettings
 
 ReferenceMode = Literal["auto", "precompute", "copy", "disable-adapters"]
@@ -26,8 +26,12 @@ class TrainConfig(BaseModel):
     model: str = "smollm2-135m-instruct"
     data: Path
     output_dir: Path
-    loss: str = "dpo"
+    # A registry name, or a list of them mixed as a weighted sum per example (``[dpo, sft]``;
+    # ``"dpo,sft"`` on the command line) with ``loss_weights`` (default: 1 each).
+    loss: str | list[str] = "dpo"
+    loss_weights: list[float] | None = None
     beta: float | None = Field(None, gt=0, description="shortcut for loss_params.beta")
+    # Hyperparameters; in a mixture each applies to every term that takes it.
     loss_params: dict[str, float] = Field(default_factory=dict)
 
     # What the reference is: ``precompute`` scores the data once with the starting weights and
@@ -89,23 +93,34 @@ class TrainConfig(BaseModel):
     strict: bool = False
     trust_remote_code: bool = False
 
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_names(cls, value):
+        """``"dpo,sft"`` (a flag) is the list ``[dpo, sft]``; a list of one name is that name."""
+        if isinstance(value, (str, list, tuple)):
+            names = loss_names(value)
+            return names[0] if len(names) == 1 else names
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss: {unknown_loss_message(self.loss)}")
-        spec = LOSSES[self.loss]
+        try:
+            spec = self.loss_spec()
+        except ValueError as exc:  # weight problems already name loss_weights
+            raise ValueError(str(exc) if str(exc).startswith("loss_weights:") else f"loss: {exc}") from None
+        name = spec.name
         unknown = set(self.loss_params) - set(spec.defaults)
         if unknown:
             raise ValueError(
-                f"loss_params: {sorted(unknown)} not accepted by '{self.loss}' (accepts {sorted(spec.defaults)})"
+                f"loss_params: {sorted(unknown)} not accepted by '{name}' (accepts {sorted(spec.defaults)})"
             )
         if self.beta is not None and "beta" not in spec.defaults:
-            raise ValueError(f"beta: loss '{self.loss}' has no beta")
+            raise ValueError(f"beta: loss '{name}' has no beta")
         if self.reference == "disable-adapters" and self.lora is None:
             raise ValueError("reference: 'disable-adapters' needs LoRA (set lora: {r: 16})")
         if self.anchor_refresh_every:
             if "anchors" not in spec.responses:
-                raise ValueError(f"anchor_refresh_every: loss '{self.loss}' uses no anchors (d2o does)")
+                raise ValueError(f"anchor_refresh_every: loss '{name}' uses no anchors (d2o does)")
             if self.reference_mode() == "precompute":
                 raise ValueError("anchor_refresh_every: new anchors need a live reference: set reference: copy (or disable-adapters with LoRA)")
         if self.merge and self.lora is None:
@@ -116,12 +131,20 @@ class TrainConfig(BaseModel):
             raise ValueError("eval_fraction: give either eval_data or eval_fraction, not both")
         return self
 
-    def resolved_loss_params(self) -> dict[str, float]:
-        params = dict(LOSSES[self.loss].defaults)
-        params.update(self.loss_params)
+    def loss_spec(self) -> AnyLoss:
+        """The registry entry (or the mixture) this config trains with."""
+        return resolve_loss(self.loss, self.loss_weights)
+
+    def loss_overrides(self) -> dict[str, float]:
+        """The hyperparameters the config sets (``loss_params``, ``beta``); the loss adds its defaults."""
+        params = dict(self.loss_params)
         if self.beta is not None:
             params["beta"] = self.beta
         return params
+
+    def resolved_loss_params(self) -> dict[str, float]:
+        """Defaults and overrides (for a mixture, the first term's default where two differ)."""
+        return {**self.loss_spec().defaults, **self.loss_overrides()}
 
     def reference_mode(self) -> str:
         return "precompute" if self.reference == "auto" else self.reference

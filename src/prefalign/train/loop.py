@@ -21,7 +21,7 @@ from prefalign.data.io import write_text_atomic
 from prefalign.data.tokenize import TokenizedExample, TokenizeSettings, tokenize_record
 from prefalign.data.validate import load_for_loss
 from prefalign.data.sources import stable_split
-from prefalign.losses import LossSpec, get_loss, implicit_rewards
+from prefalign.losses import AnyLoss, LossInputs, implicit_rewards
 from prefalign.models.loading import load_model, load_tokenizer
 from prefalign.models.lora import apply_lora
 from prefalign.models.registry import cache_root, model_fingerprint, resolve_model
@@ -33,7 +33,8 @@ from prefalign.train.logging import MetricsLogger
 from prefalign.train.online_anchors import refresh_anchors
 from prefalign.train.precision import resolve_dtype
 from prefalign.train.reference import ModelReference, cache_key, precompute_reference
-from prefalign.train.sequences import collate, sequence_logps, split_groups, supports_packing, supports_shared_prompt
+from prefalign.train.sequences import (collate, sequence_logps, sequence_token_logps, split_groups, supports_packing,
+                                       supports_shared_prompt)
 
 log = logging.getLogger("prefalign.train")
 
@@ -76,7 +77,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------- data
 
 
-def prepare_examples(config: TrainConfig, spec: LossSpec, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], dict]:
+def prepare_examples(config: TrainConfig, spec: AnyLoss, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], dict]:
     """Validate and tokenise the training (and evaluation) data; returns a summary of skips."""
     summary: dict = {}
 
@@ -170,9 +171,18 @@ def epoch_batches(
 # ------------------------------------------------------------------------------------- metrics
 
 
-def batch_metrics(spec: LossSpec, policy: dict, reference: dict, beta: float) -> dict[str, float]:
-    if not reference:  # a loss without a reference (SFT) has no implicit rewards
-        return {"logps/chosen": policy[spec.positive].detach().float().mean().item()}
+def batch_metrics(spec: AnyLoss, policy: dict, reference: dict, beta: float) -> dict[str, float]:
+    if spec.positive not in reference or spec.negative not in reference:
+        # Reference-free (SFT, SimPO): no implicit rewards; the policy's own log-probs instead.
+        with torch.no_grad():
+            chosen = policy[spec.positive].detach().float()
+            out = {"logps/chosen": chosen.mean().item()}
+            if spec.negative != spec.positive and spec.negative in policy:
+                rejected = policy[spec.negative].detach().float()
+                out["logps/rejected"] = rejected.mean().item()
+                if chosen.shape == rejected.shape:
+                    out["logps/accuracy"] = (chosen > rejected).float().mean().item()
+            return out
     with torch.no_grad():
         chosen = implicit_rewards(policy[spec.positive].detach(), reference[spec.positive], beta)
         rejected = implicit_rewards(policy[spec.negative].detach(), reference[spec.negative], beta)
@@ -193,6 +203,17 @@ def rewards_of(examples: Sequence[TokenizedExample], device=None) -> dict[str, t
     return {n: torch.tensor([ex.rewards[n] for ex in examples], dtype=torch.float64, device=device) for n in names}
 
 
+def token_counts(examples: Sequence[TokenizedExample], groups: Sequence[str], device=None) -> dict[str, torch.Tensor]:
+    """Response lengths in tokens per group ([B], or [B, K] for anchors): the tokens each summed
+    log-prob adds up (after truncation, the end-of-sequence token included)."""
+    out = {}
+    for g in groups:
+        lengths = [[len(r) for r in ex.responses[g]] for ex in examples]
+        tensor = torch.tensor(lengths, dtype=torch.float32, device=device)
+        out[g] = tensor if g == "anchors" else tensor[:, 0]
+    return out
+
+
 # -------------------------------------------------------------------------------------- trainer
 
 
@@ -209,8 +230,11 @@ def make_adamw(params, **kwargs) -> torch.optim.AdamW:
 class Trainer:
     def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True):
         self.config, self.resume, self.overwrite, self.show_progress = config, resume, overwrite, show_progress
-        self.spec = get_loss(config.loss)
-        self.params = config.resolved_loss_params()
+        self.spec = config.loss_spec()
+        # Only the values the config sets: a mixture's terms keep their own defaults for the rest.
+        self.params = config.loss_overrides()
+        self.metric_beta = config.resolved_loss_params().get("beta", 0.1)  # implicit rewards in the logs
+        self.last_inputs: LossInputs | None = None
         self.output_dir = Path(config.output_dir)
         self.pending: Path | None = None  # a checkpoint written but not yet shown to give a finite loss
         self.resume_changes: dict[str, list] = {}
@@ -245,8 +269,9 @@ class Trainer:
             model = apply_lora(model, config.lora)
             if config.reference_mode() == "disable-adapters" and self.spec.needs_reference:
                 self.reference = self.eval_reference = ModelReference(
-                    model, self.spec.responses, self.pad_id, toxic_model=self._toxic_model, context=model.disable_adapter,
-                    share_prompt=config.share_prompt, pack=config.pack,
+                    model, self.spec.reference_groups, self.pad_id, toxic_reference=self.spec.needs_toxic_reference,
+                    toxic_model=self._toxic_model, context=model.disable_adapter, share_prompt=config.share_prompt,
+                    pack=config.pack,
                 )
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -289,8 +314,8 @@ class Trainer:
 
             frozen = copy.deepcopy(ref_model) if ref_model is model else ref_model
             frozen.requires_grad_(False).eval()
-            ref = ModelReference(frozen, spec.responses, self.pad_id, toxic_model=self._toxic_model,
-                               share_prompt=config.share_prompt, pack=config.pack)
+            ref = ModelReference(frozen, spec.reference_groups, self.pad_id, toxic_reference=spec.needs_toxic_reference,
+                                 toxic_model=self._toxic_model, share_prompt=config.share_prompt, pack=config.pack)
             return ref, ref
         # precompute: score with the starting weights now, before any update, and cache on disk.
         cache_dir = config.ref_cache_dir or cache_root() / "ref-logps"
@@ -301,11 +326,12 @@ class Trainer:
             if not examples:
                 tables.append(None)
                 continue
-            key = cache_key(model_id, toxic_id, spec.responses, examples)
+            key = cache_key(model_id, toxic_id, spec.reference_groups, examples, toxic_reference=spec.needs_toxic_reference)
             tables.append(
                 precompute_reference(
-                    ref_model, examples, spec.responses, self.pad_id, Path(cache_dir), key,
-                    toxic_model=self._toxic_model, batch_size=config.batch_size * 2, desc=f"reference log-probs ({name})",
+                    ref_model, examples, spec.reference_groups, self.pad_id, Path(cache_dir), key,
+                    toxic_reference=spec.needs_toxic_reference, toxic_model=self._toxic_model,
+                    batch_size=config.batch_size * 2, desc=f"reference log-probs ({name})",
                     share_prompt=config.share_prompt, pack=config.pack,
                 )
             )
@@ -489,17 +515,49 @@ class Trainer:
                            f"(over {WEIGHT_EXPLOSION:g}x its value at the start of the run)")
 
     # -- steps ---------------------------------------------------------------------------------
-    def loss_on(self, examples: Sequence[TokenizedExample], reference_fn, *, train: bool):
-        batch = collate(examples, self.spec.responses, self.pad_id, share_prompt=self.share_prompt,
+    def loss_inputs(self, examples: Sequence[TokenizedExample], reference_fn, *, train: bool):
+        """One policy forward pass, then a :class:`LossInputs` with what the loss reads: the
+        reference values only for a loss that compares with a reference, token counts, per-token
+        log-probs and rewards only where its registry entry names them."""
+        spec = self.spec
+        batch = collate(examples, spec.responses, self.pad_id, share_prompt=self.share_prompt,
                         pack=self.pack).to(self.accelerator.device)
         context = torch.enable_grad() if train else torch.no_grad()
+        token_logps, token_mask = {}, {}
         with context:
-            policy = split_groups(sequence_logps(self.model, batch), batch.rows)
-        device = policy[next(iter(policy))].device
-        reference = {k: v.to(device) for k, v in reference_fn(examples).items()}
-        rewards = rewards_of(examples, device) if examples[0].rewards else {}
-        losses = self.spec.compute(policy, reference, rewards, **self.params)
-        return losses, policy, reference, batch.num_tokens
+            if spec.token_logp_groups:
+                summed, per_token, mask = sequence_token_logps(self.model, batch)
+                rows = {g: batch.rows[g] for g in spec.token_logp_groups}
+                token_logps, token_mask = split_groups(per_token, rows), split_groups(mask, rows)
+            else:
+                summed = sequence_logps(self.model, batch)
+            policy = split_groups(summed, batch.rows)
+        device = summed.device
+        reference = {k: v.to(device) for k, v in reference_fn(examples).items()} if spec.needs_reference else {}
+        inputs = LossInputs(
+            policy=policy,
+            reference={g: reference[g] for g in spec.reference_groups if g in reference},
+            toxic_reference=reference.get("toxic_ref"),
+            rewards=rewards_of(examples, device) if spec.reward_fields else {},
+            num_tokens=token_counts(examples, spec.token_count_groups, device),
+            token_logps=token_logps,
+            token_mask=token_mask,
+        )
+        return inputs, batch.num_tokens
+
+    def loss_on(self, examples: Sequence[TokenizedExample], reference_fn, *, train: bool):
+        inputs, num_tokens = self.loss_inputs(examples, reference_fn, train=train)
+        self.last_inputs = inputs
+        losses = self.spec(inputs, **self.params)
+        return losses, dict(inputs.policy), dict(inputs.reference), num_tokens
+
+    def term_metrics(self, prefix: str = "") -> dict[str, float]:
+        """A mixture's terms, each unweighted (``loss/dpo``, ``loss/sft``), for the logs."""
+        if len(self.spec.components) < 2 or self.last_inputs is None:
+            return {}
+        with torch.no_grad():
+            terms = self.spec.terms(self.last_inputs, **self.params)
+        return {f"{prefix}loss/{name}": value.mean().item() for name, value in terms.items()}
 
     def _epoch_batches(self) -> list[list[int]]:
         config = self.config
@@ -558,7 +616,7 @@ class Trainer:
                 accelerator.backward(loss / config.grad_accum)
             loss_sum += loss.item() / config.grad_accum
             tokens += n_tokens
-            for k, v in batch_metrics(self.spec, policy, reference, self.params.get("beta", 0.1)).items():
+            for k, v in {**batch_metrics(self.spec, policy, reference, self.metric_beta), **self.term_metrics()}.items():
                 totals[k] = totals.get(k, 0.0) + v / config.grad_accum
         grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or float("inf")))
         self._check_gradients(grad_norm)
@@ -587,7 +645,8 @@ class Trainer:
         for start in range(0, len(self.eval_examples), size):
             chunk = self.eval_examples[start : start + size]
             losses, policy, reference, _ = self.loss_on(chunk, self.eval_reference, train=False)
-            metrics = {"loss": losses.mean().item(), **batch_metrics(self.spec, policy, reference, self.params.get("beta", 0.1))}
+            metrics = {"loss": losses.mean().item(), **batch_metrics(self.spec, policy, reference, self.metric_beta),
+                       **self.term_metrics()}
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * len(chunk)
             n += len(chunk)
@@ -597,7 +656,7 @@ class Trainer:
     # -- run -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         config = self.config
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {config.loss}", unit="step", disable=not self.show_progress)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.spec.name}", unit="step", disable=not self.show_progress)
         last: dict = {}
         while self.step < self.total_steps:
             metrics = self.train_step()

@@ -53,17 +53,23 @@ def _device_of(model) -> torch.device:
 
 
 class ModelReference:
-    """Scores each batch with a frozen model: a copy, or the policy with adapters disabled."""
+    """Scores each batch with a frozen model: a copy, or the policy with adapters disabled.
 
-    def __init__(self, model, groups, pad_id, *, toxic_model=None, context=contextlib.nullcontext, share_prompt=True, pack=False):
+    ``groups`` are the response groups the loss compares with the reference (its
+    ``reference_groups``); with ``toxic_reference`` (ADPO) the toxic response is also scored
+    behind the ``[TOXIC]`` prompt (``"toxic_ref"``), by ``toxic_model`` when given, else by the
+    reference itself."""
+
+    def __init__(self, model, groups, pad_id, *, toxic_reference=False, toxic_model=None, context=contextlib.nullcontext,
+                 share_prompt=True, pack=False):
         self.model, self.groups, self.pad_id = model, tuple(groups), pad_id
+        self.toxic_reference = toxic_reference or toxic_model is not None
         self.toxic_model, self.context, self.share_prompt, self.pack = toxic_model, context, share_prompt, pack
 
     def __call__(self, examples):
-        same_model_scores_toxic = self.toxic_model is None and "toxic" in self.groups
         out = score_examples(
             self.model, examples, self.groups, self.pad_id,
-            toxic_reference=same_model_scores_toxic and examples[0].toxic_prompt_ids is not None,
+            toxic_reference=self.toxic_reference and self.toxic_model is None,
             context=self.context, share_prompt=self.share_prompt, pack=self.pack,
         )
         if self.toxic_model is not None:
@@ -83,13 +89,17 @@ class PrecomputedReference:
         return {group: values[rows] for group, values in self.table.items()}
 
 
-def cache_key(model_id: str, toxic_model_id: str | None, groups: Sequence[str], examples: Sequence[TokenizedExample]) -> str:
-    """Keyed by the model's identity and the exact token ids, so any change to the data, the
-    tokenizer or the truncation settings gives a new key."""
+def cache_key(model_id: str, toxic_model_id: str | None, groups: Sequence[str], examples: Sequence[TokenizedExample],
+              *, toxic_reference: bool = False) -> str:
+    """Keyed by the model's identity, what is scored (``groups``, the toxic reference) and the exact
+    token ids, so any change to the data, the tokenizer or the truncation settings gives a new key."""
     h = hashlib.sha256()
     h.update(f"{model_id}|{toxic_model_id}|{','.join(groups)}".encode())
+    if toxic_reference:
+        h.update(b"|toxic_ref")
     for ex in examples:
-        h.update(repr((ex.index, ex.prompt_ids, ex.toxic_prompt_ids, [ex.responses[g] for g in groups])).encode())
+        toxic = ex.responses.get("toxic") if toxic_reference else None
+        h.update(repr((ex.index, ex.prompt_ids, ex.toxic_prompt_ids, [ex.responses[g] for g in groups], toxic)).encode())
     return h.hexdigest()[:32]
 
 
@@ -101,6 +111,7 @@ def precompute_reference(
     cache_dir: Path,
     key: str,
     *,
+    toxic_reference: bool = False,
     toxic_model=None,
     batch_size: int = 8,
     desc: str = "reference log-probs",
@@ -112,7 +123,8 @@ def precompute_reference(
     if path.exists():
         log.info("reference log-probs: cache hit %s", path)
         return PrecomputedReference(torch.load(path), index_of)
-    scorer = ModelReference(model, groups, pad_id, toxic_model=toxic_model, share_prompt=share_prompt, pack=pack)
+    scorer = ModelReference(model, groups, pad_id, toxic_reference=toxic_reference, toxic_model=toxic_model,
+                            share_prompt=share_prompt, pack=pack)
     # Longest first: similar lengths share a batch, so little is spent on padding.
     order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
     chunks: dict[str, list[tuple[list[int], torch.Tensor]]] = {}

@@ -317,23 +317,22 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _pair_logps(model, batch: PairBatch) -> torch.Tensor:
+def _pair_tokens(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of every response token ``[M]`` and the response it belongs to ``[M]``."""
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     width_r = batch.response_mask.shape[1]
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False)
     targets = batch.input_ids[:, batch.prompt_width :]
+    row, col = batch.response_mask.nonzero(as_tuple=True)
     if _decoder_path_blocker(model) is None:
         hidden = model.get_decoder()(**kwargs).last_hidden_state[:, batch.prompt_width - 1 : -1]
-        row, col = batch.response_mask.nonzero(as_tuple=True)
-        token_logps = _head_logps(model, hidden[row, col], targets[row, col])
-        return _sum_per_response(token_logps, row, batch.response_mask.shape[0])
+        return _head_logps(model, hidden[row, col], targets[row, col]), row
     if _accepts_logits_to_keep(model):
         # Logits at the column before each response token predict it: the last L + 1 columns.
         logits = model(**kwargs, logits_to_keep=width_r + 1).logits[:, :-1]
     else:
         logits = model(**kwargs).logits[:, batch.prompt_width - 1 : -1]
-    token_logps = _token_logps(logits, targets)
-    return (token_logps * batch.response_mask).sum(-1)
+    return _token_logps(logits, targets)[row, col], row
 
 
 def _sum_per_response(token_logps: torch.Tensor, response_of_token: torch.Tensor, num_responses: int) -> torch.Tensor:
@@ -349,20 +348,19 @@ def _head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return _token_logps(head(hidden), targets)  # e.g. a LoRA-wrapped head: call it as it is
 
 
-def _decoder_logps(model, batch: SharedPromptBatch) -> torch.Tensor:
+def _decoder_tokens(model, batch: SharedPromptBatch) -> torch.Tensor:
     """The decoder once over the batch, then the LM head on exactly the hidden states that predict
     response tokens."""
     bias = batch.attention_bias.to(next(model.parameters()).dtype)
     hidden = model.get_decoder()(
         input_ids=batch.input_ids, attention_mask=bias, position_ids=batch.position_ids, use_cache=False
     ).last_hidden_state
-    token_logps = _head_logps(model, hidden[batch.token_row, batch.source_col], batch.input_ids[batch.token_row, batch.token_col])
-    return _sum_per_response(token_logps, batch.token_response, batch.num_responses)
+    return _head_logps(model, hidden[batch.token_row, batch.source_col], batch.input_ids[batch.token_row, batch.token_col])
 
 
-def _shared_logps(model, batch: SharedPromptBatch) -> torch.Tensor:
+def _shared_tokens(model, batch: SharedPromptBatch) -> torch.Tensor:
     if batch.packed or _decoder_path_blocker(model) is None:
-        return _decoder_logps(model, batch)  # packed batches are only built where this holds
+        return _decoder_tokens(model, batch)  # packed batches are only built where this holds
     total = batch.input_ids.shape[1]
     keep = total - batch.prompt_width + 1  # columns P-1 .. end
     bias = batch.attention_bias.to(next(model.parameters()).dtype)
@@ -371,15 +369,43 @@ def _shared_logps(model, batch: SharedPromptBatch) -> torch.Tensor:
     ).logits
     offset = batch.prompt_width - 1
     selected = logits[batch.token_row, batch.source_col - offset]  # [M, V]
-    token_logps = _token_logps(selected, batch.input_ids[batch.token_row, batch.token_col])
-    return _sum_per_response(token_logps, batch.token_response, batch.num_responses)
+    return _token_logps(selected, batch.input_ids[batch.token_row, batch.token_col])
+
+
+def _response_tokens(model, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every response token's log-prob ``[M]``, the response it belongs to ``[M]``, and the number
+    of responses."""
+    if isinstance(batch, SharedPromptBatch):
+        return _shared_tokens(model, batch), batch.token_response, batch.num_responses
+    token_logps, row = _pair_tokens(model, batch)
+    return token_logps, row, batch.response_mask.shape[0]
 
 
 def sequence_logps(model, batch) -> torch.Tensor:
     """Summed log-prob of each response (prompt tokens never count): shape [number of responses]."""
-    if isinstance(batch, SharedPromptBatch):
-        return _shared_logps(model, batch)
-    return _pair_logps(model, batch)
+    token_logps, response, num = _response_tokens(model, batch)
+    return _sum_per_response(token_logps, response.to(token_logps.device), num)
+
+
+def sequence_token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For losses that read per-token log-probs: the summed log-prob of each response ``[N]`` (as
+    :func:`sequence_logps`), each response's token log-probs ``[N, T]`` in order (0 past its end;
+    ``T`` the longest response) and the mask of real tokens ``[N, T]``. One forward pass."""
+    token_logps, response, num = _response_tokens(model, batch)
+    response = response.to(token_logps.device)
+    summed = _sum_per_response(token_logps, response, num)
+    # Tokens of one response are contiguous and in order in every layout, but a packed row may hold
+    # responses out of their numbering: a stable sort by response keeps each one's order.
+    order = torch.sort(response, stable=True).indices
+    sorted_response = response[order]
+    counts = torch.bincount(sorted_response, minlength=num)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(len(sorted_response), device=response.device) - starts[sorted_response]
+    width = int(counts.max()) if len(sorted_response) else 0
+    per_token = token_logps.new_zeros((num, width)).index_put((sorted_response, position), token_logps[order])
+    mask = torch.zeros((num, width), dtype=torch.bool, device=response.device)
+    mask[sorted_response, position] = True
+    return summed, per_token, mask
 
 
 def split_groups(logps: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
