@@ -610,10 +610,6 @@ def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Te
 # --------------------------------------------------------------------------- #
 # typed inputs
 # --------------------------------------------------------------------------- #
-#: Record fields holding the external rewards (``reward_<side>``).
-REWARD_FIELDS = ("reward_chosen", "reward_rejected")
-
-
 @dataclass(frozen=True)
 class LossInputs:
     """Everything a registered loss may read, filled by the trainer with exactly what the loss's
