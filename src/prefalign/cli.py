@@ -69,8 +69,34 @@ def _loss_help() -> str:
     return loss_help()
 
 
-# The losses `train --help` and `data check --help` offer: the registry's public names.
+def _scorer_help() -> str:
+    from prefalign.configfile import one_of
+    from prefalign.score.registry import SCORERS
+
+    return one_of(SCORERS)
+
+
+def _reference_help() -> str:
+    from typing import get_args
+
+    from prefalign.configfile import one_of
+    from prefalign.train.config import ReferenceMode
+
+    return one_of(get_args(ReferenceMode))
+
+
+def _groups_help() -> str:
+    from prefalign.data.records import RESPONSE_GROUPS
+
+    return ", ".join(RESPONSE_GROUPS)
+
+
+# Lists in --help come from the registries: the losses `train` and `data check` offer (public
+# names), the scorers, the reference modes and the response groups.
 LOSS_HELP = _loss_help()
+SCORER_HELP = _scorer_help()
+REFERENCE_HELP = _reference_help()
+GROUPS_HELP = _groups_help()
 
 
 @models_app.command("list")
@@ -139,7 +165,7 @@ def train(
     beta: Optional[float] = typer.Option(None),
     lora: Optional[bool] = typer.Option(None, "--lora/--full", help="LoRA adapters (r=16) or full fine-tuning"),
     merge: Optional[bool] = typer.Option(None, "--merge", help="with LoRA, also save merged weights"),
-    reference: Optional[str] = typer.Option(None, help="auto, precompute, copy or disable-adapters"),
+    reference: Optional[str] = typer.Option(None, help=REFERENCE_HELP),
     save_every: Optional[int] = typer.Option(None, "--save-every"),
     seed: Optional[int] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 autocast where the hardware runs it fast), float32 or bfloat16"),
@@ -302,10 +328,10 @@ app.command("generate")(generate)
 @app.command("score")
 def score_command(
     input: Path = typer.Argument(..., help="preference data file (JSONL, JSON, Parquet or a datasets folder)"),
-    scorer: str = typer.Option(..., "--scorer", "-s", help="profanity, toxicity, sentiment, refusal, length, reward-model, judge or composite"),
+    scorer: str = typer.Option(..., "--scorer", "-s", help=SCORER_HELP),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the scorer's config"),
     output: Path = typer.Option(..., "--output", "-o", help="scored JSONL to write"),
-    fields: str = typer.Option("chosen,rejected", "--fields", help="response groups to score: chosen, rejected, anchors, toxic"),
+    fields: str = typer.Option("chosen,rejected", "--fields", help=f"response groups to score: {GROUPS_HELP}"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="count and skip bad rows"),
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the score cache"),
     in_place: bool = typer.Option(False, "--in-place", help="allow -o to be the input file (replaced, atomically)"),

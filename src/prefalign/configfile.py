@@ -14,6 +14,12 @@ from pydantic import ValidationError
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\-]*): (.+)$", re.DOTALL)
 
 
+def one_of(names) -> str:
+    """A registry's names for help texts: ``a, b or c``."""
+    names = [str(n) for n in names]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def validation_messages(err: ValidationError, source: str, prefix: str = "") -> str:
     lines = []
     for e in err.errors():

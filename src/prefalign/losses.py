@@ -945,7 +945,9 @@ def unknown_loss_message(name: str) -> str:
 
 def loss_help() -> str:
     """The loss list of ``--help``, from the registry: ``dpo, ipo, ... or rpo``."""
-    return f"{', '.join(PUBLIC_LOSSES[:-1])} or {PUBLIC_LOSSES[-1]}"
+    from prefalign.configfile import one_of
+
+    return one_of(PUBLIC_LOSSES)
 
 
 def get_loss(name: str) -> LossSpec:

@@ -11,11 +11,40 @@ from typing import List, Optional
 
 import typer
 
-STRATEGY_HELP = (
-    "critique (rDPO), prefix, demon, elicitive, nparam, leaderboard, refine, popalign (PopAlign), "
-    "toxic-control (ADPO), anchors (D2O), sample-pairs (ODPO)"
-)
-SOURCE_HELP = "advbench, donotanswer, realtoxicity, rho-sycophancy, rho-refusal, rho-overrefusal, rho-toxigen, file"
+from prefalign.configfile import one_of
+
+
+def strategy_help() -> str:
+    """The strategies in registry order, each run of one method tagged once:
+    ``critique (rDPO), prefix, demon, ... popalign (PopAlign), ...`` (the tag opens a description)."""
+    from prefalign.generate.registry import STRATEGIES
+
+    parts, run = [], []
+    items = [(name, cls.description.split(":")[0].strip()) for name, cls in STRATEGIES.items()]
+    for i, (name, tag) in enumerate(items):
+        run.append(name)
+        if i + 1 == len(items) or items[i + 1][1] != tag:
+            parts.append(f"{', '.join(run)} ({tag})")
+            run = []
+    return ", ".join(parts)
+
+
+def _source_help() -> str:
+    from prefalign.data.prompts import PROMPT_SOURCES
+
+    return ", ".join(PROMPT_SOURCES)
+
+
+def _backend_help() -> str:
+    from prefalign.generate.backends import BACKENDS
+
+    return one_of(BACKENDS)
+
+
+# From the registries (strategies, prompt sources, backends), so the help cannot drift from them.
+STRATEGY_HELP = strategy_help()
+SOURCE_HELP = _source_help()
+BACKEND_HELP = _backend_help()
 
 
 def generate(
@@ -26,7 +55,7 @@ def generate(
     limit: Optional[int] = typer.Option(None, "--limit", help="first N prompts (after --split)"),
     split: Optional[str] = typer.Option(None, "--split", help="train or eval: one side of the stable split by prompt id"),
     model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="model (repeat for nparam/leaderboard/popalign) [default: smollm2-135m-instruct]"),
-    backend: Optional[str] = typer.Option(None, "--backend", help="transformers, openai or vllm [default: transformers]"),
+    backend: Optional[str] = typer.Option(None, "--backend", help=f"{BACKEND_HELP} [default: transformers]"),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server URL (…/v1) for --backend openai"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL output; re-running skips prompts already done"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override its values"),

@@ -13,7 +13,7 @@ validated (the strategy's own section included) before any model is loaded.
       eval_fraction: 0.25
       where: null                 # keep prompts whose meta matches, e.g. {harmful: false}
     models: [smollm2-135m-instruct]   # several for nparam / leaderboard / popalign
-    backend: transformers         # transformers | openai | vllm
+    backend: transformers         # a name in prefalign.generate.backends.BACKENDS (transformers, openai, vllm)
     base_url: null                # openai: the server's /v1 URL
     backend_options: {}           # extra backend arguments (dtype, api_key_env, ...)
     output: data/critique.jsonl
@@ -72,7 +72,7 @@ class GenerateConfig(BaseModel):
     strategy: str = Field(..., description="the generation strategy")
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     models: list[str] = Field(default_factory=lambda: ["smollm2-135m-instruct"], min_length=1)
-    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    backend: str = Field("transformers", description="a generation backend (prefalign.generate.backends.BACKENDS)")
     base_url: str | None = None
     backend_options: dict[str, Any] = Field(default_factory=dict)
     output: Path
@@ -87,6 +87,10 @@ class GenerateConfig(BaseModel):
     def _check(self) -> "GenerateConfig":
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy: unknown strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
+        from prefalign.generate.backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: unknown backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
         twice = sorted({m for m in self.models if self.models.count(m) > 1})
         if twice:
             raise ValueError(f"models: {', '.join(twice)} given more than once")
