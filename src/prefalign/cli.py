@@ -14,7 +14,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(help="prefalign: synthesise, score, train (DPO family) and evaluate preference alignment.", no_args_is_help=True)
@@ -22,18 +21,12 @@ models_app = typer.Typer(help="Embedded, offline models.", no_args_is_help=True)
 data_app = typer.Typer(help="Preference data files.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True)
+from prefalign.console import console, err_console, fail as _fail  # noqa: E402,F401
 
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("prefalign").setLevel(logging.INFO)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay whole
-    raise typer.Exit(code)
 
 
 def _user_errors():

@@ -71,7 +71,7 @@ def generate(
     """Generate preference data from a prompt set (resumable: re-run the same command after a stop)."""
     from rich.console import Console
 
-    from prefalign.cli import _fail as fail
+    from prefalign.console import fail
     from prefalign.data.errors import DataError
     from prefalign.generate.config import GenerateConfigError, load_generate_config
     from prefalign.generate.runner import run_from_config
