@@ -666,7 +666,7 @@ class Trainer:
                 self.logger.log(metrics)
             last = metrics
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracy', float('nan')):.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracy', metrics.get('logps/accuracy', float('nan'))):.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if self.step % config.save_every == 0 or self.step == self.total_steps:
                 self._save_pending()  # kept once the next forward pass gives a finite loss
         bar.close()
