@@ -1,12 +1,28 @@
-"""Generation throughput of the transformers backend at batch 1, 8 and 32, against a naive loop
-that calls ``model.generate`` on one prompt at a time.
+"""Generation throughput on the CPU: prefalign's old path (HF ``model.generate``) against the new
+default (the fast decode engine), and llama.cpp in-process on the same GGUF, at batch 1, 8 and 32,
+each as tokens/s and as a share of the machine's compute limit for the model.
 
-Same model, prompts (AdvBench, as chat), sampling settings and seed for every row. New tokens
-are counted up to each response's end (EOS or the limit), so padding a finished sequence carries
-in a batch is not counted as work. Each row runs once after a short warm-up.
+Two more rows split the gain: ``HF generate, 1 thread`` (the old path with the thread count the
+new engine settles on when the machine is busy) and ``fast engine, fp32 matmuls`` (the new loop
+without bf16).
+
+Same prompts (AdvBench, as chat, fed to every engine as the same token ids), the same token
+budget, temperature and seed everywhere (top-p 1, no top-k, no penalties). New tokens are counted
+up to each response's end (EOS or the limit), so the padding a finished sequence carries in a
+batch is not counted as work. Each row runs once after a warm-up; model loading is not timed. The
+rows of one batch size run back to back, so their ratios hold even on a busy machine.
+
+- compute limit: 2 x parameters FLOP per token at the best matmul rate measured in this run (fp32
+  and, where the CPU runs it natively, bf16; one thread and all threads), the tokens/s that pure
+  matmul arithmetic at that rate would give;
+- llama.cpp (llama-cpp-python, the embedded model's own Q4_1 GGUF): batch 1 through
+  ``Llama.create_completion``, one sequence at a time as a user would run it; batch 8 and 32
+  through llama.cpp's batch API (one ``llama_decode`` per step for all sequences, a unified KV
+  cache), sampled by the same inverse-CDF rule in numpy. Its thread count is chosen by a short
+  probe (1 thread vs all), as prefalign's engine tunes its own.
 
     python benchmarks/generate.py                                    # SmolLM2-135M-Instruct, 32 prompts
-    python benchmarks/generate.py --model tiny-random --prompts 8    # smoke run
+    python benchmarks/generate.py --model tiny-random --prompts 8 --no-llama-cpp   # smoke run
 """
 
 from __future__ import annotations
@@ -24,23 +40,129 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, peak_rss_mib  # noqa: E402
 
 
-def naive_loop(model, tokenizer, conversations, max_new_tokens: int, temperature: float, seed: int) -> tuple[int, float]:
-    """What a first script does: one prompt at a time, no batching."""
+def matmul_peak(dtype, threads: int, size: int = 1024, seconds: float = 1.0) -> float:
+    """Best FLOP/s of a square ``dtype`` matmul with ``threads`` intra-op threads."""
     import torch
 
-    torch.manual_seed(seed)
-    new_tokens, start = 0, time.perf_counter()
-    for conversation in conversations:
-        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature,
-                                 top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        generated = out[0, ids["input_ids"].shape[1]:].tolist()
-        if tokenizer.eos_token_id in generated:
-            generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
-        new_tokens += len(generated)
-    return new_tokens, time.perf_counter() - start
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        torch.mm(a, b)
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+        return best
+    finally:
+        torch.set_num_threads(old)
 
+
+# ------------------------------------------------------------------------------------ llama.cpp
+
+def gguf_path(model: str) -> Path | None:
+    from prefalign.models.registry import EMBEDDED, _package_dir
+
+    if model.endswith(".gguf"):
+        return Path(model)
+    if model in EMBEDDED:
+        folder = _package_dir(EMBEDDED[model].package)
+        return folder / EMBEDDED[model].gguf_file if folder else None
+    return None
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python: one sequence at a time, or batched with its batch API."""
+
+    def __init__(self, path: Path, threads: int, max_tokens: int):
+        from llama_cpp import Llama
+
+        self.path, self.threads = path, threads
+        self.llm = Llama(model_path=str(path), n_ctx=max_tokens, n_threads=threads, n_threads_batch=threads,
+                         verbose=False, seed=0)
+
+    def one_at_a_time(self, prompts, max_new_tokens: int, temperature: float, seed: int) -> int:
+        new = 0
+        for i, p in enumerate(prompts):
+            out = self.llm.create_completion(prompt=list(p), max_tokens=max_new_tokens, temperature=temperature,
+                                             top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, seed=seed + i)
+            new += out["usage"]["completion_tokens"]
+        return new
+
+    def batched(self, prompts, max_new_tokens: int, temperature: float, seed: int, batch: int) -> int:
+        import llama_cpp as lc
+
+        model = self.llm._model.model
+        vocab = lc.llama_model_get_vocab(model)
+        new = 0
+        for start in range(0, len(prompts), batch):
+            group = prompts[start : start + batch]
+            prompt_tokens = sum(len(p) for p in group)
+            params = lc.llama_context_default_params()
+            params.n_ctx = len(group) * (max(len(p) for p in group) + max_new_tokens + 16)
+            params.n_batch = max(512, prompt_tokens)  # every prompt in one llama_decode
+            params.n_ubatch = 512
+            params.n_seq_max = len(group)
+            params.kv_unified = False  # one KV stream per sequence: attention never spans the others
+            params.n_threads = params.n_threads_batch = self.threads
+            ctx = lc.llama_init_from_model(model, params)
+            b = lc.llama_batch_init(max(prompt_tokens, len(group)), 0, 1)
+            sampler = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+            if temperature > 0:  # llama.cpp's own sampler: temperature, then a draw over the full vocabulary
+                lc.llama_sampler_chain_add(sampler, lc.llama_sampler_init_temp(temperature))
+                lc.llama_sampler_chain_add(sampler, lc.llama_sampler_init_dist(seed + start))
+            else:
+                lc.llama_sampler_chain_add(sampler, lc.llama_sampler_init_greedy())
+            try:
+                def decode(items):  # (token, position, sequence, wants logits)
+                    b.n_tokens = len(items)
+                    for i, (tok, pos, seq, logits) in enumerate(items):
+                        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+                        b.seq_id[i][0] = seq
+                    if lc.llama_decode(ctx, b) != 0:
+                        raise RuntimeError("llama_decode failed")
+
+                items = [(t, i, s, i == len(p) - 1) for s, p in enumerate(group) for i, t in enumerate(p)]
+                decode(items)
+                out_index = {s: k for k, (_, _, s, want) in enumerate(items) if want}
+                pos = {s: len(p) for s, p in enumerate(group)}
+                for step in range(max_new_tokens):
+                    nxt = []
+                    for s, k in out_index.items():
+                        tok = lc.llama_sampler_sample(sampler, ctx, k)
+                        if lc.llama_vocab_is_eog(vocab, tok):
+                            continue
+                        new += 1
+                        nxt.append((tok, pos[s], s, True))
+                        pos[s] += 1
+                    if not nxt or step == max_new_tokens - 1:
+                        break
+                    decode(nxt)
+                    out_index = {s: k for k, (_, _, s, _) in enumerate(nxt)}
+            finally:
+                lc.llama_sampler_free(sampler)
+                lc.llama_batch_free(b)
+                lc.llama_free(ctx)
+        return new
+
+
+def llama_threads(path: Path, prompt, max_threads: int) -> int:
+    """The faster of 1 thread and ``max_threads`` on a short completion (llama.cpp spins its
+    threads, so on a busy machine fewer threads win, as for torch)."""
+    if max_threads <= 1:
+        return 1
+    times = {}
+    for threads in (1, max_threads):
+        engine = LlamaCpp(path, threads, 512)
+        engine.one_at_a_time([prompt], 4, 0.0, 0)
+        start = time.perf_counter()
+        engine.one_at_a_time([prompt], 16, 0.0, 0)
+        times[threads] = time.perf_counter() - start
+    return min(times, key=times.get)
+
+
+# ----------------------------------------------------------------------------------------- main
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,39 +172,111 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
     args = parser.parse_args()
+
+    import torch
 
     from prefalign.data.prompts import load_prompts
     from prefalign.generate.backends import SamplingParams, TransformersBackend
     from prefalign.models.loading import load_model, load_tokenizer
+    from prefalign.train.precision import bf16_is_fast
 
+    max_threads = torch.get_num_threads()
     model, tokenizer = load_model(args.model).eval(), load_tokenizer(args.model)
+    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     prompts = load_prompts("advbench", limit=args.prompts, split=None)
     conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
 
+    peaks = {}
+    dtypes = [torch.float32] + ([torch.bfloat16] if bf16_is_fast("cpu")[0] else [])
+    for dtype in dtypes:
+        peaks[str(dtype).removeprefix("torch.")] = max(matmul_peak(dtype, t) for t in sorted({1, max_threads}))
+    best_dtype = max(peaks, key=peaks.get)
+    limit = peaks[best_dtype] / (2 * n_params)  # tokens/s
+
     # Warm-up: first calls pay for lazy initialisation that no row should be charged with.
-    TransformersBackend(model, tokenizer, batch_size=2, show_progress=False).generate(conversations[:2], SamplingParams(max_new_tokens=4))
+    for engine in ("hf", "auto"):
+        TransformersBackend(model, tokenizer, batch_size=2, show_progress=False, engine=engine).generate(
+            conversations[:2], SamplingParams(max_new_tokens=4))
+    new_default = TransformersBackend(model, tokenizer, show_progress=False)
+    default_name = f"prefalign default ({new_default.engine}, {new_default.compute_dtype or 'model dtype'})"
+
+    llama = None
+    path = gguf_path(args.model)
+    if not args.no_llama_cpp and path is not None and path.exists():
+        try:
+            import llama_cpp  # noqa: F401
+
+            token_prompts = [new_default.encode(c) for c in conversations]
+            threads = llama_threads(path, token_prompts[0], max_threads)
+            llama = LlamaCpp(path, threads, 512)
+            llama.one_at_a_time(token_prompts[:1], 4, args.temperature, args.seed)
+        except ImportError:
+            print("llama-cpp-python is not installed: llama.cpp rows left out (pip install llama-cpp-python)")
+
+    def run_backend(name: str, batch_size: int, engine: str, threads: int | None = None, **kwargs):
+        b = TransformersBackend(model, tokenizer, batch_size=batch_size, show_progress=False, engine=engine, **kwargs)
+        old_threads = torch.get_num_threads()
+        if threads is not None and engine == "hf":
+            torch.set_num_threads(threads)
+        try:
+            b.generate(conversations, params)
+        finally:
+            torch.set_num_threads(old_threads)
+        s = b.last_stats
+        used = s.extra.get("threads", threads or old_threads)
+        return name, batch_size, s.new_tokens, s.seconds, f"threads {used}"
 
     rows = []
-    tokens, seconds = naive_loop(model, tokenizer, conversations, args.max_new_tokens, args.temperature, args.seed)
-    rows.append(("naive loop (1 prompt per generate call)", tokens, seconds))
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        backend = TransformersBackend(model, tokenizer, batch_size=batch_size, show_progress=False)
-        backend.generate(conversations, params)
-        stats = backend.last_stats
-        rows.append((f"transformers backend, batch {batch_size}", stats.new_tokens, stats.seconds))
 
-    base = rows[0][1] / rows[0][2]
+    def add(row) -> None:
+        rows.append(row)
+        name, batch_size, tokens, seconds, note = row
+        print(f"  {name}, batch {batch_size}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f}/s, {note})",
+              flush=True)
+
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        add(run_backend("HF generate (old path)", batch_size, "hf"))
+        if max_threads > 1:
+            add(run_backend("HF generate, 1 thread", batch_size, "hf", threads=1))
+        add(run_backend(default_name, batch_size, "auto"))
+        if new_default.engine == "fast" and new_default.compute_dtype != "float32":
+            add(run_backend("fast engine, fp32 matmuls", batch_size, "fast", compute_dtype="float32"))
+        if llama is not None:
+            start = time.perf_counter()
+            if batch_size == 1:
+                tokens = llama.one_at_a_time(token_prompts, args.max_new_tokens, args.temperature, args.seed)
+                name = "llama.cpp in-process, one at a time"
+            else:
+                tokens = llama.batched(token_prompts, args.max_new_tokens, args.temperature, args.seed, batch_size)
+                name = "llama.cpp in-process, batch API"
+            add((name, batch_size, tokens, time.perf_counter() - start, f"threads {llama.threads}"))
+
     print(f"\nmachine: {machine()}")
-    print(f"model {args.model}; {len(prompts)} AdvBench prompts; max_new_tokens {args.max_new_tokens}, "
-          f"temperature {args.temperature}, seed {args.seed}; peak RSS {peak_rss_mib():.0f} MiB\n")
-    header = f"{'run':<42} {'new tokens':>10} {'seconds':>8} {'tokens/s':>9} {'vs naive':>9}"
+    print(f"model {args.model} ({n_params / 1e6:.1f}M parameters); {len(prompts)} AdvBench prompts; "
+          f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, top_p 1, seed {args.seed}")
+    if llama is not None:
+        print(f"llama.cpp: llama-cpp-python on {llama.path.name}")
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items())
+          + f" (best of 1 and {max_threads} threads)")
+    print(f"compute limit: 2 x {n_params / 1e6:.1f}M FLOP/token at the {best_dtype} peak = {limit:.0f} tokens/s"
+          + (f" (fp32: {peaks['float32'] / (2 * n_params):.0f})" if best_dtype != "float32" else ""))
+    print(f"peak RSS {peak_rss_mib():.0f} MiB\n")
+    header = f"{'run':<46} {'batch':>5} {'new tokens':>10} {'seconds':>8} {'tokens/s':>9} {'% limit':>8} {'vs old':>7}  notes"
     print(header)
     print("-" * len(header))
-    for name, tokens, seconds in rows:
+    old_rate = {}
+    for name, batch_size, tokens, seconds, note in rows:
         rate = tokens / seconds
-        print(f"{name:<42} {tokens:>10} {seconds:>8.1f} {rate:>9.1f} {rate / base:>8.2f}x")
+        if name == "HF generate (old path)":
+            old_rate[batch_size] = rate
+        ratio = rate / old_rate[batch_size] if batch_size in old_rate else float("nan")
+        print(f"{name:<46} {batch_size:>5} {tokens:>10} {seconds:>8.1f} {rate:>9.1f} {100 * rate / limit:>7.1f}% "
+              f"{ratio:>6.2f}x  {note}")
+    if llama is not None:
+        llama.llm.close()
 
 
 if __name__ == "__main__":

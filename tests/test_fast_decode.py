@@ -249,7 +249,7 @@ def test_sampler_greedy_and_seeds():
 
 def test_thread_tuner_picks_the_faster_count_and_backs_off():
     tuner = ThreadTuner(2, block=2, hold=4, max_hold=16)
-    cost = {1: 1.0, 2: 5.0}  # a busy machine: one thread is faster
+    cost = {1: 1.0, 2: 0.5}  # an idle machine: two threads are faster
 
     def run(layers):
         used = []
@@ -259,15 +259,18 @@ def test_thread_tuner_picks_the_faster_count_and_backs_off():
             tuner.record(t, cost[t])
         return used
 
-    assert run(4) == [2, 2, 1, 1]  # the probe: the current choice, then the challenger
-    assert tuner.best == 1 and tuner.switches == 1
-    assert run(4) == [1, 1, 1, 1]  # held
-    assert run(4) == [1, 1, 2, 2]  # probed again; 1 stays, so the hold doubles
-    assert tuner.best == 1 and tuner.hold == 8
-    cost = {1: 1.0, 2: 0.95}  # a challenger must be clearly faster to take over
+    assert run(4) == [1, 1, 2, 2]  # the probe: one thread first, then the challenger
+    assert tuner.best == 2 and tuner.switches == 1
+    assert run(4) == [2, 2, 2, 2]  # held
+    assert run(4) == [2, 2, 1, 1]  # probed again; 2 stays, so the hold doubles
+    assert tuner.best == 2 and tuner.hold == 8
+    cost = {1: 0.45, 2: 0.5}  # a challenger must be clearly faster to take over
     run(8 + 4)
-    assert tuner.best == 1
-    cost = {1: 1.0, 2: 0.5}  # the machine became idle: two threads win at the next probe
-    run(16 + 4)
-    assert tuner.best == 2 and tuner.hold == 4
+    assert tuner.best == 2 and tuner.hold == 16
+    cost = {1: 1.0, 2: 5.0}  # the machine got busy
+    run(16)
+    assert run(4) == [2, 2, 1, 1] and tuner.best == 1 and tuner.hold == 4
+    # Held for 4 layers, then probed: 5 s > 2 x (1 + 1) s, so the probe of 2 stops after one layer.
+    assert run(7) == [1, 1, 1, 1, 1, 1, 2]
+    assert tuner.best == 1 and tuner.hold == 8 and tuner.next_threads() == 1
     assert ThreadTuner(1).next_threads() == 1

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -104,14 +103,17 @@ class ThreadTuner:
     On an idle machine all cores win; when other processes hold the cores, one thread wins by a
     wide margin (an OpenMP barrier waits for every thread of the pool, and a descheduled thread
     holds it up: 16 ms instead of 0.4 ms for a 16-row projection on a busy 2-core machine). The
-    layers of a model have the same shapes, so a probe runs ``block`` layers with each candidate
-    back to back and keeps the faster one (a challenger must be 15% faster to take over). Probes
+    layers of a model have the same shapes, so a probe runs ``block`` layers with the current
+    choice, then ``block`` layers with each other candidate (cut short once a candidate has taken
+    twice as long), and keeps the fastest; a challenger must be 15% faster to take over. Probes
     repeat after ``hold`` layers, a hold that doubles (up to ``max_hold``) while the choice stands.
+    It starts from one thread: wrongly using all threads on a busy machine costs far more than
+    wrongly using one on an idle machine, and the first probe settles it within a few layers.
     """
 
-    def __init__(self, max_threads: int, block: int = 2, hold: int = 256, max_hold: int = 8192):
-        self.best = max(1, max_threads)
-        self.candidates = sorted({self.best, 1})
+    def __init__(self, max_threads: int, block: int = 2, hold: int = 256, max_hold: int = 16384):
+        self.candidates = sorted({1, max(1, max_threads)})
+        self.best = 1
         self.block, self.base_hold, self.max_hold = block, hold, max_hold
         self.hold = hold
         self._plan: list[int] = []
@@ -125,7 +127,7 @@ class ThreadTuner:
         if not self._plan and self._since >= self.hold:
             others = [c for c in self.candidates if c != self.best]
             self._plan = [c for c in (self.best, *others) for _ in range(self.block)]
-            self._times = {c: 0.0 for c in self.candidates}
+            self._times = {c: [] for c in self.candidates}
             self._since = 0
         return self._plan[0] if self._plan else self.best
 
@@ -134,11 +136,14 @@ class ThreadTuner:
             self._since += 1
             return
         self._plan.pop(0)
-        self._times[threads] += seconds
+        self._times[threads].append(seconds)
+        if threads != self.best and sum(self._times[threads]) > 2 * sum(self._times[self.best]):
+            self._plan = [c for c in self._plan if c != threads]  # clearly slower: stop probing it
         if self._plan:
             return
-        challenger = min(self._times, key=self._times.get)
-        if challenger != self.best and self._times[challenger] < 0.85 * self._times[self.best]:
+        per_layer = {c: sum(t) / len(t) for c, t in self._times.items() if t}
+        challenger = min(per_layer, key=per_layer.get)
+        if challenger != self.best and per_layer[challenger] < 0.85 * per_layer[self.best]:
             self.best, self.hold = challenger, self.base_hold
             self.switches += 1
         else:
@@ -223,16 +228,20 @@ class FastDecoder:
     # ------------------------------------------------------------------ forward
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of ``positions`` (any shape), as HF's rotary embedding computes them."""
+        """cos and sign-folded sin of ``positions`` (any shape), as HF's rotary embedding computes
+        them; the sin table's first half is negated so that :meth:`_rotate` needs no negation."""
         freqs = positions[..., None].float() * self._inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self._rope_scale, emb.sin() * self._rope_scale
+        sin = emb.sin() * self._rope_scale
+        half = sin.shape[-1] // 2
+        sin[..., :half].neg_()
+        return emb.cos() * self._rope_scale, sin
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """HF's ``x * cos + rotate_half(x) * sin`` (``(-a) * b == a * (-b)`` exactly in floating point)."""
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x.to(self.compute_dtype), weight, bias)
@@ -254,7 +263,7 @@ class FastDecoder:
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         group = nh // nkv
         end = start + s
-        x = F.embedding(ids, self._embed).to(torch.float32)  # [rows, s, hidden]
+        x = F.embedding(ids, self._embed).float()  # [rows, s, hidden], a new tensor updated in place
         cos, sin = self._rope_tables(positions)  # [rows, s, hd]
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         mask = key_mask[..., :end]
@@ -288,11 +297,11 @@ class FastDecoder:
                 out = F.scaled_dot_product_attention(
                     q, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1), attn_mask=mask, scale=scale,
                 ).transpose(1, 2).reshape(rows, s, nh * hd)
-            x = x + self._linear(out, L.wo, L.bo).float()
+            x.add_(self._linear(out, L.wo, L.bo))  # a bf16 output is widened exactly inside the add
             h = self._norm_rows(x, L.ln2)
             gu = self._linear(h, L.wgu, L.bgu)
             gate, up = gu.chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, L.wd, L.bd).float()
+            x.add_(self._linear(F.silu(gate) * up, L.wd, L.bd))
             if tuner is not None:
                 tuner.record(threads, time.perf_counter() - t0)
         return self._norm_rows(x if all_positions else x[:, -1], self._norm)
@@ -520,16 +529,3 @@ def row_seed(seed: int, temperature: float, top_p: float, top_k: int, prompt: Se
     ``n`` extends the same samples)."""
     payload = json.dumps([seed, float(temperature), float(top_p), int(top_k), list(prompt), sample])
     return int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "big")
-
-
-def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 1.0) -> float:
-    """Best GFLOP/s of a square matmul over about ``seconds`` (the compute limit's denominator)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    a @ b
-    best, start = math.inf, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best / 1e9
