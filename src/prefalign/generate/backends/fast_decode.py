@@ -386,6 +386,8 @@ class FastDecoder:
             tokens = sampler.sample(logits, u)
             tok_list = tokens.tolist()
             for b, row in enumerate(live):
+                if done[row]:  # ended at an earlier step, still in the batch until the next compaction
+                    continue
                 t = tok_list[b]
                 if t in end_ids:
                     done[row] = True
