@@ -59,6 +59,25 @@ def matmul_peak(dtype, threads: int, size: int = 1024, seconds: float = 1.0) -> 
         torch.set_num_threads(old)
 
 
+def read_bandwidth(threads: int, mib: int = 512, seconds: float = 1.0) -> float:
+    """Best bytes/s of summing a ``mib`` MiB fp32 tensor (a read stream, as decoding reads weights)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(mib * 2**20 // 4)
+        x.sum()
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            x.sum()
+            best = max(best, x.numel() * 4 / (time.perf_counter() - start))
+        return best
+    finally:
+        torch.set_num_threads(old)
+
+
 # ------------------------------------------------------------------------------------ llama.cpp
 
 def gguf_path(model: str) -> Path | None:
@@ -195,6 +214,7 @@ def main() -> None:
         peaks[str(dtype).removeprefix("torch.")] = max(matmul_peak(dtype, t) for t in sorted({1, max_threads}))
     best_dtype = max(peaks, key=peaks.get)
     limit = peaks[best_dtype] / (2 * n_params)  # tokens/s
+    bandwidth = max(read_bandwidth(t) for t in sorted({1, max_threads}))
 
     # Warm-up: first calls pay for lazy initialisation that no row should be charged with.
     for engine in ("hf", "auto"):
@@ -263,6 +283,12 @@ def main() -> None:
           + f" (best of 1 and {max_threads} threads)")
     print(f"compute limit: 2 x {n_params / 1e6:.1f}M FLOP/token at the {best_dtype} peak = {limit:.0f} tokens/s"
           + (f" (fp32: {peaks['float32'] / (2 * n_params):.0f})" if best_dtype != "float32" else ""))
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    for dtype, size in (("bfloat16", 2), ("float32", 4)):
+        if dtype in peaks:
+            caps = ", ".join(f"batch {b} {b * bandwidth / (size * n_params):.0f}" for b in batches)
+            print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s: reading the {dtype} weights "
+                  f"({size * n_params / 1e6:.0f} MB) once per step caps tokens/s at {caps}")
     print(f"peak RSS {peak_rss_mib():.0f} MiB\n")
     header = f"{'run':<46} {'batch':>5} {'new tokens':>10} {'seconds':>8} {'tokens/s':>9} {'% limit':>8} {'vs old':>7}  notes"
     print(header)

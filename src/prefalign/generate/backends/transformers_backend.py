@@ -3,7 +3,8 @@
 Two engines run the model:
 
 - ``fast`` (the default on a CPU for Llama-family models, :mod:`.fast_decode`): a hand-written
-  decode loop with fused weights (bf16 where the CPU multiplies bf16 natively), a KV cache
+  decode loop with fused weights (bf16 where the CPU multiplies bf16 natively, prepacked for
+  oneDNN), a KV cache
   allocated once per batch, each prompt prefilled once for its ``n`` samples, ended rows dropped
   from the batch, the thread count tuned to the machine's load, and a sampler that does not sort
   the vocabulary. In fp32 its greedy tokens are HF ``generate``'s.
