@@ -301,8 +301,37 @@ def main() -> None:
         ratio = rate / old_rate[batch_size] if batch_size in old_rate else float("nan")
         print(f"{name:<46} {batch_size:>5} {tokens:>10} {seconds:>8.1f} {rate:>9.1f} {100 * rate / limit:>7.1f}% "
               f"{ratio:>6.2f}x  {note}")
+    if new_default.engine == "fast" and new_default.compute_dtype != "float32":
+        checked = conversations[:8]
+        kl, agree = precision_check(model, new_default, checked, args.temperature)
+        print(f"\n{new_default.compute_dtype} vs fp32 (the model's own forward), teacher-forced on {len(checked)} prompts + "
+              f"32 greedy tokens: next-token KL {kl:.1e} nats at temperature {args.temperature}, "
+              f"argmax agrees at {100 * agree:.1f}% of positions")
     if llama is not None:
         llama.llm.close()
+
+
+def precision_check(model, backend, conversations, temperature: float) -> tuple[float, float]:
+    """Mean KL(fp32 || engine) of the next-token distribution at ``temperature`` and the share of
+    positions whose argmax agrees, over prompts followed by their fp32 greedy continuations."""
+    import torch
+
+    from prefalign.generate.backends import SamplingParams, TransformersBackend
+
+    reference = TransformersBackend(model, backend.tokenizer, show_progress=False, engine="hf")
+    continuations = reference.generate_token_ids(conversations, SamplingParams(max_new_tokens=32, temperature=0))
+    kls, agree, positions = 0.0, 0, 0
+    t = temperature or 1.0
+    for conversation, rows in zip(conversations, continuations):
+        seq = backend.encode(conversation) + rows[0]
+        with torch.inference_mode():
+            ref = model(torch.tensor([seq])).logits[0].float()
+        mine = backend.decoder.sequence_logits(seq)
+        lp, lq = (ref / t).log_softmax(-1), (mine / t).log_softmax(-1)
+        kls += (lp.exp() * (lp - lq)).sum().item()
+        agree += (ref.argmax(-1) == mine.argmax(-1)).sum().item()
+        positions += len(seq)
+    return kls / positions, agree / positions
 
 
 if __name__ == "__main__":

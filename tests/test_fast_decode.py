@@ -88,6 +88,7 @@ def test_logits_match_hf_forward(model_and_tokenizer):
         for r, s in enumerate(seqs):
             ref = model(torch.tensor([s])).logits[0]
             torch.testing.assert_close(mine[r, width - len(s):], ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(dec.sequence_logits(s), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_matches_hf_generate_fp32(model_and_tokenizer):

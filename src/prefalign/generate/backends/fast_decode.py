@@ -347,6 +347,17 @@ class FastDecoder:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._linear(hidden, self._head, None).float()
 
+    @torch.inference_mode()
+    def sequence_logits(self, seq: Sequence[int]) -> torch.Tensor:
+        """fp32 logits ``[len(seq), vocab]`` at every position of one token sequence (for checks
+        against the model's own forward)."""
+        self._refresh()
+        n, dev = len(seq), self.device
+        cache = torch.zeros((len(self._layers), 2, 1, self.n_kv, n, self.head_dim), device=dev)
+        hidden = self._forward(torch.tensor([list(seq)], device=dev), torch.arange(n, device=dev)[None], cache, 0,
+                               torch.zeros((1, 1, 1, n), device=dev), all_positions=True)
+        return self._logits(hidden[0])
+
     # ------------------------------------------------------------------ decoding
 
     @torch.inference_mode()
