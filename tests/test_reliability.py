@@ -468,7 +468,7 @@ def test_a_fifo_as_data_or_config_fails_at_once(tmp_path, tiny_model):
                  ["train", "--config", config]):
         # A subprocess with a timeout: before the fix this blocked forever on open().
         proc = subprocess.run([sys.executable, "-m", "prefalign.cli", *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=600)  # generous: a busy runner, not a hang
         assert proc.returncode == 2, proc.stderr
         assert "is a FIFO (named pipe), not a regular file" in proc.stderr and "Traceback" not in proc.stderr
 
