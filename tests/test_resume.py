@@ -31,7 +31,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, tiny_model):
     env = {**os.environ, "PREFALIGN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     # Keep tiny-random from the shared cache: only reference log-probs go to the fresh cache.
     straight = tmp_path / "straight"
-    subprocess.run(train_cmd(tiny_model, data, straight, None), check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(train_cmd(tiny_model, data, straight, None), check=True, env=env, capture_output=True, timeout=900)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(tiny_model, data, killed, None), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -49,7 +49,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, tiny_model):
     proc.wait()
     assert len(losses(killed)) < SLOW_ENOUGH_STEPS
 
-    result = subprocess.run(train_cmd(tiny_model, data, killed, None, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(train_cmd(tiny_model, data, killed, None, "--resume"), env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = losses(straight), losses(killed)
     assert sorted(b) == list(range(1, SLOW_ENOUGH_STEPS + 1))  # no step missing or logged twice
@@ -63,8 +63,8 @@ def test_resume_refuses_changed_settings(tmp_path, tiny_model):
     out = tmp_path / "run"
     cmd = train_cmd(tiny_model, data, out, None)
     cmd[cmd.index("--max-steps") + 1] = "2"
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=900)
     # beta changes the loss itself: not an optimiser setting (lr may change: tests/test_reliability.py).
-    result = subprocess.run([*cmd, "--beta", "0.5", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*cmd, "--beta", "0.5", "--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 2
     assert "different settings for ['beta']" in result.stderr
