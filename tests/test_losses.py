@@ -15,12 +15,14 @@ from prefalign.losses import (
     LOSSES,
     LossInputs,
     sft_loss,
+    anchor_sft_loss,
     LossSpec,
     adpo_loss,
     check_positive_reward_gap,
     d2o_loss,
     dpo_loss,
     get_loss,
+    resolve_loss,
     implicit_rewards,
     ipo_loss,
     odpo_loss,
@@ -280,6 +282,7 @@ def _all_losses(pc, pr, rc, rr, *, beta=0.1):
         "simpo": simpo_loss(pc, pr, 3 * one, 2 * one, beta=beta),
         "rpo": rpo_loss(pc, pr, rc, rr, 3 * one, beta=beta),
         "sft": sft_loss(pc),
+        "anchor-sft": anchor_sft_loss(torch.stack([pc, pc + 1], 1)),
     }
 
 
@@ -328,6 +331,7 @@ def test_gradcheck_all_losses():
         "simpo": (lambda *x: simpo_loss(*x, rw_c * 3, rw_c * 2, beta=0.7, gamma=0.3), (pc, pr)),
         "rpo": (lambda *x: rpo_loss(*x, rw_c * 3, beta=0.7, alpha=0.5), (pc, pr, rc, rr)),
         "sft": (lambda x: sft_loss(x), (pc,)),
+        "anchor-sft": (lambda x: anchor_sft_loss(x), (pa,)),
     }
     assert set(cases) == set(LOSSES)
     for name, (fn, inputs) in cases.items():
@@ -379,6 +383,7 @@ def _direct(name, p, r, w, params):
         "simpo": lambda: simpo_loss(p["chosen"], p["rejected"], TOKENS["chosen"], TOKENS["rejected"], **params),
         "rpo": lambda: rpo_loss(*pair, TOKENS["chosen"], **params),
         "sft": lambda: sft_loss(p["chosen"]),
+        "anchor-sft": lambda: anchor_sft_loss(p["anchors"]),
     }
     return calls[name]()
 
@@ -401,6 +406,7 @@ EXPECTED_REGISTRY = {
     "simpo": (("chosen", "rejected"), ("prompt", "chosen", "rejected"), {"beta": 2.0, "gamma": 1.0}),
     "rpo": (("chosen", "rejected"), ("prompt", "chosen", "rejected"), {"beta": 0.1, "alpha": 1.0}),
     "sft": (("chosen",), ("prompt", "chosen"), {}),
+    "anchor-sft": (("anchors",), ("prompt", "anchors"), {}),
 }
 
 
@@ -414,9 +420,9 @@ def test_registry_contents():
         assert spec.required_fields == fields
         assert dict(spec.defaults) == defaults
         assert spec.needs_toxic_reference == (name == "adpo")
-        assert spec.positive == ("anchors" if name == "d2o" else "chosen")
-        assert spec.negative == ("chosen" if name == "sft" else "rejected")
-        assert spec.needs_reference == (name not in ("sft", "simpo"))  # reference-free losses
+        assert spec.positive == ("anchors" if name in ("d2o", "anchor-sft") else "chosen")
+        assert spec.negative == {"sft": "chosen", "anchor-sft": "anchors"}.get(name, "rejected")
+        assert spec.needs_reference == (name not in ("sft", "simpo", "anchor-sft"))  # reference-free losses
         assert spec.requires_positive_reward_gap == (name == "odpo")
     with pytest.raises(TypeError):
         LOSSES["dpo"].defaults["beta"] = 1.0  # read-only
@@ -467,6 +473,19 @@ def test_get_loss_unknown_lists_the_public_names():
     with pytest.raises(ValueError, match=r"^unknown loss 'kto'; choose one of dpo, ipo, rdpo, odpo, d2o, adpo, simpo, rpo$"):
         get_loss("kto")
     assert get_loss("sft").internal
+
+
+def test_anchor_sft_is_the_mean_anchor_nll_and_mixes_with_d2o():
+    anchors = t(-2.0, -4.0, -1.0, -3.0).reshape(2, 2)
+    assert anchor_sft_loss(anchors).tolist() == pytest.approx([3.0, 2.0])
+    mixed = resolve_loss(["d2o", "anchor-sft"], [1.0, 0.5])
+    rej, ref_rej, ref_anchors = t(-5.0, -6.0), t(-5.5, -6.5), t(-2.5, -4.0, -1.0, -3.5).reshape(2, 2)
+    inputs = LossInputs.from_dicts({"rejected": rej, "anchors": anchors}, {"rejected": ref_rej, "anchors": ref_anchors})
+    expected = d2o_loss(rej, ref_rej, anchors, ref_anchors) + 0.5 * anchor_sft_loss(anchors)
+    assert mixed(inputs).tolist() == pytest.approx(expected.tolist())
+    assert mixed.positive == "anchors" and mixed.negative == "rejected"
+    with pytest.raises(ValueError, match="anchor-sft"):
+        anchor_sft_loss(t(1.0, 2.0))
 
 
 def test_sft_loss_is_negative_log_likelihood():

@@ -487,6 +487,30 @@ def sft_loss(policy_logps: Tensor, num_tokens: Tensor | None = None) -> Tensor:
     return -policy_logps / num_tokens.clamp(min=1)
 
 
+def anchor_sft_loss(policy_anchor_logps: Tensor) -> Tensor:
+    """Negative log-likelihood of D2O's anchors, averaged over the K anchors of a prompt.
+
+    Formula::
+
+        loss = -(1 / K) * sum_k pi_anchor_k      (summed over each anchor's tokens)
+
+    The positive side of D2O is a distribution of self-sampled responses (the anchors), not one
+    chosen answer, so the NLL term that RPO adds to DPO (Pang et al. 2024, arXiv:2404.19733) is
+    taken over that distribution: mixed with ``d2o`` (``loss: [d2o, anchor-sft]``) it makes the
+    anchors' behaviour likely, not just preferred to the negative. D2O itself: Duan et al. 2024,
+    arXiv:2403.03419.
+
+    Args:
+        policy_anchor_logps: [B, K] summed log-probs of the K anchors of each example.
+
+    Returns:
+        [B] per-example loss (unreduced).
+    """
+    if policy_anchor_logps.dim() != 2 or policy_anchor_logps.shape[1] < 1:
+        raise ValueError(f"anchor-sft: policy_anchor_logps must be [B, K] with K >= 1, got {tuple(policy_anchor_logps.shape)}")
+    return -policy_anchor_logps.mean(dim=1)
+
+
 def _check_counts(loss: str, **counts: Tensor) -> None:
     for name, t in counts.items():
         if bool((t.detach() <= 0).any()):
@@ -930,6 +954,8 @@ LOSSES: dict[str, LossSpec] = {
                  defaults={"beta": 2.0, "gamma": 1.0}),
         LossSpec("rpo", rpo_loss, (*_PAIR, In.tokens("chosen")), defaults={"beta": 0.1, "alpha": 1.0}),
         LossSpec("sft", sft_loss, (In.policy("chosen"),), negative="chosen", internal=True),
+        LossSpec("anchor-sft", anchor_sft_loss, (In.policy("anchors"),), positive="anchors", negative="anchors",
+                 internal=True),
     )
 }
 
