@@ -36,6 +36,7 @@ class EvalResult:
     examples: dict[str, list[dict]] = field(default_factory=dict)  # set name -> [{prompt, model: response...}]
     training_logs: dict[str, list[dict]] = field(default_factory=dict)  # run label -> train_log rows
     reward_vs_kl: list[dict] = field(default_factory=list)  # [{label, kl, kl_stderr, reward, reward_stderr}]
+    curve_comparisons: list[dict] = field(default_factory=list)  # evaluate/frontier.py, per prompt set
     notes: list[str] = field(default_factory=list)
     contrast_agreement: list[Agreement] = field(default_factory=list)  # per contrast, from scored pairs
     baseline: str | None = None  # the model every other one is compared with
@@ -51,6 +52,7 @@ class EvalResult:
             "metrics": {m: {k: e.as_dict() for k, e in per.items()} for m, per in self.metrics.items()},
             "info": {k: vars(v) for k, v in self.info.items()},
             "reward_vs_kl": self.reward_vs_kl,
+            "curve_comparisons": self.curve_comparisons,
             "notes": self.notes,
             "contrast_agreement": [a.as_dict() for a in self.contrast_agreement],
             "baseline": self.baseline,
@@ -291,6 +293,8 @@ def render_html(result: EvalResult) -> str:
     for title, uri in plots:
         if uri:
             sections.append(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="{uri}">')
+            if title == "Reward vs KL" and result.curve_comparisons:
+                sections.append("<pre>" + html.escape("\n".join(curve_comparison_lines(result.curve_comparisons))) + "</pre>")
     if result.contrast_agreement:
         uri = agreement_plot(result.contrast_agreement)
         plot = f'<img alt="Contrast agreement" src="{uri}">' if uri else ""
@@ -301,6 +305,20 @@ def render_html(result: EvalResult) -> str:
         sections.append("<h2>Example responses</h2>" + examples_html(result.examples, result.models))
     body = "\n".join(sections)
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(result.title)}</title><style>{CSS}</style></head><body>{body}</body></html>"
+
+
+def curve_comparison_lines(comparisons: list[dict]) -> list[str]:
+    """A table per comparison: each point of the first curve, the second read at its KL."""
+    lines = []
+    for c in comparisons:
+        outside = len(c["points"]) - c["compared"]
+        lines += [f"Reward vs KL [{c['prompt_set']}]: {c['first']} at or above {c['second']} at {c['at_or_above']} of "
+                  f"{c['compared']} KL points" + (f" ({outside} outside {c['second']}'s KL range, not compared)" if outside else "")
+                  + f" ({c['second']} interpolated linearly at {c['first']}'s KL)", "",
+                  f"| {c['first']} model | KL | reward | {c['second']} at that KL |", "|---|---|---|---|"]
+        lines += [f"| {p['label']} | {p['kl']:.3f} | {p['reward']:.4f} | "
+                  + ("outside its range" if p["other_reward"] is None else f"{p['other_reward']:.4f}") + " |" for p in c["points"]]
+    return lines
 
 
 def markdown_summary(result: EvalResult) -> str:
@@ -325,6 +343,8 @@ def markdown_summary(result: EvalResult) -> str:
             info = result.info.get(name)
             lines.append(f"| {info.label if info else name} | " + " | ".join(format_difference(per.get(m)) for m in models) + " |")
         lines += ["", difference_legend(result)]
+    if result.curve_comparisons:
+        lines += ["", *curve_comparison_lines(result.curve_comparisons)]
     if result.contrast_agreement:
         lines += ["", "| contrast | pairs | ties | unscored | share agreeing |", "|---|---|---|---|---|"]
         lines += [f"| {r.group} | {r.pairs} | {r.ties} | {r.unscored} | {r.estimate.fmt()} |" for r in result.contrast_agreement]

@@ -110,6 +110,9 @@ class EvalConfig(BaseModel):
     sentiment_scorer: str | None = None
     reward_model: str | None = None  # a sequence-classification folder (e.g. from prefalign train-rm)
     training_logs: dict[str, Path] = Field(default_factory=dict)  # run label -> train_log.jsonl
+    # two named reward-vs-KL curves, each a list of model labels (e.g. ODPO and DPO at three β):
+    # the first is compared with the second at the first's KL points (evaluate/frontier.py)
+    compare_curves: dict[str, list[str]] | None = None
     examples_per_set: int = Field(3, ge=0)
     max_length: int = 512
     max_prompt_length: int = 384
@@ -124,6 +127,12 @@ class EvalConfig(BaseModel):
         names = [s.name for s in self.reference_texts]
         if len(set(names)) != len(names):
             raise ValueError("reference_texts: names must be unique")
+        if self.compare_curves is not None:
+            if len(self.compare_curves) != 2:
+                raise ValueError(f"compare_curves: give exactly two curves (name: [model labels]), got {len(self.compare_curves)}")
+            unknown = [m for labels in self.compare_curves.values() for m in labels if m not in self.models]
+            if unknown:
+                raise ValueError(f"compare_curves: {', '.join(map(repr, unknown))} not a model label (labels: {', '.join(self.models)})")
         if self.baseline is not None and self.baseline not in self.models:
             raise ValueError(f"baseline: '{self.baseline}' is not a model label (labels: {', '.join(self.models)})")
         return self
@@ -465,8 +474,9 @@ class Evaluator:
             base = METRICS[name.split("[")[0]]
             suffix = name[len(base.name):]
             info[name] = MetricInfo(name, base.label + (f" {suffix}" if suffix else ""), base.higher_is_better, base.description)
-        return EvalResult(config.title, labels, self.metrics, info, self.examples, logs, self.reward_vs_kl(labels),
-                          notes=self.notes(), contrast_agreement=self.contrast_agreement(),
+        reward_vs_kl = self.reward_vs_kl(labels)
+        return EvalResult(config.title, labels, self.metrics, info, self.examples, logs, reward_vs_kl,
+                          curve_comparisons=self.curve_comparisons(reward_vs_kl), notes=self.notes(), contrast_agreement=self.contrast_agreement(),
                           baseline=config.baseline_label, differences=self.differences(labels),
                           bootstrap={"samples": config.bootstrap_samples, "seed": config.bootstrap_seed})
 
@@ -503,6 +513,22 @@ class Evaluator:
                     points.append({"label": f"{label} ({prompt_set.name})", "kl": kl[label].value, "kl_stderr": kl[label].stderr,
                                    "reward": reward[label].value, "reward_stderr": reward[label].stderr})
         return points
+
+
+    def curve_comparisons(self, points: list[dict]) -> list[dict]:
+        """``compare_curves``: per prompt set, the first curve against the second at its KL points."""
+        from prefalign.evaluate.frontier import compare_curves, curves_from_points
+
+        if not self.config.compare_curves:
+            return []
+        out = []
+        for prompt_set in self.config.prompt_sets:
+            in_set = [p for p in points if p["label"].endswith(f" ({prompt_set.name})")]
+            curves = curves_from_points(in_set, self.config.compare_curves)
+            (first, a), (second, b) = curves.items()
+            if a and b:
+                out.append({"prompt_set": prompt_set.name, **compare_curves(a, b, (first, second)).as_dict()})
+        return out
 
 
 def sycophancy_held_out() -> tuple[list, str]:
