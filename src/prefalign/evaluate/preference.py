@@ -31,12 +31,14 @@ class PreferenceScore:
 def pair_logps(model, tokenizer, records: Sequence[PreferenceRecord], settings: TokenizeSettings, batch_size: int = 8):
     """Summed response log-probs of chosen and rejected for each record: two [N] tensors."""
     examples = [tokenize_record(r, i, tokenizer, ("chosen", "rejected"), settings) for i, r in enumerate(records)]
-    chosen, rejected = [], []
-    for start in range(0, len(examples), batch_size):
-        scores = score_examples(model, examples[start : start + batch_size], ("chosen", "rejected"), tokenizer.pad_token_id)
-        chosen.append(scores["chosen"])
-        rejected.append(scores["rejected"])
-    return torch.cat(chosen), torch.cat(rejected)
+    # Similar lengths share a batch (little padding); results go back to the input order.
+    order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
+    chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        scores = score_examples(model, [examples[i] for i in idx], ("chosen", "rejected"), tokenizer.pad_token_id)
+        chosen[idx], rejected[idx] = scores["chosen"].float(), scores["rejected"].float()
+    return chosen, rejected
 
 
 def preference_score(model, tokenizer, records, settings: TokenizeSettings | None = None, batch_size: int = 8) -> PreferenceScore:
