@@ -14,6 +14,7 @@ from prefalign.data.prompts import PROMPT_SOURCES, load_prompt_file, load_prompt
 EXPECTED = {
     "advbench": 520,
     "donotanswer": 939,
+    "harmbench": 200,
     "realtoxicity": 700,
     "rho-sycophancy": 250,
     "rho-refusal": 300,

