@@ -212,6 +212,7 @@ def test_vllm_missing_gives_clear_error(monkeypatch):
         make_backend("vllm", model="tiny-random")
 
 
+@pytest.mark.slow
 def test_importing_backends_does_not_import_vllm():
     code = (
         "import sys; import prefalign.generate.backends.vllm_backend, prefalign.generate.backends; "

@@ -125,6 +125,7 @@ def compare_config(tmp_path, tiny_model, other_model):
     }
 
 
+@pytest.mark.slow
 def test_differences_to_the_baseline_and_reference_text_perplexity(compare_config, tiny_model, other_model, monkeypatch):
     import prefalign.models.loading as loading
 

@@ -207,8 +207,8 @@ def hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float)
     [
         (3.0, 1500, 0.7, 0, 1.0),  # plain temperature
         (6.0, 1500, 1.0, 0, 0.9),  # top-p, nucleus among the first 64 candidates
-        (3.0, 1500, 1.0, 0, 0.9),  # top-p, nucleus of 89-140 tokens: among the first 1024
-        (0.05, 1500, 1.0, 0, 0.95),  # top-p over a flat distribution: nucleus > 1024, full sort
+        pytest.param(3.0, 1500, 1.0, 0, 0.9, marks=pytest.mark.slow),  # top-p, nucleus of 89-140 tokens: among the first 1024
+        pytest.param(0.05, 1500, 1.0, 0, 0.95, marks=pytest.mark.slow),  # top-p over a flat distribution: nucleus > 1024, full sort
         (3.0, 1500, 0.8, 40, 0.95),  # top-k then top-p
         (3.0, 1500, 1.3, 7, 1.0),  # top-k alone
     ],

@@ -355,6 +355,8 @@ def _raw_chat(base: str, messages, **body) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_real_server_generation(llama_server, key):
     backend = OpenAIBackend(llama_server, "smollm2", api_key_env=KEY_ENV, max_concurrency=2, timeout_s=REQUEST_S)
     convs = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -376,6 +378,8 @@ def test_real_server_generation(llama_server, key):
     assert backend.generate(convs[::-1], greedy) == first[::-1]
 
 
+@pytest.mark.server
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [1, 3, 8])
 def test_real_server_token_limit_and_finish_reason(llama_server, limit):
     conv = [{"role": "user", "content": "Tell me a long story about a dragon and a lighthouse."}]
@@ -392,6 +396,8 @@ def test_real_server_token_limit_and_finish_reason(llama_server, limit):
     assert backend.last_stats.new_tokens == used
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_real_server_stop_strings(llama_server):
     backend = OpenAIBackend(llama_server, "smollm2", api_key_env=None)
     conv = [[{"role": "user", "content": "Count from one to ten in words."}]]
@@ -404,6 +410,8 @@ def test_real_server_stop_strings(llama_server):
     assert stop not in cut and cut == full[: full.find(stop)]
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_real_server_http_error_is_clear(llama_server, key, caplog):
     backend = OpenAIBackend(llama_server + "/no-such-route", "smollm2", api_key_env=KEY_ENV)
     with caplog.at_level(logging.DEBUG), pytest.raises(OpenAIBackendError, match=r"HTTP 404: Not Found") as info:

@@ -46,6 +46,7 @@ def write_recipe(tmp_path, tiny_model, **train_overrides):
     return path
 
 
+@pytest.mark.slow
 def test_run_caches_stages_and_reruns_only_what_changed(tmp_path, tiny_model):
     path = write_recipe(tmp_path, tiny_model)
     lines = []

@@ -6,6 +6,7 @@ import pytest
 from prefalign.quickstart import run_quickstart
 
 
+@pytest.mark.slow
 def test_quickstart_on_tiny_random_reports_a_paired_difference(tmp_path, tiny_model):
     result = run_quickstart(tmp_path / "qs", model=tiny_model, max_steps=1, show_progress=False)
     assert result.eval_pairs >= 100 and result.train_pairs + result.eval_pairs == 250

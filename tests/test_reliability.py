@@ -457,6 +457,7 @@ def test_eval_validates_pairs_and_models_before_loading_any_model(tmp_path, tiny
 # -------------------------------------------------------------------------- 10. FIFO paths
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
 def test_a_fifo_as_data_or_config_fails_at_once(tmp_path, tiny_model):
     fifo = tmp_path / "pipe.jsonl"

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import pair_rows, write_jsonl
 
 SLOW_ENOUGH_STEPS = 12
@@ -26,6 +28,7 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(16))
     env = {**os.environ, "PREFALIGN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
@@ -57,6 +60,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, tiny_model):
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
