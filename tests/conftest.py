@@ -1,3 +1,11 @@
+"""Shared fixtures and row builders for every test folder.
+
+tests/ mirrors src/prefalign/ by stage (data/, generate/, score/, train/, train_rm/, evaluate/; the
+top level holds cross-stage tests: cli, pipeline, losses, reliability, quickstart). No folder has
+an __init__.py: pytest's default import mode puts this folder on sys.path, so ``from conftest import
+pair_rows`` works from any of them, at the price that test file basenames must stay unique.
+"""
+
 import json
 import os
 from pathlib import Path

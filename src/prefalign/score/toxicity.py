@@ -12,7 +12,7 @@ restricted unpickler that only builds plain containers. Keras' LSTM gate order (
 sigmoid recurrent activation match ``torch.nn.LSTM``; its single bias goes into ``bias_ih``.
 Checked against the package's own Keras model (keras 3.15.1, ``KERAS_BACKEND=torch``,
 ``load_weights``) on 8 texts: identical token ids, largest probability difference 6e-8;
-``tests/test_scorers.py`` pins some of those reference probabilities.
+``tests/score/test_scorers.py`` pins some of those reference probabilities.
 
 Labels: toxic, severe_toxic, obscene, threat, insult, identity_hate. The score is the max over
 labels (default), their mean, or one label's probability.

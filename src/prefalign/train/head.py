@@ -7,7 +7,7 @@ whole; on a CPU those passes cost a good part of what the head's matmuls do. Her
 rows makes its logits, turns them into probabilities in place (max, subtract, exp, sum, divide:
 no second buffer) and keeps them for the backward, where the gradient ``g · (onehot − p)`` is
 formed chunk by chunk and fed to two matmuls. Same values and gradients as the plain path
-(tests/test_head.py); ``benchmarks/profile_step.py`` shows where a step's time goes.
+(tests/train/test_head.py); ``benchmarks/profile_step.py`` shows where a step's time goes.
 """
 
 from __future__ import annotations

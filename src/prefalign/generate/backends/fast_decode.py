@@ -24,7 +24,7 @@ processors sorting the vocabulary). This module runs the same model with:
   other rows share its batch.
 
 In fp32 its logits are HF's (to ~1e-5) and greedy decoding gives HF ``generate``'s tokens
-(``tests/test_fast_decode.py``); in bf16 the next-token distribution of SmolLM2-135M differs from
+(``tests/generate/test_fast_decode.py``); in bf16 the next-token distribution of SmolLM2-135M differs from
 fp32 by ~1e-3 nats (KL at temperature 0.7). Models it does not cover (:func:`unsupported_reason`)
 go through ``model.generate``.
 """
