@@ -30,6 +30,7 @@ from prefalign.train.checkpoint import (
 )
 from prefalign.train.config import ConfigError, TrainConfig
 from prefalign.train.logging import MetricsLogger
+from prefalign.train.memory import PeakMemory
 from prefalign.train.online_anchors import refresh_anchors
 from prefalign.train.precision import resolve_dtype
 from prefalign.train.reference import ModelReference, cache_key, precompute_reference
@@ -286,6 +287,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.refreshed_anchors: dict[int, list[list[int]]] = {}
         self.logger = MetricsLogger(self.output_dir)
+        self.memory = PeakMemory(self.accelerator.device)
         self.start_weight_norm = self._weight_norm()
         if self.resume:
             self._load_checkpoint()
@@ -659,7 +661,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.spec.name}", unit="step", disable=not self.show_progress)
         last: dict = {}
         while self.step < self.total_steps:
-            metrics = self.train_step()
+            metrics = {**self.train_step(), **self.memory.metrics()}
             if config.eval_every and self.step % config.eval_every == 0:
                 metrics.update(self.evaluate())
             if self.step % config.log_every == 0 or self.step == self.total_steps:
@@ -693,7 +695,8 @@ class Trainer:
         self.logger.close()
         summary = {
             "steps": self.step, "final_loss": final_loss, "model_dir": str(model_dir),
-            "adapter_dir": str(adapter_dir) if adapter_dir else None, "data": self.data_summary, **final_eval,
+            "adapter_dir": str(adapter_dir) if adapter_dir else None, "data": self.data_summary,
+            "peak_memory": self.memory.summary(), **final_eval,
         }
         write_text_atomic(self.output_dir / "train_summary.json", json.dumps(summary, indent=1))
         return TrainResult(self.output_dir, self.step, final_loss, model_dir, adapter_dir, self.logger.history(), self.data_summary)
