@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prefalign.data.records import RECORD_SCHEMA
+
 __all__ = [
     "In",
     "Input",
@@ -697,19 +699,26 @@ class Input:
     kind: InputKind
     group: str  # the response group ("chosen", "anchors", ...), or the reward's side
 
+    def __post_init__(self) -> None:
+        # Groups are the record schema's (data/records.py): a typo here would otherwise surface
+        # only as a missing input at the first training step.
+        group = RECORD_SCHEMA.group(self.group)
+        if self.kind == "reward" and group.reward is None:
+            raise ValueError(f"response group {self.group!r} has no reward field in the record schema")
+
     @property
     def label(self) -> str:
         if self.kind == "toxic_reference":
             return "toxic_ref"
         if self.kind == "reward":
-            return f"reward_{self.group}"
+            return RECORD_SCHEMA.reward_field(self.group)
         return f"{self.kind}[{self.group}]"
 
     def read(self, inputs: LossInputs) -> Tensor:
         if self.kind == "toxic_reference":
             value = inputs.toxic_reference
         elif self.kind == "reward":
-            value = inputs.rewards.get(f"reward_{self.group}")
+            value = inputs.rewards.get(RECORD_SCHEMA.reward_field(self.group))
         else:
             value = getattr(inputs, self.kind).get(self.group)
         if value is None:
@@ -775,7 +784,7 @@ class _Needs:
 
     @property
     def reward_fields(self) -> tuple[str, ...]:
-        return tuple(f"reward_{side}" for side in self._groups("reward"))
+        return tuple(RECORD_SCHEMA.reward_field(side) for side in self._groups("reward"))
 
     @property
     def token_count_groups(self) -> tuple[str, ...]:
@@ -788,7 +797,7 @@ class _Needs:
     @property
     def required_fields(self) -> tuple[str, ...]:
         """Record fields a data set must provide."""
-        return ("prompt", *self.responses, *self.reward_fields)
+        return RECORD_SCHEMA.required_fields(self)
 
     def compute(
         self,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from prefalign.data.records import PreferenceRecord, response_name
+from prefalign.data.records import RECORD_SCHEMA, PreferenceRecord, response_name
 from prefalign.data.render import ChatTemplateMode, encode_prompt
 
 __all__ = ["ChatTemplateMode", "TokenizeSettings", "TokenizedExample", "encode_prompt", "encode_response",
@@ -97,7 +97,7 @@ def tokenize_record(
         )
     rewards = {
         name: float(value)
-        for name in ("reward_chosen", "reward_rejected")
+        for name in RECORD_SCHEMA.reward_fields
         if (value := getattr(record, name)) is not None
     }
     return TokenizedExample(index, truncated_prompt, responses, toxic_prompt_ids, rewards,

@@ -9,39 +9,38 @@ Field names follow TRL's preference format, so existing datasets load unchanged:
   assistant message.
 * ``anchors``: a non-empty list of responses (D2O's K self-sampled responses).
 * ``reward_chosen`` / ``reward_rejected``: finite numbers.
-* ``meta``: an object. Unknown fields (``id``, ...) are kept in ``meta``.
+* ``meta``: an object. Unknown fields (``id``, ...) are kept in ``meta`` (or, with
+  ``unknown_fields="error"``, refused); a key given both at the top level and in ``meta`` with
+  different values is an error, never a silent choice.
+
+The fields and groups are :data:`prefalign.data.records.RECORD_SCHEMA`'s: each group is checked by
+the same code, driven by the schema (one response, or a non-empty list for a list group).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import DataError, format_location
 from .io import open_rows, type_name
-from .records import PreferenceRecord, response_name
+from .records import RECORD_SCHEMA, PreferenceRecord
 
 logger = logging.getLogger("prefalign.data")
 
-KNOWN_FIELDS = (
-    "prompt",
-    "chosen",
-    "rejected",
-    "anchors",
-    "toxic",
-    "reward_chosen",
-    "reward_rejected",
-    "meta",
-)
-RESPONSE_FIELDS = ("chosen", "rejected", "toxic")
-REWARD_FIELDS = ("reward_chosen", "reward_rejected")
+KNOWN_FIELDS = RECORD_SCHEMA.fields
+REWARD_FIELDS = RECORD_SCHEMA.reward_fields
 ROLES = ("system", "user", "assistant")
 
 _REWARD_MISSING = "missing: this loss needs reward_chosen/reward_rejected (score the file first)"
+
+#: What :func:`load_records` does with a top-level key the schema does not know.
+UnknownFields = Literal["meta", "error"]
 
 
 @dataclass
@@ -76,8 +75,7 @@ def _check_truncated(value, record: dict) -> None:
         return
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _RowError("meta.truncated", f"expected a list of response names, found {type_name(value)}", "type")
-    known = {response_name(g) for g in ("chosen", "rejected", "toxic") if record.get(g) is not None}
-    known |= {response_name("anchors", k) for k in range(len(record.get("anchors") or []))}
+    known = set(RECORD_SCHEMA.response_names(record))
     unknown = [v for v in value if v not in known]
     if unknown:
         raise _RowError("meta.truncated", f"names no response of this record: {unknown} (it has {sorted(known)})", "value")
@@ -179,48 +177,45 @@ def _reward(value: Any, fld: str) -> float:
     return value
 
 
-def _validate_row(row: dict, required: frozenset[str]) -> PreferenceRecord:
+def _missing(name: str, row: dict) -> _RowError:
+    """A missing required field; names an unknown key of the row that looks like a misspelling of it."""
+    near = difflib.get_close_matches(name, RECORD_SCHEMA.unknown_keys(row), n=1, cutoff=0.75)
+    hint = f" (the row has '{near[0]}': a misspelling?)" if near else ""
+    return _RowError(name, f"missing required field{hint}", "missing")
+
+
+def _group_responses(value: Any, name: str, many: bool) -> list[tuple[str, list[dict] | None]]:
+    """One group's responses as (text, leading messages), checked; a list group must be a
+    non-empty list, each item checked like a single response and named ``group[i]``."""
+    if not many:
+        return [_response_text(value, name)]
+    if not isinstance(value, list):
+        raise _RowError(name, f"expected a list of responses, found {type_name(value)}", "type")
+    if not value:
+        raise _RowError(name, "expected a non-empty list of responses (K >= 1), found []", "empty")
+    return [_response_text(item, f"{name}[{i}]") for i, item in enumerate(value)]
+
+
+def _validate_row(row: dict, required: frozenset[str], unknown_fields: UnknownFields = "meta") -> PreferenceRecord:
+    unknown = RECORD_SCHEMA.unknown_keys(row)
+    if unknown and unknown_fields == "error":
+        raise _RowError(unknown[0], f"unknown field; a record has {', '.join(RECORD_SCHEMA.fields)} "
+                        "(put anything else in 'meta')", "unknown_field")
     histories: list[tuple[str, list[dict]]] = []
     out: dict[str, Any] = {}
 
     # Responses first, so the implicit prompt can be taken from their conversations.
-    for name in ("chosen", "rejected"):
-        if _is_missing(row, name):
-            if name in required:
-                raise _RowError(name, "missing required field", "missing")
+    for group in RECORD_SCHEMA.groups:
+        if _is_missing(row, group.name):
+            if group.name in required:
+                raise _missing(group.name, row)
             continue
-        out[name], hist = _response_text(row[name], name)
-        if hist is not None:
-            histories.append((name, hist))
-
-    if _is_missing(row, "anchors"):
-        if "anchors" in required:
-            raise _RowError("anchors", "missing required field", "missing")
-    else:
-        anchors = row["anchors"]
-        if not isinstance(anchors, list):
-            raise _RowError(
-                "anchors", f"expected a list of responses, found {type_name(anchors)}", "type"
-            )
-        if not anchors:
-            raise _RowError(
-                "anchors", "expected a non-empty list of responses (K >= 1), found []", "empty"
-            )
-        texts = []
-        for i, item in enumerate(anchors):
-            text, hist = _response_text(item, f"anchors[{i}]")
-            texts.append(text)
+        responses = _group_responses(row[group.name], group.name, group.many)
+        for i, (_, hist) in enumerate(responses):
             if hist is not None:
-                histories.append((f"anchors[{i}]", hist))
-        out["anchors"] = texts
-
-    if _is_missing(row, "toxic"):
-        if "toxic" in required:
-            raise _RowError("toxic", "missing required field", "missing")
-    else:
-        out["toxic"], hist = _response_text(row["toxic"], "toxic")
-        if hist is not None:
-            histories.append(("toxic", hist))
+                histories.append((f"{group.name}[{i}]" if group.many else group.name, hist))
+        texts = [text for text, _ in responses]
+        out[group.name] = texts if group.many else texts[0]
 
     # Prompt: explicit, or implicit (TRL) from the conversations' shared leading messages.
     if not _is_missing(row, "prompt"):
@@ -259,7 +254,11 @@ def _validate_row(row: dict, required: frozenset[str]) -> PreferenceRecord:
             raise _RowError("meta", f"expected an object, found {type_name(row['meta'])}", "type")
         meta = row["meta"]
         _check_truncated(meta.get("truncated"), out)
-    extras = {k: v for k, v in row.items() if k not in KNOWN_FIELDS and v is not None}
+    extras = {k: row[k] for k in unknown if row[k] is not None}
+    clash = [k for k in extras if k in meta and meta[k] != extras[k]]
+    if clash:
+        raise _RowError(clash[0], f"given at the top level and in meta with different values "
+                        f"({extras[clash[0]]!r} vs {meta[clash[0]]!r}); keep one", "conflict")
     out["meta"] = {**extras, **meta}
     return PreferenceRecord(**out)
 
@@ -272,6 +271,7 @@ def load_records(
     required_fields: Iterable[str],
     *,
     skip_invalid: bool = False,
+    unknown_fields: UnknownFields = "meta",
 ) -> LoadResult:
     """Read and validate every row of a data file.
 
@@ -279,9 +279,12 @@ def load_records(
     "rejected")``; add ``reward_chosen``/``reward_rejected`` for losses that use rewards). The
     first invalid row raises a :class:`DataError` unless ``skip_invalid`` is true, in which case
     it is skipped, recorded in ``skipped`` and logged as a warning. A file with no valid records
-    raises a :class:`DataError`.
+    raises a :class:`DataError`. Top-level keys the schema does not know go to each record's
+    ``meta`` (``unknown_fields="meta"``) or make the row invalid (``"error"``).
     """
     required = frozenset(required_fields)
+    if unknown_fields not in ("meta", "error"):
+        raise ValueError(f"unknown_fields must be 'meta' or 'error', got {unknown_fields!r}")
     unknown = required - set(KNOWN_FIELDS)
     if unknown:
         raise ValueError(f"unknown required field(s) {sorted(unknown)}; known: {KNOWN_FIELDS}")
@@ -294,7 +297,7 @@ def load_records(
             err = row
         else:
             try:
-                record = _validate_row(row, required)
+                record = _validate_row(row, required, unknown_fields)
             except _RowError as exc:
                 err = DataError(
                     exc.message, path=shown, line=number, field=exc.field, unit=unit, kind=exc.kind
@@ -446,7 +449,9 @@ def check_for_loss(loaded: LoadResult, spec, *, skip_invalid: bool = False, stri
     return out
 
 
-def load_for_loss(path: str | os.PathLike, spec, *, skip_invalid: bool = False, strict: bool = False) -> LossCheck:
+def load_for_loss(path: str | os.PathLike, spec, *, skip_invalid: bool = False, strict: bool = False,
+                  unknown_fields: UnknownFields = "meta") -> LossCheck:
     """:func:`load_records` with the fields ``spec`` requires, then :func:`check_for_loss`."""
-    return check_for_loss(load_records(path, spec.required_fields, skip_invalid=skip_invalid), spec,
-                          skip_invalid=skip_invalid, strict=strict)
+    loaded = load_records(path, RECORD_SCHEMA.required_fields(spec), skip_invalid=skip_invalid,
+                          unknown_fields=unknown_fields)
+    return check_for_loss(loaded, spec, skip_invalid=skip_invalid, strict=strict)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from prefalign.data.prompts import Prompt
-from prefalign.data.records import response_name
+from prefalign.data.records import RECORD_SCHEMA, response_name
 from prefalign.generate.backends.base import Conversation, GenerationBackend, SamplingParams, is_truncated, same_ending
 
 log = logging.getLogger("prefalign.generate")
@@ -54,7 +54,13 @@ class Candidate:
 
     @classmethod
     def keep(cls, tag: str, meta: dict | None = None, **record: Any) -> "Candidate":
-        """A record; responses the token limit cut are listed in ``meta["truncated"]``."""
+        """A record; responses the token limit cut are listed in ``meta["truncated"]``. Its fields
+        are the record schema's (anything else belongs in ``meta``): an unknown one is a bug in the
+        strategy, refused here rather than dropped when the row is written."""
+        unknown = [k for k in record if k not in RECORD_SCHEMA.fields or k == RECORD_SCHEMA.meta]
+        if unknown:
+            raise ValueError(f"strategy {tag!r}: record field(s) {unknown} are not in the record schema "
+                             f"({', '.join(RECORD_SCHEMA.fields[:-1])}); pass them in meta")
         meta = dict(meta or {})
         cut = truncated_responses(record)
         if cut:
@@ -72,8 +78,14 @@ class Candidate:
 
 def truncated_responses(record: dict) -> list[str]:
     """Names of the record's responses that the token limit cut: ``"chosen"``, ``"anchors.2"``..."""
-    names = [response_name(g) for g in ("chosen", "rejected", "toxic") if is_truncated(record.get(g))]
-    return names + [response_name("anchors", k) for k, text in enumerate(record.get("anchors") or []) if is_truncated(text)]
+    names = []
+    # Single responses before list groups: the order generated files already carry.
+    for group in sorted(RECORD_SCHEMA.groups, key=lambda g: g.many):
+        value = record.get(group.name)
+        if value is not None:
+            texts = value if group.many else [value]
+            names += [response_name(group.name, k) for k, text in enumerate(texts) if is_truncated(text)]
+    return names
 
 
 def stripped(text: str) -> str:

@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 
 from prefalign.data.io import write_jsonl
 from prefalign.data.prompts import Prompt
+from prefalign.data.records import RECORD_SCHEMA
 from prefalign.generate.core import Candidate, Strategy
 from prefalign.generate.jsonl import read_lines, rewrite
 
 log = logging.getLogger("prefalign.generate")
 
-RECORD_FIELDS = ("prompt", "chosen", "rejected", "anchors", "toxic", "reward_chosen", "reward_rejected")
+RECORD_FIELDS = tuple(f for f in RECORD_SCHEMA.fields if f != RECORD_SCHEMA.meta)  # meta is built below
 
 
 def filtered_log_path(output: Path) -> Path:
@@ -163,6 +164,7 @@ def recover(output: Path, filtered_log: Path) -> tuple[set[str], int, int]:
 
 
 def _record_row(c: Candidate, prompt: Prompt, base_meta: dict, key: str, i: int, n: int) -> dict:
+    # Candidate.keep admits only schema fields, so nothing of the record is left out here.
     row = {k: c.record[k] for k in RECORD_FIELDS if c.record.get(k) is not None}
     prompt_meta = {k: v for k, v in prompt.meta.items() if k not in RECORD_FIELDS}
     row["meta"] = {**c.meta, **({"prompt_meta": prompt_meta} if prompt_meta else {}), **base_meta,

@@ -19,14 +19,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from prefalign.data.records import RESPONSE_GROUPS, PreferenceRecord
+from prefalign.data.records import RECORD_SCHEMA, RESPONSE_GROUPS, PreferenceRecord, is_list_group
 
 from .base import ScoreConfigError, Scorer, ScorerConfig
 
 log = logging.getLogger("prefalign.score")
-
-REWARD_FIELD = {"chosen": "reward_chosen", "rejected": "reward_rejected"}
-
 
 @dataclass
 class ScoreResult:
@@ -96,16 +93,17 @@ def score_records(
                 result.missing += 1
                 result.by_field[group]["missing"] += 1
                 continue
-            items = list(value) if group == "anchors" else [value]
+            many = is_list_group(group)
+            items = list(value) if many else [value]
             for k, text in enumerate(items):
                 texts.append(text)
                 prompts.append(rec.prompt)
-                slots.append((i, group, k if group == "anchors" else None))
+                slots.append((i, group, k if many else None))
     scores = scorer.score(texts, prompts) if texts else []
     if len(scores) != len(texts):
         raise RuntimeError(f"scorer '{scorer.name}' returned {len(scores)} scores for {len(texts)} texts")
 
-    anchors: dict[int, list[float | None]] = {}
+    listed: dict[tuple[int, str], list[float | None]] = {}  # a list group's scores, per record
     for (i, group, k), raw in zip(slots, scores):
         rec = out[i]
         value = _finite(float(raw))
@@ -118,14 +116,15 @@ def score_records(
         else:
             result.scored += 1
             result.by_field[group]["scored"] += 1
-        if group in REWARD_FIELD:
-            setattr(rec, REWARD_FIELD[group], value)
-        elif group == "anchors":
-            anchors.setdefault(i, [None] * len(rec.anchors))[k] = value
+        reward_field = RECORD_SCHEMA.reward_field(group)
+        if reward_field is not None:
+            setattr(rec, reward_field, value)
+        elif k is not None:
+            listed.setdefault((i, group), [None] * len(getattr(rec, group)))[k] = value
         else:
             _scores_dict(rec)[group] = value
-    for i, values in anchors.items():
-        _scores_dict(out[i])["anchors"] = values
+    for (i, group), values in listed.items():
+        _scores_dict(out[i])[group] = values
     return result
 
 
