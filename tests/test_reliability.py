@@ -78,6 +78,7 @@ def steps_of(out: Path) -> list[int]:
 # ------------------------------------------------------------------ 2. re-running a killed train
 
 
+@pytest.mark.slow
 def test_train_refuses_an_output_dir_with_checkpoints(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", pair_rows(8))
     out = tmp_path / "run"
@@ -120,6 +121,7 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path, tiny_mo
         assert result.exit_code == 2 and "holds a finished run" in error_line(result)
 
 
+@pytest.mark.slow
 def test_pipeline_style_resume_by_default_still_works(tmp_path, tiny_model, pairs_file):
     """`prefalign run` and toxic-control call run_training(resume=<a checkpoint exists>)."""
     from prefalign.train.checkpoint import latest_checkpoint
@@ -137,6 +139,7 @@ def test_pipeline_style_resume_by_default_still_works(tmp_path, tiny_model, pair
 # ------------------------------------------------- 3 + 7. divergence, good checkpoints, lower lr
 
 
+@pytest.mark.slow
 def test_divergence_keeps_finite_weights_and_resumes_with_a_lower_lr(tmp_path, tiny_model):
     """The whole path: a run, the same run continued with an lr that blows it up, then continued
     again from the checkpoint the error names, with the lower lr it suggests."""

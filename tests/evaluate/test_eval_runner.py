@@ -23,6 +23,7 @@ def eval_config(tmp_path, tiny_model):
     })
 
 
+@pytest.mark.slow
 def test_eval_writes_metrics_and_report(eval_config):
     result, paths = run_eval(eval_config, show_progress=False)
     metrics = json.loads(paths["json"].read_text())["metrics"]
@@ -41,6 +42,7 @@ def test_eval_writes_metrics_and_report(eval_config):
     assert result.notes and "temperature 0.7" in result.notes[0] and "temperature 0.7" in page
 
 
+@pytest.mark.slow
 def test_samples_are_reused_on_a_second_run(eval_config):
     run_eval(eval_config, show_progress=False)
     sample_file = eval_config.output_dir / "samples" / "base" / "harmful.jsonl"

@@ -413,6 +413,7 @@ def test_sample_pairs_needs_a_scorer():
         get_strategy("sample-pairs")({}, ctx_for(Scripted(lambda c, i: "x")))
 
 
+@pytest.mark.slow
 def test_toxic_control_on_tiny_random(tiny_backend, tmp_path):
     from prefalign.generate.backends import TransformersBackend
 

@@ -62,6 +62,7 @@ def test_one_policy_forward_per_batch(tmp_path, tiny_model, pairs_file):
     assert len(calls) == 1  # chosen, rejected and toxic rows go through together
 
 
+@pytest.mark.slow
 def test_reference_cache_is_reused_and_matches_a_frozen_copy(tmp_path, tiny_model, pairs_file):
     cfg = config_for(tmp_path, tiny_model, pairs_file, max_steps=1)
     run_training(cfg, show_progress=False)
