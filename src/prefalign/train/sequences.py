@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from prefalign.data.records import RESPONSE_GROUPS, is_list_group
 from prefalign.data.tokenize import TokenizedExample
 from prefalign.train.head import linear_token_logps
 
@@ -119,7 +120,9 @@ def _rows_by_group(segments: list[_Segment], num_examples: int) -> dict[str, tor
         if len(sizes) != 1:
             raise ValueError(f"every example in a batch needs the same number of '{group}' responses, got {sorted(sizes)}")
         tensor = torch.tensor(per_example, dtype=torch.long)
-        rows[group] = tensor if group == "anchors" else tensor[:, 0]
+        # A list group (D2O's anchors) stays [B, K]; one response per example (and the toxic
+        # reference rows, which are not a record group) becomes [B].
+        rows[group] = tensor if group in RESPONSE_GROUPS and is_list_group(group) else tensor[:, 0]
     return rows
 
 
