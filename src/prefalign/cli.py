@@ -193,6 +193,8 @@ def train(
         if lora is False:
             cfg = cfg.model_copy(update={"lora": None})
         result = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=not quiet)
+    if not result.is_main_process:  # under accelerate launch / torchrun: the main process reports
+        return
     changes = data_changes(result.data_summary)
     if changes:
         console.print(f"data changes: {'; '.join(changes)} (train_summary.json; --strict makes them errors)",

@@ -23,12 +23,18 @@ def write_pending(accelerator, output_dir: Path, state: dict) -> Path:
     becomes one with :func:`commit_checkpoint` once its weights are known to give a finite loss
     (or is thrown away with :func:`discard_pending`)."""
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"{PENDING_PREFIX}step-{state['step']:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # Every process calls this: accelerate writes the weights and optimizer from the main one and
+    # an RNG file per process; the folder is cleared before anyone writes into it.
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    accelerator.wait_for_everyone()
     return tmp
 
 

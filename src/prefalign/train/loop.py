@@ -26,9 +26,13 @@ from prefalign.models.loading import load_model, load_tokenizer
 from prefalign.models.lora import apply_lora
 from prefalign.models.registry import cache_root, model_fingerprint, resolve_model
 from prefalign.train.checkpoint import (
-    checkpoints_dir, commit_checkpoint, discard_pending, latest_checkpoint, read_state, save_checkpoint, write_pending,
+    checkpoints_dir, commit_checkpoint, discard_pending, latest_checkpoint, read_state, write_pending,
 )
 from prefalign.train.config import ConfigError, TrainConfig
+from prefalign.train.distributed import (
+    RankSlice, ReadOnlyMetricsLogger, check_engine_supported, check_same_processes, global_batch_line, is_sharded_engine, main_process_writes,
+    rank_slice, record_trained_rows, sum_over_processes,
+)
 from prefalign.train.logging import MetricsLogger
 from prefalign.train.memory import PeakMemory
 from prefalign.train.online_anchors import refresh_anchors
@@ -73,6 +77,7 @@ class TrainResult:
     adapter_dir: Path | None = None
     history: list[dict] = field(default_factory=list)
     data_summary: dict = field(default_factory=dict)
+    is_main_process: bool = True  # False on the other processes of a distributed run
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -248,6 +253,13 @@ class Trainer:
         from accelerate.utils import set_seed
 
         config = self.config
+        self.dtype = resolve_dtype(config.dtype)
+        # Under `accelerate launch` / torchrun this joins the other processes. The scheduler steps
+        # once per optimizer step: total_steps already counts global batches.
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.dtype == "bfloat16" else "no",
+                                       cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+        check_engine_supported(self.accelerator, grad_accum=config.grad_accum,
+                               reference_mode=config.reference_mode() if self.spec.needs_reference else None)
         # The output dir's state, then the data: a conflict or a bad file fails in seconds,
         # before any model is loaded.
         self._check_output_dir()
@@ -256,12 +268,14 @@ class Trainer:
         self.train_examples, self.eval_examples, self.data_summary = prepare_examples(config, self.spec, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
 
-        self._clear_output_dir()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.output_dir / "train_config.json", config.model_dump_json(indent=1))
+        self.accelerator.wait_for_everyone()  # every process has checked the output dir before it changes
+        with main_process_writes(self.accelerator) as main:
+            if main:
+                self._clear_output_dir()
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.output_dir / "train_config.json", config.model_dump_json(indent=1))
+                log.info(global_batch_line(config.batch_size, self.accelerator.num_processes, config.grad_accum))
         set_seed(config.seed)
-        self.dtype = resolve_dtype(config.dtype)
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.dtype == "bfloat16" else "no", cpu=not torch.cuda.is_available())
         model = load_model(config.model, trust_remote_code=config.trust_remote_code)
         started = time.perf_counter()
         self.reference, self.eval_reference = self._build_reference(model)
@@ -284,9 +298,14 @@ class Trainer:
         self.share_prompt = config.share_prompt and supports_shared_prompt(model)
         self.pack = config.pack and self.share_prompt and supports_packing(model)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        if self.pack and self.accelerator.unwrap_model(self.model) is not self.model:
+            log.info("packing off: the model is wrapped for %s, and packing calls its decoder alone",
+                     self.accelerator.distributed_type)
+            self.pack = False
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.refreshed_anchors: dict[int, list[list[int]]] = {}
-        self.logger = MetricsLogger(self.output_dir)
+        # One writer: the other processes read the main process's log and write nothing.
+        self.logger = (MetricsLogger if self.accelerator.is_main_process else ReadOnlyMetricsLogger)(self.output_dir)
         self.memory = PeakMemory(self.accelerator.device)
         self.start_weight_norm = self._weight_norm()
         if self.resume:
@@ -295,8 +314,12 @@ class Trainer:
     def _total_steps(self) -> int:
         if self.config.max_steps:
             return self.config.max_steps
-        per_epoch = math.ceil(len(self.train_examples) / (self.config.batch_size * self.config.grad_accum))
+        per_epoch = math.ceil(len(self.train_examples) / (self.global_batch_size() * self.config.grad_accum))
         return max(1, math.ceil(per_epoch * self.config.epochs))
+
+    def global_batch_size(self) -> int:
+        """Rows per micro-batch over all processes (``--batch-size`` is per process)."""
+        return self.config.batch_size * self.accelerator.num_processes
 
     def _build_reference(self, model):
         config, spec = self.config, self.spec
@@ -334,7 +357,7 @@ class Trainer:
                     ref_model, examples, spec.reference_groups, self.pad_id, Path(cache_dir), key,
                     toxic_reference=spec.needs_toxic_reference, toxic_model=self._toxic_model,
                     batch_size=config.batch_size * 2, desc=f"reference log-probs ({name})",
-                    share_prompt=config.share_prompt, pack=config.pack,
+                    share_prompt=config.share_prompt, pack=config.pack, accelerator=self.accelerator,
                 )
             )
         return tables[0], tables[1]
@@ -386,6 +409,8 @@ class Trainer:
         def old(k):
             return before.get(k, defaults.get(k))
 
+        checkpoint = latest_checkpoint(self.output_dir)
+        check_same_processes(read_state(checkpoint), self.accelerator.num_processes, checkpoint)
         changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and old(k) != now[k])
         if changed:
             raise ConfigError(
@@ -396,7 +421,8 @@ class Trainer:
 
     def _state(self) -> dict:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "loss": self.config.loss,
-                 "start_weight_norm": self.start_weight_norm, "grad_norms": self.grad_norms}
+                 "start_weight_norm": self.start_weight_norm, "grad_norms": self.grad_norms,
+                 "num_processes": self.accelerator.num_processes}
         if self.refreshed_anchors:
             state["refreshed_anchors"] = {str(k): v for k, v in self.refreshed_anchors.items()}
         return state
@@ -443,33 +469,45 @@ class Trainer:
             scheduler._last_lr = lrs
 
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.accelerator, self.output_dir, self._state(), self.config.keep_checkpoints)
+        self._save_pending()
+        pending, self.pending = self.pending, None
+        with main_process_writes(self.accelerator) as main:
+            if main:
+                commit_checkpoint(self.output_dir, pending, self.config.keep_checkpoints)
+        return checkpoints_dir(self.output_dir) / f"step-{self.step:08d}"
 
     def _save_pending(self) -> None:
-        discard_pending(self.pending)
+        with main_process_writes(self.accelerator) as main:
+            if main:
+                discard_pending(self.pending)
+        # Every process takes part (each saves its RNG state; FSDP/ZeRO gather their shards);
+        # accelerate writes the weights and optimizer from the main process only.
         self.pending = write_pending(self.accelerator, self.output_dir, self._state())
 
     def _settle_pending(self, loss_is_finite: bool) -> None:
         """The pending checkpoint's weights just gave a loss: keep the checkpoint only if it is finite."""
         if self.pending is None:
             return
-        if loss_is_finite:
-            commit_checkpoint(self.output_dir, self.pending, self.config.keep_checkpoints)
-        else:
-            discard_pending(self.pending)
+        with main_process_writes(self.accelerator) as main:
+            if main and loss_is_finite:
+                commit_checkpoint(self.output_dir, self.pending, self.config.keep_checkpoints)
+            elif main:
+                discard_pending(self.pending)
         self.pending = None
 
     def _verify_final_weights(self) -> None:
         """The last checkpoint has no next step to test it: one forward pass without gradients."""
         if self.pending is None:
             return
-        examples = self.upcoming_examples(1)
+        saved = (self.epoch, self.batch_in_epoch)
+        examples, share = self.next_batch()
+        self.epoch, self.batch_in_epoch = saved
         losses, *_ = self.loss_on(examples, self.reference, train=False)
-        loss = losses.mean()
-        finite = bool(torch.isfinite(loss))
+        loss = self._global_mean_loss(losses, share)
+        finite = math.isfinite(loss)
         self._settle_pending(finite)
         if not finite:
-            self._diverged(f"the loss at the final weights is {loss.item()}", step=self.step)
+            self._diverged(f"the loss at the final weights is {loss}", step=self.step)
 
     # -- divergence -----------------------------------------------------------------------------
     def _trainable(self):
@@ -481,7 +519,8 @@ class Trainer:
 
     def _diverged(self, cause: str, *, step: int | None = None):
         step = self.step + 1 if step is None else step
-        discard_pending(self.pending)
+        if self.accelerator.is_main_process:
+            discard_pending(self.pending)
         self.pending = None
         self.optimizer.zero_grad(set_to_none=True)
         last = latest_checkpoint(self.output_dir)
@@ -562,26 +601,42 @@ class Trainer:
         return {f"{prefix}loss/{name}": value.mean().item() for name, value in terms.items()}
 
     def _epoch_batches(self) -> list[list[int]]:
+        """The epoch's global batches, the same on every process (and the same as one process
+        with the global batch size): each process then trains its slice of each."""
         config = self.config
         lengths = [ex.num_tokens() for ex in self.train_examples] if config.group_by_length else None
-        return epoch_batches(len(self.train_examples), config.batch_size, config.seed, self.epoch, shuffle=config.shuffle, lengths=lengths)
+        return epoch_batches(len(self.train_examples), self.global_batch_size(), config.seed, self.epoch,
+                             shuffle=config.shuffle, lengths=lengths)
 
-    def next_batch(self) -> list[TokenizedExample]:
+    def next_global_batch(self) -> list[int]:
         batches = self._epoch_batches()
         if self.batch_in_epoch >= len(batches):
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             batches = self._epoch_batches()
         indices = batches[self.batch_in_epoch]
         self.batch_in_epoch += 1
-        return [self.train_examples[i] for i in indices]
+        return indices
+
+    def next_batch(self) -> tuple[list[TokenizedExample], RankSlice]:
+        """This process's examples of the next global batch, and their share of it."""
+        share = rank_slice(self.next_global_batch(), self.accelerator.process_index, self.accelerator.num_processes)
+        return [self.train_examples[i] for i in share.indices], share
 
     def upcoming_examples(self, num_batches: int) -> list[TokenizedExample]:
-        """The examples of the next ``num_batches`` batches, without moving the data position."""
+        """The examples of the next ``num_batches`` global batches (every process's rows), without
+        moving the data position."""
         saved = (self.epoch, self.batch_in_epoch)
         try:
-            return [ex for _ in range(num_batches) for ex in self.next_batch()]
+            return [self.train_examples[i] for _ in range(num_batches) for i in self.next_global_batch()]
         finally:
             self.epoch, self.batch_in_epoch = saved
+
+    def _global_mean_loss(self, losses: torch.Tensor, share: RankSlice) -> float:
+        """The mean loss over the global batch, the same number on every process."""
+        rows = 0 if share.is_stand_in else len(share.indices)
+        local = losses.detach().double().sum().item() if rows else 0.0
+        total = sum_over_processes(self.accelerator, {"loss": local, "rows": rows})
+        return total["loss"] / total["rows"]
 
     def maybe_refresh_anchors(self) -> None:
         every = self.config.anchor_refresh_every
@@ -604,22 +659,26 @@ class Trainer:
         totals: dict[str, float] = {}
         tokens, loss_sum = 0, 0.0
         for micro in range(config.grad_accum):
-            examples = self.next_batch()
+            examples, share = self.next_batch()
+            record_trained_rows(accelerator.process_index, {"step": self.step + 1, "epoch": self.epoch, "micro": micro,
+                                                            "rows": [] if share.is_stand_in else share.indices})
             sync = micro == config.grad_accum - 1
             ctx = accelerator.no_sync(self.model) if not sync else _null()
             with ctx:
                 losses, policy, reference, n_tokens = self.loss_on(examples, self.reference, train=True)
-                loss = losses.mean()
-                finite = bool(torch.isfinite(loss))
+                loss = self._global_mean_loss(losses, share)
+                finite = math.isfinite(loss)
                 if micro == 0:  # the weights of the pending checkpoint just gave this loss
                     self._settle_pending(finite)
                 if not finite:
-                    self._diverged(f"the loss is {loss.item()}")
-                accelerator.backward(loss / config.grad_accum)
-            loss_sum += loss.item() / config.grad_accum
-            tokens += n_tokens
-            for k, v in {**batch_metrics(self.spec, policy, reference, self.metric_beta), **self.term_metrics()}.items():
+                    self._diverged(f"the loss is {loss}")
+                # Averaged over the processes by accelerate, this is the gradient of the global mean.
+                accelerator.backward(losses.sum() * share.weight / config.grad_accum)
+            loss_sum += loss / config.grad_accum
+            metrics = {**batch_metrics(self.spec, policy, reference, self.metric_beta), **self.term_metrics()}
+            for k, v in self._global_means(metrics, share).items():
                 totals[k] = totals.get(k, 0.0) + v / config.grad_accum
+            tokens += int(sum_over_processes(accelerator, {"tokens": n_tokens})["tokens"])
         grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or float("inf")))
         self._check_gradients(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -632,9 +691,19 @@ class Trainer:
         return {
             "step": self.step, "epoch": self.epoch, "loss": loss_sum, **totals,
             "grad_norm": grad_norm, "lr": lr,
-            "tokens_per_s": tokens / elapsed, "samples_per_s": config.batch_size * config.grad_accum / elapsed,
+            "tokens_per_s": tokens / elapsed, "samples_per_s": self.global_batch_size() * config.grad_accum / elapsed,
             "step_time_s": elapsed,
         }
+
+    def _global_means(self, means: dict[str, float], share: RankSlice) -> dict[str, float]:
+        """Per-process means of this micro-batch's rows -> means over the global batch."""
+        if self.accelerator.num_processes == 1:
+            return means
+        rows = 0 if share.is_stand_in else len(share.indices)
+        # "_rows": no metric name starts with an underscore.
+        totals = sum_over_processes(self.accelerator, {**{k: v * rows for k, v in means.items()}, "_rows": rows})
+        count = totals.pop("_rows")
+        return {k: v / count for k, v in totals.items()}
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_examples:
@@ -658,7 +727,7 @@ class Trainer:
     # -- run -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         config = self.config
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.spec.name}", unit="step", disable=not self.show_progress)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.spec.name}", unit="step", disable=not self.show_progress or not self.accelerator.is_main_process)
         last: dict = {}
         while self.step < self.total_steps:
             metrics = {**self.train_step(), **self.memory.metrics()}
@@ -680,36 +749,48 @@ class Trainer:
 
     def finish(self, final_loss, final_eval) -> TrainResult:
         model = self.accelerator.unwrap_model(self.model)
+        # FSDP and ZeRO-3 hold shards: every process takes part in gathering the full weights.
+        state_dict = self.accelerator.get_state_dict(self.model) if is_sharded_engine(self.accelerator) else None
         adapter_dir = None
+        main = self.accelerator.is_main_process
         if self.config.lora is not None:
             adapter_dir = self.output_dir / "adapter"
-            self._save_folder(adapter_dir, model)
             model_dir = self.output_dir / "model"
-            if self.config.merge:
-                self._save_folder(model_dir, model.merge_and_unload())
-            else:
+            if main:
+                self._save_folder(adapter_dir, model, state_dict)
+                if self.config.merge:
+                    self._save_folder(model_dir, model.merge_and_unload())
+            if not self.config.merge:
                 model_dir = adapter_dir
         else:
             model_dir = self.output_dir / "model"
-            self._save_folder(model_dir, model)
+            if main:
+                self._save_folder(model_dir, model, state_dict)
         self.logger.close()
         summary = {
             "steps": self.step, "final_loss": final_loss, "model_dir": str(model_dir),
             "adapter_dir": str(adapter_dir) if adapter_dir else None, "data": self.data_summary,
             "peak_memory": self.memory.summary(), **final_eval,
         }
-        write_text_atomic(self.output_dir / "train_summary.json", json.dumps(summary, indent=1))
-        return TrainResult(self.output_dir, self.step, final_loss, model_dir, adapter_dir, self.logger.history(), self.data_summary)
+        with main_process_writes(self.accelerator) as main:
+            if main:
+                write_text_atomic(self.output_dir / "train_summary.json", json.dumps(summary, indent=1))
+        return TrainResult(self.output_dir, self.step, final_loss, model_dir, adapter_dir, self.logger.history(), self.data_summary,
+                           is_main_process=self.accelerator.is_main_process)
 
 
-    def _save_folder(self, final: Path, model) -> None:
-        """Save into a hidden folder, then swap it in: a kill never leaves a half-written model."""
+    def _save_folder(self, final: Path, model, state_dict: dict | None = None) -> None:
+        """Save into a hidden folder, then swap it in: a kill never leaves a half-written model.
+        ``state_dict``: the full weights gathered from FSDP/ZeRO shards (None: the model's own)."""
         import shutil
 
         tmp = final.with_name(f".{final.name}.partial")
         if tmp.exists():
             shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
+        if state_dict is None:
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict)
         self.tokenizer.save_pretrained(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -117,32 +117,66 @@ def precompute_reference(
     desc: str = "reference log-probs",
     share_prompt: bool = True,
     pack: bool = False,
+    accelerator=None,
 ) -> PrecomputedReference:
+    """With an ``accelerator`` of N processes, each scores every N-th batch, the parts are gathered
+    and put in data order on every process, and only the main process reads or writes the cache
+    (its decision and table are sent to the others: no shared filesystem is assumed)."""
     path = cache_dir / f"{key}.pt"
     index_of = {ex.index: i for i, ex in enumerate(examples)}
-    if path.exists():
-        log.info("reference log-probs: cache hit %s", path)
-        return PrecomputedReference(torch.load(path), index_of)
+    rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    cached = _main_process_cache(path, processes)
+    if cached is not None:
+        if rank == 0:
+            log.info("reference log-probs: cache hit %s", path)
+        return PrecomputedReference(cached, index_of)
     scorer = ModelReference(model, groups, pad_id, toxic_reference=toxic_reference, toxic_model=toxic_model,
                             share_prompt=share_prompt, pack=pack)
     # Longest first: similar lengths share a batch, so little is spent on padding.
     order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
-    chunks: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        idx = order[start : start + batch_size]
-        for group, values in scorer([examples[i] for i in idx]).items():
-            chunks.setdefault(group, []).append((idx, values))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    parts = []
+    for idx in tqdm(batches[rank::processes], desc=desc, unit="batch", disable=rank != 0):
+        parts.append((idx, scorer([examples[i] for i in idx])))
+    if processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object(parts)
+    table = _table_in_data_order(parts, len(examples))
+    if rank == 0:
+        _write_cache(table, path)
+        log.info("reference log-probs: cached %d examples at %s", len(examples), path)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return PrecomputedReference(table, index_of)
+
+
+def _main_process_cache(path: Path, processes: int) -> dict[str, torch.Tensor] | None:
+    """The cached table if the main process finds one, on every process; None on all if not."""
+    if processes == 1:
+        return torch.load(path) if path.exists() else None
+    from accelerate.state import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    found = [torch.load(path) if PartialState().is_main_process and path.exists() else None]
+    return broadcast_object_list(found, from_process=0)[0]
+
+
+def _table_in_data_order(parts: list[tuple[list[int], dict[str, torch.Tensor]]], num_examples: int) -> dict[str, torch.Tensor]:
+    """``(example positions, {group: values})`` parts, in any order → ``{group: [num_examples, ...]}``."""
     table = {}
-    for group, parts in chunks.items():
-        first = parts[0][1]
-        out = torch.empty((len(examples), *first.shape[1:]), dtype=torch.float32)
+    for group in parts[0][1]:
+        first = parts[0][1][group]
+        out = torch.empty((num_examples, *first.shape[1:]), dtype=torch.float32)
         for idx, values in parts:
-            out[torch.tensor(idx)] = values
+            out[torch.tensor(idx)] = values[group]
         table[group] = out
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    return table
+
+
+def _write_cache(table: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     torch.save(table, tmp)
     os.replace(tmp, path)
-    log.info("reference log-probs: cached %d examples at %s", len(examples), path)
-    return PrecomputedReference(table, index_of)

@@ -1,0 +1,142 @@
+"""Data-parallel training on ``accelerate``: which rows each process trains, how per-process
+numbers become the run's numbers, and who writes.
+
+Every process builds the same global batches (``batch_size × processes`` rows, length-grouped as
+in one process) and trains its own contiguous slice of each; accelerate (DDP, FSDP, DeepSpeed)
+averages the gradients. Each process weighs its rows' losses by ``processes / global rows``, so
+the averaged gradient is the gradient of the mean loss over the whole global batch — the same as
+one process with ``--batch-size batch_size × processes``, also when an epoch's last batch does
+not split evenly. Nothing here talks to the network itself: the collectives are accelerate's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from prefalign.train.config import ConfigError
+from prefalign.train.logging import LOG_FILE, MetricsLogger
+
+#: Where each process appends the row ids it trained, one JSON line per micro-batch (a debugging
+#: and test hook: it shows that the processes partition every epoch). Unset: nothing is written.
+TRAINED_ROWS_DIR_ENV = "PREFALIGN_TRAINED_ROWS_DIR"
+
+
+@dataclass
+class RankSlice:
+    """This process's rows of one global batch. ``weight`` scales the sum of their losses so that
+    averaging the processes' gradients gives the gradient of the global batch's mean loss; a
+    process left without rows trains a stand-in row with weight 0 (every process must run the same
+    forward and backward passes, or the gradient all-reduce would wait for it forever)."""
+
+    indices: list[int]
+    weight: float
+    is_stand_in: bool = False
+
+
+def rank_slice(global_batch: Sequence[int], process_index: int, num_processes: int) -> RankSlice:
+    """Contiguous slices, the first ``len % num_processes`` processes one row longer: neighbours
+    in a length-grouped batch have similar lengths, so each slice pads little."""
+    size, extra = divmod(len(global_batch), num_processes)
+    start = process_index * size + min(process_index, extra)
+    indices = list(global_batch[start : start + size + (process_index < extra)])
+    if not indices:
+        return RankSlice([global_batch[0]], 0.0, is_stand_in=True)
+    return RankSlice(indices, num_processes / len(global_batch))
+
+
+def global_batch_line(batch_size: int, num_processes: int, grad_accum: int) -> str:
+    return (f"global batch {batch_size * num_processes * grad_accum} = batch size {batch_size} per process "
+            f"x {num_processes} process(es) x grad-accum {grad_accum}")
+
+
+def sum_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Each key summed over the processes (one all-reduce; the keys must be the same everywhere).
+    Float64, so that the global loss is as exact as one process's."""
+    if accelerator.num_processes == 1:
+        return dict(values)
+    keys = sorted(values)
+    # gloo and NCCL both reduce float64; the tensor sits on the process's device for NCCL.
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    summed = accelerator.reduce(tensor, reduction="sum")
+    return dict(zip(keys, summed.tolist()))
+
+
+def all_true(accelerator, flag: bool) -> bool:
+    """True only if ``flag`` holds on every process: a decision (stop, keep a checkpoint) that all
+    processes must take together."""
+    return sum_over_processes(accelerator, {"false": float(not flag)})["false"] == 0
+
+
+def check_same_processes(saved: dict, num_processes: int, checkpoint: Path) -> None:
+    """A checkpoint holds one RNG state per process and the data position of N slices: resuming
+    it with another number of processes would silently change the data order."""
+    before = int(saved.get("num_processes", 1))
+    if before != num_processes:
+        raise ConfigError(f"--resume: {checkpoint} was saved by {before} process(es), this run has {num_processes}; "
+                          f"resume with {before} processes (accelerate launch --num_processes {before}), or start a new output dir")
+
+
+@contextmanager
+def main_process_writes(accelerator):
+    """Run the body on the main process only, then wait until it has: the other processes read
+    what it wrote only after that."""
+    try:
+        yield accelerator.is_main_process
+    finally:
+        accelerator.wait_for_everyone()
+
+
+class ReadOnlyMetricsLogger(MetricsLogger):
+    """The logger of the processes other than the main one: reads the main process's log (for the
+    run's result) and writes nothing, so every line is written once."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOG_FILE
+        self._tb = None
+
+    def log(self, metrics: dict) -> None:
+        pass
+
+    def _append(self, row: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+
+def record_trained_rows(process_index: int, row: dict) -> None:
+    folder = os.environ.get(TRAINED_ROWS_DIR_ENV)
+    if not folder:
+        return
+    path = Path(folder) / f"rank-{process_index}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def check_engine_supported(accelerator, *, grad_accum: int, reference_mode: str | None) -> None:
+    """Refuse, in one line, what prefalign does not yet do right on a sharded engine."""
+    from accelerate.utils import DistributedType
+
+    engine = accelerator.distributed_type
+    if engine == DistributedType.DEEPSPEED and grad_accum > 1:
+        # DeepSpeed accumulates and steps inside its engine; the trainer's own accumulation would
+        # scale the loss twice.
+        raise ConfigError("--grad-accum above 1 is not supported with DeepSpeed yet: use a larger --batch-size, or DDP/FSDP")
+    if is_sharded_engine(accelerator) and reference_mode == "disable-adapters":
+        # The policy's weights exist only as shards outside the engine's forward pass.
+        raise ConfigError(f"--reference disable-adapters is not supported with {engine.value} yet: use --reference precompute or copy")
+
+
+def is_sharded_engine(accelerator) -> bool:
+    """FSDP or DeepSpeed: no process holds the whole model, so saving needs a gathered state dict."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)

@@ -1,0 +1,248 @@
+"""Data-parallel training for real: N processes × ``--batch-size b`` train the same model as one
+process × ``N·b`` (TRL's invariant tests), each process on its own rows, one writer.
+
+The runs go through `accelerate launch` on CPU (gloo). `--multi_gpu` is accelerate's flag for
+"start N local processes with torchrun"; with no GPU visible the trainer's Accelerator joins them
+over gloo (`--cpu` would start one process and expect mpirun to start the rest).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import pair_rows, write_jsonl
+from prefalign.train.distributed import TRAINED_ROWS_DIR_ENV, check_same_processes, rank_slice
+
+pytestmark = pytest.mark.distributed
+
+gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                          reason="this torch has no gloo backend")
+
+# 13 rows, global batch 4: every epoch ends with a one-row batch, so the second process trains a
+# stand-in row with weight 0 there, and the equality below covers that case too.
+NUM_ROWS = 13
+STEPS = 8
+TIMEOUT = 600  # a busy shared machine must not fail these
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
+
+
+def train_cmd(processes: int, tiny_model, data, out, batch_size, *extra, launch_config: Path | None = None) -> list[str]:
+    launcher = [sys.executable, "-m", "prefalign.cli"]
+    if processes > 1:
+        how = ["--config_file", str(launch_config)] if launch_config else [
+            "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes),
+                    "--main_process_port", str(free_port()), "-m", "prefalign.cli"]
+    return [*launcher, "train", "--model", tiny_model, "--data", str(data), "--output-dir", str(out),
+            "--max-steps", str(STEPS), "--batch-size", str(batch_size), "--lr", "1e-3", "--save-every", "3",
+            "--seed", "7", "--dtype", "float32", "--quiet", *extra]
+
+
+def run_env(tmp: Path, rows_dir: Path) -> dict:
+    return {**os.environ, "PREFALIGN_CACHE": str(tmp / "cache"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1", TRAINED_ROWS_DIR_ENV: str(rows_dir)}
+
+
+def train(processes, tiny_model, data, tmp: Path, name: str, *extra, launch_config: Path | None = None) -> dict:
+    """One run in its own folder and reference cache; returns where things are and what it printed."""
+    out, rows = tmp / name, tmp / f"{name}-rows"
+    env = {**run_env(tmp, rows), "PREFALIGN_CACHE": str(tmp / f"{name}-cache")}
+    cmd = train_cmd(processes, tiny_model, data, out, 4 // processes, *extra, launch_config=launch_config)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"out": out, "rows": rows, "cache": tmp / f"{name}-cache", "stdout": result.stdout, "stderr": result.stderr}
+
+
+def log_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in log_rows(out) if "loss" in r}
+
+
+def trained_rows(rows_dir: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (rows_dir / f"rank-{rank}.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / name))
+
+
+def max_weight_gap(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", pair_rows(NUM_ROWS))
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tmp_path_factory, tiny_model, data) -> dict:
+    """DPO with a precomputed reference: one process × 4 rows, two processes × 2 rows launched with
+    the shipped DDP recipe (its num_processes overridden)."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    two = train(2, tiny_model, data, tmp, "two", launch_config=RECIPES / "ddp.yaml")
+    return {"one": train(1, tiny_model, data, tmp, "one"), "two": two, "tmp": tmp}
+
+
+# -------------------------------------------------------------------------------- pure pieces
+
+
+def test_rank_slices_partition_a_batch_and_weigh_it_as_one_mean():
+    for size in range(1, 12):
+        for processes in (1, 2, 3, 4):
+            batch = list(range(100, 100 + size))
+            shares = [rank_slice(batch, rank, processes) for rank in range(processes)]
+            real = [s for s in shares if not s.is_stand_in]
+            assert [i for s in real for i in s.indices] == batch  # contiguous, in order, each row once
+            # Averaged over the processes, the weighted sums are the batch's mean: sum(w * n) / N == 1.
+            assert sum(s.weight * len(s.indices) for s in real) / processes == pytest.approx(1.0)
+            for s in shares:
+                if s.is_stand_in:
+                    assert s.weight == 0 and len(s.indices) == 1
+
+
+def test_resuming_with_another_number_of_processes_is_refused():
+    from prefalign.train.config import ConfigError
+
+    check_same_processes({"num_processes": 2}, 2, Path("ckpt"))
+    check_same_processes({}, 1, Path("ckpt"))  # checkpoints from before: one process
+    with pytest.raises(ConfigError, match=r"saved by 2 process\(es\), this run has 1"):
+        check_same_processes({"num_processes": 2}, 1, Path("ckpt"))
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+@gloo
+def test_two_processes_train_the_same_model_as_one_with_the_same_global_batch(dpo_runs):
+    one, two = dpo_runs["one"]["out"], dpo_runs["two"]["out"]
+    a, b = losses(one), losses(two)
+    assert sorted(b) == list(range(1, STEPS + 1))  # every step logged, once
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    assert max_weight_gap(weights(one / "model", "model.safetensors"), weights(two / "model", "model.safetensors")) < 1e-5
+    assert "global batch 4 = batch size 2 per process x 2 process(es) x grad-accum 1" in dpo_runs["two"]["stderr"]
+
+
+@gloo
+def test_each_process_trains_its_own_rows_and_together_they_cover_every_epoch(dpo_runs):
+    single = trained_rows(dpo_runs["one"]["rows"], 0)
+    ranks = [trained_rows(dpo_runs["two"]["rows"], rank) for rank in (0, 1)]
+    assert not (dpo_runs["two"]["rows"] / "rank-2.jsonl").exists()
+    assert [len(r) for r in ranks] == [STEPS, STEPS]
+    by_epoch: dict[int, list[int]] = {}
+    for first, second, alone in zip(*ranks, single):
+        assert first["step"] == second["step"] == alone["step"] and first["epoch"] == second["epoch"]
+        assert not set(first["rows"]) & set(second["rows"])
+        # Together: exactly the global batch one process with 4 rows trains at that step.
+        assert first["rows"] + second["rows"] == alone["rows"]
+        by_epoch.setdefault(first["epoch"], []).extend(first["rows"] + second["rows"])
+    assert len(by_epoch) == 2
+    for epoch, rows in by_epoch.items():
+        assert sorted(rows) == list(range(NUM_ROWS)), epoch  # a partition: every row once per epoch
+
+
+@gloo
+def test_the_sharded_reference_precompute_equals_one_process_and_is_written_once(dpo_runs):
+    one_cache = list((dpo_runs["one"]["cache"] / "ref-logps").iterdir())
+    two_cache = list((dpo_runs["two"]["cache"] / "ref-logps").iterdir())
+    assert len(two_cache) == 1 and two_cache[0].suffix == ".pt"  # one file, no temporary left behind
+    assert [p.name for p in one_cache] == [p.name for p in two_cache]  # the same key: same data, same model
+    a, b = torch.load(one_cache[0]), torch.load(two_cache[0])
+    assert a.keys() == b.keys()
+    for group in a:
+        assert a[group].shape[0] == NUM_ROWS
+        assert torch.allclose(a[group], b[group], atol=1e-5), group  # gathered in data order
+
+
+@gloo
+def test_only_the_main_process_writes(dpo_runs):
+    run = dpo_runs["two"]
+    out = run["out"]
+    assert run["stdout"].count("trained 8 steps") == 1
+    steps = [r["step"] for r in log_rows(out)]
+    assert steps == sorted(set(steps))  # no line written twice
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == STEPS
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000006", "step-00000008"]  # kept ones only, nothing pending
+    last = out / "checkpoints" / "step-00000008"
+    # Weights and optimizer once (from the main process); one RNG state per process, as accelerate keeps them.
+    assert sorted(p.name for p in last.iterdir()) == [
+        "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin", "trainer_state.json",
+    ]
+    assert json.loads((last / "trainer_state.json").read_text())["num_processes"] == 2
+
+
+@gloo
+@pytest.mark.parametrize("extra", [("--reference", "copy"), ("--lora",)], ids=["frozen-copy", "lora"])
+def test_two_processes_equal_one_with_a_live_reference_and_with_lora(tmp_path, tiny_model, data, extra):
+    one = train(1, tiny_model, data, tmp_path, "one", *extra)["out"]
+    two = train(2, tiny_model, data, tmp_path, "two", *extra)["out"]
+    a, b = losses(one), losses(two)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    folder, name = ("adapter", "adapter_model.safetensors") if "--lora" in extra else ("model", "model.safetensors")
+    assert max_weight_gap(weights(one / folder, name), weights(two / folder, name)) < 1e-5
+
+
+@gloo
+def test_kill_and_resume_under_two_processes_matches_the_uninterrupted_run(dpo_runs, tiny_model, data):
+    tmp = dpo_runs["tmp"]
+    killed, rows = tmp / "killed", tmp / "killed-rows"
+    env = {**run_env(tmp, rows), "PREFALIGN_CACHE": str(tmp / "killed-cache")}
+    cmd = train_cmd(2, tiny_model, data, killed, 2)
+    # Its own session: the kill reaches the launcher and both training processes.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + TIMEOUT
+    log = killed / "train_log.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoints" / "step-00000003").exists() and log.exists() and len(log.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(losses(killed)) < STEPS
+
+    resumed = subprocess.run(train_cmd(2, tiny_model, data, killed, 2, "--resume"), env=env, capture_output=True, text=True,
+                             timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = losses(dpo_runs["two"]["out"]), losses(killed)
+    assert sorted(b) == list(range(1, STEPS + 1))  # no step missing or logged twice
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+@gloo
+def test_resuming_a_two_process_run_with_one_process_fails_in_one_line(dpo_runs, tiny_model, data):
+    tmp = dpo_runs["tmp"]
+    result = subprocess.run(train_cmd(1, tiny_model, data, dpo_runs["two"]["out"], 4, "--resume"),
+                            env=run_env(tmp, tmp / "refused-rows"), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "process(es)" in line]
+    assert len(errors) == 1 and "saved by 2 process(es), this run has 1" in errors[0], result.stderr[-2000:]
+    assert not (tmp / "refused-rows").exists()  # refused before training a step
