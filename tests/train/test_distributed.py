@@ -197,8 +197,9 @@ def test_only_the_main_process_writes(dpo_runs):
 
 
 @gloo
-@pytest.mark.parametrize("extra", [("--reference", "copy"), ("--lora",)], ids=["frozen-copy", "lora"])
-def test_two_processes_equal_one_with_a_live_reference_and_with_lora(tmp_path, tiny_model, data, extra):
+@pytest.mark.parametrize("extra", [("--reference", "copy"), ("--lora",), ("--grad-accum", "2")],
+                         ids=["frozen-copy", "lora", "grad-accum"])
+def test_two_processes_equal_one_with_a_live_reference_lora_and_grad_accum(tmp_path, tiny_model, data, extra):
     one = train(1, tiny_model, data, tmp_path, "one", *extra)["out"]
     two = train(2, tiny_model, data, tmp_path, "two", *extra)["out"]
     a, b = losses(one), losses(two)

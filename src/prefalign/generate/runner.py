@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -204,17 +205,30 @@ def run_generation(
     echo: Callable[[str], None] | None = print,
 ) -> GenerateSummary:
     """Run ``strategy`` over ``prompts`` into ``output`` (JSONL), skipping prompts already done;
-    prints (``echo``) and returns a :class:`GenerateSummary`."""
+    prints (``echo``) and returns a :class:`GenerateSummary`.
+
+    Under ``accelerate launch`` / ``torchrun`` with N processes, each process generates every N-th
+    batch; after each round of N batches the results are gathered and the main process writes
+    them in input order, so the files (and resuming them) are the same as with one process."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     output = Path(output)
     flog = filtered_log_path(output)
     start = time.perf_counter()
     strategy.check_prompts(prompts)
-    done, torn, incomplete = recover(output, flog)
-    if not output.exists():
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.touch()
+    state = distributed_state()
+    main = state is None or state.is_main_process
+    recovered = None
+    if main:
+        recovered = recover(output, flog)
+        if not output.exists():
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.touch()
+    if state is not None:
+        from accelerate.utils import broadcast_object_list
+
+        recovered = broadcast_object_list([recovered], from_process=0)[0]
+    done, torn, incomplete = recovered
     keys = [generation_key(p, strategy, seed) for p in prompts]
     summary = GenerateSummary(strategy.name, output, flog, prompts_total=len(prompts),
                               recovered_torn_lines=torn, recovered_incomplete_rows=incomplete)
@@ -235,41 +249,36 @@ def run_generation(
         # Batches are cut from the full list, then thinned: the same batches as an uninterrupted run.
         batches = [[i for i in range(s, min(s + batch_size, len(prompts))) if i in todo_set]
                    for s in range(0, len(prompts), batch_size)]
+        work = [b for b in batches if b]
+        processes, rank = (1, 0) if state is None else (state.num_processes, state.process_index)
         with tqdm(total=len(todo_index), desc=f"generate {strategy.name}", unit="prompt",
-                  disable=not show_progress, dynamic_ncols=True) as bar:
-            for batch in filter(None, batches):
-                batch_prompts = [prompts[i] for i in batch]
-                results = strategy.generate(batch_prompts, seed)
-                if len(results) != len(batch):
-                    raise RuntimeError(f"strategy {strategy.name} returned {len(results)} results for {len(batch)} prompts")
-                records, rejects = [], []
-                for i, prompt, candidates in zip(batch, batch_prompts, results):
-                    if not candidates:
-                        candidates = [Candidate.drop(strategy.name, "no_output")]
-                    base = _base_meta(strategy, prompt, seed)
-                    n = len(candidates)
-                    for part, c in enumerate(candidates):
-                        if c.kept:
-                            records.append(_record_row(c, prompt, base, keys[i], part, n))
-                            by_strategy[c.tag] += 1
-                            summary.truncated_responses += len(c.meta.get("truncated", ()))
-                        else:
-                            rejects.append(_filtered_row(c, prompt, base, keys[i], part, n))
-                            filtered[c.filtered] += 1
-                if rejects:
-                    write_jsonl(flog, rejects, append=True)
-                if records:
-                    write_jsonl(output, records, append=True)
-                summary.records_written += len(records)
-                summary.prompts_processed += len(batch)
-                bar.update(len(batch))
+                  disable=not show_progress or not main, dynamic_ncols=True) as bar:
+            for first in range(0, len(work), processes):
+                mine = work[first + rank] if first + rank < len(work) else None
+                generated = [_generate_batch(strategy, prompts, mine, keys, seed) if mine else None]
+                if state is not None:
+                    from accelerate.utils import gather_object
+
+                    generated = gather_object(generated)  # in process order: the round's batches in input order
+                for batch in filter(None, generated):
+                    if main:
+                        if batch.rejects:
+                            write_jsonl(flog, batch.rejects, append=True)
+                        if batch.records:
+                            write_jsonl(output, batch.records, append=True)
+                    filtered.update(batch.filtered)
+                    by_strategy.update(batch.by_strategy)
+                    summary.truncated_responses += batch.truncated_responses
+                    summary.records_written += len(batch.records)
+                    summary.prompts_processed += batch.num_prompts
+                    bar.update(batch.num_prompts)
                 bar.set_postfix(records=summary.records_written, filtered=sum(filtered.values()))
 
     summary.filtered = dict(filtered)
     summary.records_by_strategy = dict(by_strategy)
     summary.info = strategy.info()
     summary.seconds = time.perf_counter() - start
-    for line in summary.lines():
+    for line in summary.lines() if main else ():
         if echo is not None:
             echo(line)
         else:
@@ -277,14 +286,67 @@ def run_generation(
     return summary
 
 
+@dataclass
+class _BatchOutput:
+    """One batch of prompts, generated and turned into rows, not yet written."""
+
+    num_prompts: int
+    records: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    filtered: Counter = field(default_factory=Counter)
+    by_strategy: Counter = field(default_factory=Counter)
+    truncated_responses: int = 0
+
+
+def _generate_batch(strategy: Strategy, prompts: Sequence[Prompt], batch: list[int], keys: list[str],
+                    seed: int | None) -> _BatchOutput:
+    batch_prompts = [prompts[i] for i in batch]
+    results = strategy.generate(batch_prompts, seed)
+    if len(results) != len(batch):
+        raise RuntimeError(f"strategy {strategy.name} returned {len(results)} results for {len(batch)} prompts")
+    out = _BatchOutput(len(batch))
+    for i, prompt, candidates in zip(batch, batch_prompts, results):
+        if not candidates:
+            candidates = [Candidate.drop(strategy.name, "no_output")]
+        base = _base_meta(strategy, prompt, seed)
+        n = len(candidates)
+        for part, c in enumerate(candidates):
+            if c.kept:
+                out.records.append(_record_row(c, prompt, base, keys[i], part, n))
+                out.by_strategy[c.tag] += 1
+                out.truncated_responses += len(c.meta.get("truncated", ()))
+            else:
+                out.rejects.append(_filtered_row(c, prompt, base, keys[i], part, n))
+                out.filtered[c.filtered] += 1
+    return out
+
+
+def distributed_state():
+    """accelerate's process state when this is one of several processes (``accelerate launch``,
+    ``torchrun``); None in a plain single process, which then needs no process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 # ----------------------------------------------------------------------------- from a config
 
 #: Constructor arguments of each backend kind from the run's config (``backend_options`` add to them).
 _BACKEND_ARGS: dict[str, Callable[[Any, str], dict]] = {
-    "transformers": lambda cfg, model: {"model": model, "batch_size": cfg.batch_size, "show_progress": False},
+    "transformers": lambda cfg, model: {"model": model, "batch_size": cfg.batch_size, "show_progress": False,
+                                        **_process_device()},
     "openai": lambda cfg, model: {"model": model, "base_url": cfg.base_url},
     "vllm": lambda cfg, model: {"model": model, "show_progress": False},
 }
+
+
+def _process_device() -> dict:
+    """Under several processes, each puts its model on its own device (its GPU, or the CPU)."""
+    state = distributed_state()
+    return {} if state is None else {"device": str(state.device)}
 
 
 def backend_factory(cfg) -> Callable[[str], Any]:
