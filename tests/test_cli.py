@@ -13,7 +13,7 @@ from conftest import pair_rows, write_jsonl
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["train"], ["quickstart"], ["models"], ["models", "list"], ["models", "prepare"], ["data"], ["data", "check"]])
+@pytest.mark.parametrize("args", [[], ["train"], ["quickstart"], ["models"], ["models", "list"], ["models", "prepare"], ["data"], ["data", "check"], ["export"]])
 def test_every_command_has_help(args):
     result = runner.invoke(app, [*args, "--help"])
     assert result.exit_code == 0

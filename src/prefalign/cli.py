@@ -377,5 +377,23 @@ def train_rm_command(
                   f"on {result.eval_pairs} pairs; model saved to {result.model_dir}", highlight=False)
 
 
+@app.command("export")
+def export_command(
+    model_dir: Path = typer.Argument(..., help="a trained model folder (full HF folder or LoRA adapter folder)"),
+    gguf: Path = typer.Option(..., "--gguf", help="GGUF file to write (llama.cpp, Ollama)"),
+    gguf_type: str = typer.Option("f16", "--type", help="tensor type: f32, f16 or q8_0"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write a trained policy as a GGUF file for llama.cpp and Ollama (a LoRA adapter folder is
+    merged into its base first)."""
+    from prefalign.models.export import ExportError, export_gguf
+
+    _setup_logging(verbose=not quiet)
+    with _errors(ExportError, ImportError):
+        path = export_gguf(model_dir, gguf, gguf_type=gguf_type, overwrite=overwrite)
+    console.print(f"wrote {path} ({gguf_type}, {path.stat().st_size / 2**20:.1f} MiB)", highlight=False, soft_wrap=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
