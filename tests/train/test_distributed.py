@@ -143,7 +143,9 @@ def test_two_processes_train_the_same_model_as_one_with_the_same_global_batch(dp
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
     assert max_weight_gap(weights(one / "model", "model.safetensors"), weights(two / "model", "model.safetensors")) < 1e-5
-    assert "global batch 4 = batch size 2 per process x 2 process(es) x grad-accum 1" in dpo_runs["two"]["stderr"]
+    # DDP over gloo ran (the DDP recipe with no GPU visible), not one process twice.
+    assert "global batch 4 = batch size 2 per process x 2 process(es) x grad-accum 1 (MULTI_CPU)" in dpo_runs["two"]["stderr"]
+    assert "global batch 4 = batch size 4 per process x 1 process(es) x grad-accum 1 (no distribution)" in dpo_runs["one"]["stderr"]
 
 
 @gloo

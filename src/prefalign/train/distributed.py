@@ -51,9 +51,11 @@ def rank_slice(global_batch: Sequence[int], process_index: int, num_processes: i
     return RankSlice(indices, num_processes / len(global_batch))
 
 
-def global_batch_line(batch_size: int, num_processes: int, grad_accum: int) -> str:
+def global_batch_line(batch_size: int, num_processes: int, grad_accum: int, engine: str) -> str:
+    """The engine too: accelerate runs an FSDP config with no GPU as plain DDP (MULTI_CPU), and
+    this line is where a user sees which one ran."""
     return (f"global batch {batch_size * num_processes * grad_accum} = batch size {batch_size} per process "
-            f"x {num_processes} process(es) x grad-accum {grad_accum}")
+            f"x {num_processes} process(es) x grad-accum {grad_accum} ({'no distribution' if engine == 'NO' else engine})")
 
 
 def sum_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
@@ -66,12 +68,6 @@ def sum_over_processes(accelerator, values: dict[str, float]) -> dict[str, float
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     summed = accelerator.reduce(tensor, reduction="sum")
     return dict(zip(keys, summed.tolist()))
-
-
-def all_true(accelerator, flag: bool) -> bool:
-    """True only if ``flag`` holds on every process: a decision (stop, keep a checkpoint) that all
-    processes must take together."""
-    return sum_over_processes(accelerator, {"false": float(not flag)})["false"] == 0
 
 
 def check_same_processes(saved: dict, num_processes: int, checkpoint: Path) -> None:

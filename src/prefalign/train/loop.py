@@ -274,7 +274,8 @@ class Trainer:
                 self._clear_output_dir()
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.output_dir / "train_config.json", config.model_dump_json(indent=1))
-                log.info(global_batch_line(config.batch_size, self.accelerator.num_processes, config.grad_accum))
+                log.info(global_batch_line(config.batch_size, self.accelerator.num_processes, config.grad_accum,
+                                           self.accelerator.distributed_type.value))
         set_seed(config.seed)
         model = load_model(config.model, trust_remote_code=config.trust_remote_code)
         started = time.perf_counter()
@@ -814,4 +815,9 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     only RESUMABLE_CHANGES may differ) or ``overwrite`` (remove it and start again)."""
     trainer = Trainer(config, resume=resume, overwrite=overwrite, show_progress=show_progress)
     trainer.setup()
-    return trainer.train()
+    result = trainer.train()
+    if result.is_main_process:
+        from prefalign.models.card import write_training_cards
+
+        write_training_cards(config, result)  # README.md in each saved model folder
+    return result
