@@ -213,6 +213,23 @@ def test_two_processes_equal_one_with_a_live_reference_lora_and_grad_accum(tmp_p
 
 
 @gloo
+@pytest.mark.parametrize("loss, settings", [
+    ("d2o", {"reference": "copy", "anchor_refresh_every": 3, "anchor_max_new_tokens": 4}),
+    ("adpo", {}),
+], ids=["d2o-online-anchors", "adpo-toxic-reference"])
+def test_two_processes_equal_one_for_online_anchors_and_the_toxic_reference(tmp_path, tiny_model, data, loss, settings):
+    config = tmp_path / "train.yaml"
+    config.write_text(json.dumps({"loss": loss, **settings}))  # JSON is YAML
+    one = train(1, tiny_model, data, tmp_path, "one", "--config", str(config))["out"]
+    two = train(2, tiny_model, data, tmp_path, "two", "--config", str(config))["out"]
+    a, b = losses(one), losses(two)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    assert max_weight_gap(weights(one / "model", "model.safetensors"), weights(two / "model", "model.safetensors")) < 1e-5
+
+
+@gloo
 def test_kill_and_resume_under_two_processes_matches_the_uninterrupted_run(dpo_runs, tiny_model, data):
     tmp = dpo_runs["tmp"]
     killed, rows = tmp / "killed", tmp / "killed-rows"

@@ -649,7 +649,10 @@ class Trainer:
             self.accelerator.unwrap_model(self.model), list({ex.index: ex for ex in examples}.values()),
             pad_id=self.pad_id, eos_id=tokenizer.eos_token_id, max_new_tokens=self.config.anchor_max_new_tokens,
             temperature=self.config.anchor_temperature, seed=self.config.seed * 1_000_003 + self.step,
-            max_length=self.config.max_length, batch_size=self.config.batch_size,
+            # Every process samples the whole global batch's anchors in the same chunks (the same
+            # seeds), so all hold the same anchors, the main process saves them, and N processes
+            # train on the anchors one process with the global batch size would sample.
+            max_length=self.config.max_length, batch_size=self.global_batch_size(),
         )
         self.refreshed_anchors.update(refreshed)
 
