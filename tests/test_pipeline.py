@@ -56,6 +56,9 @@ def test_run_caches_stages_and_reruns_only_what_changed(tmp_path, tiny_model):
     # A finished training stage keeps its model, not the checkpoints that only served resuming it.
     assert (tmp_path / "run" / "train" / "model" / "config.json").exists()
     assert not (tmp_path / "run" / "train" / "checkpoints").exists()
+    # Its model card carries the eval stage's summary (the table summary.md holds).
+    summary = (tmp_path / "run" / "eval" / "summary.md").read_text().strip()
+    assert summary and summary in (tmp_path / "run" / "train" / "model" / "README.md").read_text()
     lines.clear()
     run_recipe(path, show_progress=False, echo=lines.append)
     assert sum("cached" in line for line in lines) == 3

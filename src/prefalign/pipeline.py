@@ -156,10 +156,14 @@ def _eval_kind() -> StageKind:
     def run(cfg, stage_dir, show_progress):
         from prefalign.evaluate.report import markdown_summary
         from prefalign.evaluate.runner import run_eval
+        from prefalign.models.card import add_eval_summary
 
         result, paths = run_eval(cfg, show_progress=show_progress)
-        print(markdown_summary(result))
+        summary = markdown_summary(result)
+        print(summary)
         print(f"report: {paths['html']}")
+        for model in cfg.models.values():  # trained folders' model cards get the summary
+            add_eval_summary(model, summary, paths["json"])
 
     return StageKind("eval", lambda d: {"output_dir": str(d)}, validate,
                      lambda cfg, d: {"report": str(cfg.output_dir / "report.html"), "metrics": str(cfg.output_dir / "metrics.json")}, run)

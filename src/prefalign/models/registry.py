@@ -31,6 +31,7 @@ class EmbeddedModel:
     gguf_file: str
     licence: str
     description: str
+    hub_id: str = ""  # the model's Hugging Face id, for model cards' base_model (never downloaded)
 
 
 SMOLLM2 = EmbeddedModel(
@@ -40,6 +41,7 @@ SMOLLM2 = EmbeddedModel(
     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     licence="Apache-2.0",
     description="SmolLM2-135M-Instruct (134.5M params, chat template), dequantised from Q4_1 GGUF",
+    hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
 )
 
 #: 2-layer random model built from SmolLM2's real config and tokenizer, for tests.

@@ -246,6 +246,9 @@ def train_reward_model(config: RewardTrainConfig, *, show_progress: bool = True)
         train_accuracy=sum(recent) / len(recent) if recent else None, head=head, model_dir=model_dir,
         seconds=time.time() - t0,
     )
+    from prefalign.models.card import reward_model_card, write_card
+
+    write_card(model_dir, reward_model_card(config, result))
     summary = {**asdict(result), "model_dir": str(model_dir), "config": json.loads(config.model_dump_json())}
     (output / "train_rm_summary.json").write_text(json.dumps(summary, indent=2))
     return result
