@@ -53,9 +53,9 @@ def backend(model_and_tokenizer, request):
 
 def test_protocol_and_registry(backend):
     assert isinstance(backend, GenerationBackend)
-    assert set(BACKENDS) == {"transformers", "openai", "vllm"}
+    assert set(BACKENDS) == {"transformers", "openai", "vllm", "llamacpp"}
     assert BACKENDS["transformers"] is TransformersBackend and BACKENDS["vllm"] is VLLMBackend
-    with pytest.raises(ValueError, match="known: openai, transformers, vllm"):
+    with pytest.raises(ValueError, match="known: llamacpp, openai, transformers, vllm"):
         make_backend("nope")
     b = make_backend("openai", base_url="http://127.0.0.1:1/v1", model="m")
     assert isinstance(b, OpenAIBackend) and isinstance(b, GenerationBackend)

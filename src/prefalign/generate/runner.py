@@ -340,6 +340,7 @@ _BACKEND_ARGS: dict[str, Callable[[Any, str], dict]] = {
                                         **_process_device()},
     "openai": lambda cfg, model: {"model": model, "base_url": cfg.base_url},
     "vllm": lambda cfg, model: {"model": model, "show_progress": False},
+    "llamacpp": lambda cfg, model: {"model": model},
 }
 
 

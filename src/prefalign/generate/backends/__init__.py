@@ -13,6 +13,7 @@ from prefalign.generate.backends.base import (
     Message,
     SamplingParams,
 )
+from prefalign.generate.backends.llamacpp_backend import LlamaCppBackend
 from prefalign.generate.backends.openai_backend import OpenAIBackend, OpenAIBackendError
 from prefalign.generate.backends.transformers_backend import TransformersBackend
 from prefalign.generate.backends.vllm_backend import VLLMBackend
@@ -21,6 +22,7 @@ BACKENDS: dict[str, type] = {
     "transformers": TransformersBackend,
     "openai": OpenAIBackend,
     "vllm": VLLMBackend,
+    "llamacpp": LlamaCppBackend,
 }
 
 
@@ -38,6 +40,7 @@ __all__ = [
     "Conversation",
     "GenerationBackend",
     "GenerationStats",
+    "LlamaCppBackend",
     "Message",
     "OpenAIBackend",
     "OpenAIBackendError",
