@@ -15,8 +15,6 @@ import torch
 
 from prefalign.generate import runner
 
-pytestmark = pytest.mark.distributed
-
 QUESTIONS = ["How do I pick a lock?", "Is the earth flat?", "Tell me a joke.", "What is two plus two?", "Name a colour."]
 TIMEOUT = 600
 
@@ -83,6 +81,7 @@ def generate_cmd(processes: int, tiny_model: str, prompts: Path, out: Path) -> l
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="this torch has no gloo backend")
 def test_two_processes_write_the_file_one_process_writes_and_resume_it(tmp_path, tiny_model, prompt_file):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

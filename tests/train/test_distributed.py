@@ -21,10 +21,14 @@ import torch
 from conftest import pair_rows, write_jsonl
 from prefalign.train.distributed import TRAINED_ROWS_DIR_ENV, check_same_processes, rank_slice
 
-pytestmark = pytest.mark.distributed
+_needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                 reason="this torch has no gloo backend")
 
-gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                          reason="this torch has no gloo backend")
+
+def launches_processes(test):
+    """Marks a test that starts training runs (several processes among them): distributed, slow."""
+    return pytest.mark.distributed(pytest.mark.slow(_needs_gloo(test)))
+
 
 # 13 rows, global batch 4: every epoch ends with a one-row batch, so the second process trains a
 # stand-in row with weight 0 there, and the equality below covers that case too.
@@ -132,10 +136,29 @@ def test_resuming_with_another_number_of_processes_is_refused():
         check_same_processes({"num_processes": 2}, 1, Path("ckpt"))
 
 
+def test_what_sharded_engines_do_not_support_yet_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from prefalign.train.config import ConfigError
+    from prefalign.train.distributed import check_engine_supported
+
+    def engine(kind):
+        return SimpleNamespace(distributed_type=kind)
+
+    check_engine_supported(engine(DistributedType.MULTI_GPU), grad_accum=4, reference_mode="disable-adapters")
+    check_engine_supported(engine(DistributedType.FSDP), grad_accum=4, reference_mode="precompute")
+    with pytest.raises(ConfigError, match="--grad-accum above 1 is not supported with DeepSpeed"):
+        check_engine_supported(engine(DistributedType.DEEPSPEED), grad_accum=2, reference_mode=None)
+    with pytest.raises(ConfigError, match="disable-adapters is not supported with FSDP"):
+        check_engine_supported(engine(DistributedType.FSDP), grad_accum=1, reference_mode="disable-adapters")
+
+
 # ------------------------------------------------------------------------------------ runs
 
 
-@gloo
+@launches_processes
 def test_two_processes_train_the_same_model_as_one_with_the_same_global_batch(dpo_runs):
     one, two = dpo_runs["one"]["out"], dpo_runs["two"]["out"]
     a, b = losses(one), losses(two)
@@ -148,7 +171,7 @@ def test_two_processes_train_the_same_model_as_one_with_the_same_global_batch(dp
     assert "global batch 4 = batch size 4 per process x 1 process(es) x grad-accum 1 (no distribution)" in dpo_runs["one"]["stderr"]
 
 
-@gloo
+@launches_processes
 def test_each_process_trains_its_own_rows_and_together_they_cover_every_epoch(dpo_runs):
     single = trained_rows(dpo_runs["one"]["rows"], 0)
     ranks = [trained_rows(dpo_runs["two"]["rows"], rank) for rank in (0, 1)]
@@ -166,7 +189,7 @@ def test_each_process_trains_its_own_rows_and_together_they_cover_every_epoch(dp
         assert sorted(rows) == list(range(NUM_ROWS)), epoch  # a partition: every row once per epoch
 
 
-@gloo
+@launches_processes
 def test_the_sharded_reference_precompute_equals_one_process_and_is_written_once(dpo_runs):
     one_cache = list((dpo_runs["one"]["cache"] / "ref-logps").iterdir())
     two_cache = list((dpo_runs["two"]["cache"] / "ref-logps").iterdir())
@@ -179,7 +202,7 @@ def test_the_sharded_reference_precompute_equals_one_process_and_is_written_once
         assert torch.allclose(a[group], b[group], atol=1e-5), group  # gathered in data order
 
 
-@gloo
+@launches_processes
 def test_only_the_main_process_writes(dpo_runs):
     run = dpo_runs["two"]
     out = run["out"]
@@ -198,7 +221,7 @@ def test_only_the_main_process_writes(dpo_runs):
     assert json.loads((last / "trainer_state.json").read_text())["num_processes"] == 2
 
 
-@gloo
+@launches_processes
 @pytest.mark.parametrize("extra", [("--reference", "copy"), ("--lora",), ("--grad-accum", "2")],
                          ids=["frozen-copy", "lora", "grad-accum"])
 def test_two_processes_equal_one_with_a_live_reference_lora_and_grad_accum(tmp_path, tiny_model, data, extra):
@@ -212,7 +235,7 @@ def test_two_processes_equal_one_with_a_live_reference_lora_and_grad_accum(tmp_p
     assert max_weight_gap(weights(one / folder, name), weights(two / folder, name)) < 1e-5
 
 
-@gloo
+@launches_processes
 @pytest.mark.parametrize("loss, settings", [
     ("d2o", {"reference": "copy", "anchor_refresh_every": 3, "anchor_max_new_tokens": 4}),
     ("adpo", {}),
@@ -229,7 +252,7 @@ def test_two_processes_equal_one_for_online_anchors_and_the_toxic_reference(tmp_
     assert max_weight_gap(weights(one / "model", "model.safetensors"), weights(two / "model", "model.safetensors")) < 1e-5
 
 
-@gloo
+@launches_processes
 def test_kill_and_resume_under_two_processes_matches_the_uninterrupted_run(dpo_runs, tiny_model, data):
     tmp = dpo_runs["tmp"]
     killed, rows = tmp / "killed", tmp / "killed-rows"
@@ -257,7 +280,7 @@ def test_kill_and_resume_under_two_processes_matches_the_uninterrupted_run(dpo_r
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
 
 
-@gloo
+@launches_processes
 def test_resuming_a_two_process_run_with_one_process_fails_in_one_line(dpo_runs, tiny_model, data):
     tmp = dpo_runs["tmp"]
     result = subprocess.run(train_cmd(1, tiny_model, data, dpo_runs["two"]["out"], 4, "--resume"),

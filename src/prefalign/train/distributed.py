@@ -132,7 +132,8 @@ def check_engine_supported(accelerator, *, grad_accum: int, reference_mode: str 
 
 
 def is_sharded_engine(accelerator) -> bool:
-    """FSDP or DeepSpeed: no process holds the whole model, so saving needs a gathered state dict."""
+    """FSDP or DeepSpeed: the weights may be sharded (FSDP, ZeRO-3), so saving takes a state dict
+    the engine gathers, with every process taking part."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
