@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from prefalign.cli import app
+from prefalign.models.card import ModelCard, write_card
 from prefalign.models import export as export_module
 from prefalign.models.export import export_gguf, permute_for_llama_cpp_rope
 
@@ -48,6 +49,8 @@ def peaky_model(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("peaky")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    write_card(folder, ModelCard("peaky", {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
+                                           "tags": ["prefalign", "dpo"]}))
     return folder
 
 
@@ -160,6 +163,10 @@ def test_metadata_matches_config_and_tokenizer(exported, peaky_model):
     assert _field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
     assert _field(reader, "tokenizer.ggml.add_bos_token") is False  # SmolLM's tokenizer adds none
     assert _field(reader, "tokenizer.chat_template") == tokenizer.chat_template
+    # The source folder's model card travels as general.* keys.
+    assert _field(reader, "general.license") == "apache-2.0"
+    assert _field(reader, "general.base_model.0.name") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert _field(reader, "general.tags") == ["prefalign", "dpo"]
 
 
 def _llama(path):

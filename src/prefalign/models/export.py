@@ -283,6 +283,22 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     special.add_to_gguf(writer, quiet=True)
 
 
+def add_card_metadata(writer, folder: Path) -> None:
+    """The source folder's model card (licence, base model, tags) as GGUF ``general.*`` keys, so
+    the file says where it came from once it leaves the folder."""
+    from prefalign.models.card import read_card
+
+    card = read_card(folder)
+    metadata = card[0] if card else {}
+    if isinstance(metadata.get("license"), str):
+        writer.add_license(metadata["license"])
+    if isinstance(metadata.get("base_model"), str):
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, metadata["base_model"])
+    if isinstance(metadata.get("tags"), list):
+        writer.add_tags([str(tag) for tag in metadata["tags"]])
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -295,6 +311,7 @@ def write_gguf(source: ExportSource, output: Path, gguf_type: str, state_dict: d
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         writer.add_name(source.folder.resolve().name)
+        add_card_metadata(writer, source.folder)
         add_hyperparameters(writer, source.config, gguf_type)
         add_tokenizer(writer, source.tokenizer_folder, source.config["vocab_size"])
         for name, data in gguf_tensors(state_dict, source.config):
