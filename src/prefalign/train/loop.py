@@ -277,7 +277,9 @@ class Trainer:
                 log.info(global_batch_line(config.batch_size, self.accelerator.num_processes, config.grad_accum,
                                            self.accelerator.distributed_type.value))
         set_seed(config.seed)
-        model = load_model(config.model, trust_remote_code=config.trust_remote_code)
+        # On this process's device now, not at prepare(): the reference is scored (precomputed or
+        # copied) before the engine wraps the model, and on a GPU machine that belongs on the GPU.
+        model = load_model(config.model, trust_remote_code=config.trust_remote_code).to(self.accelerator.device)
         started = time.perf_counter()
         self.reference, self.eval_reference = self._build_reference(model)
         self.reference_seconds = time.perf_counter() - started  # the precompute, when it ran
