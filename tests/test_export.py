@@ -170,7 +170,7 @@ def test_metadata_matches_config_and_tokenizer(exported, peaky_model):
 
 
 def _llama(path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (make test builds it)")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (make test builds it)", exc_type=ImportError)
     return llama_cpp.Llama(model_path=str(path), logits_all=True, vocab_only=False, n_ctx=256, n_threads=1, verbose=False)
 
 
@@ -206,28 +206,38 @@ def test_llama_cpp_tokenizes_like_hf(exported, peaky_model):
         llm.close()
 
 
-@pytest.mark.slow  # exports and reads back a GGUF with SmolLM's 49k-token vocabulary
-def test_lora_adapter_is_merged_into_its_base(lora_adapter, peaky_model, tmp_path):
-    from peft import PeftModel
+@pytest.fixture(scope="module")
+def exported_adapter(lora_adapter, tmp_path_factory):
+    return export_gguf(lora_adapter, tmp_path_factory.mktemp("merged") / "merged.gguf", gguf_type="f32")
 
-    out = export_gguf(lora_adapter, tmp_path / "merged.gguf", gguf_type="f32")
-    base, tokenizer = _load(peaky_model)
-    adapter_config = json.loads((lora_adapter / "adapter_config.json").read_text())
-    scale = adapter_config["lora_alpha"] / adapter_config["r"]
+
+@pytest.mark.slow  # exports and reads back a GGUF with SmolLM's 49k-token vocabulary
+def test_lora_adapter_is_merged_into_its_base(exported_adapter, lora_adapter, peaky_model):
     from safetensors.torch import load_file
 
+    base, _ = _load(peaky_model)
+    adapter_config = json.loads((lora_adapter / "adapter_config.json").read_text())
+    scale = adapter_config["lora_alpha"] / adapter_config["r"]
     lora = load_file(lora_adapter / "adapter_model.safetensors")
-    got = _tensors(out)
+    got = _tensors(exported_adapter)
     for i in range(base.config.num_hidden_layers):
         prefix = f"base_model.model.model.layers.{i}.mlp.down_proj"
-        want = base.state_dict()[f"model.layers.{i}.mlp.down_proj.weight"] + scale * lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"]
+        base_weight = base.state_dict()[f"model.layers.{i}.mlp.down_proj.weight"]
+        want = base_weight + scale * lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"]  # W + (alpha/r) B A
         np.testing.assert_allclose(got[f"blk.{i}.ffn_down.weight"], want.numpy(), atol=1e-6)
-        assert not np.allclose(got[f"blk.{i}.ffn_down.weight"], base.state_dict()[f"model.layers.{i}.mlp.down_proj.weight"].numpy(), atol=1e-3)
-    # The unmerged adapter's forward pass is the independent reference for the logits.
+        assert not np.allclose(got[f"blk.{i}.ffn_down.weight"], base_weight.numpy(), atol=1e-3)
+
+
+@pytest.mark.slow  # exports a GGUF and loads it in llama.cpp
+def test_merged_lora_logits_equal_the_unmerged_adapter(exported_adapter, lora_adapter, peaky_model):
+    from peft import PeftModel
+
+    base, tokenizer = _load(peaky_model)
     ids = tokenizer(TEXTS[0]).input_ids
+    # The unmerged adapter's forward pass is the independent reference for the logits.
     with torch.no_grad():
-        want_logits = PeftModel.from_pretrained(base, str(lora_adapter))(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(_llama_logits(out, ids) - want_logits).max() <= LOGIT_TOLERANCE["f32"]
+        want = PeftModel.from_pretrained(base, str(lora_adapter))(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(_llama_logits(exported_adapter, ids) - want).max() <= LOGIT_TOLERANCE["f32"]
 
 
 # --------------------------------------------------------------------------- refusals

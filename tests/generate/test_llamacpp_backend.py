@@ -18,7 +18,7 @@ def test_registered_and_refuses_a_non_gguf_model(tiny_model):
 
 @pytest.fixture(scope="module")
 def backend(tiny_model, tmp_path_factory):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (make test builds it)")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (make test builds it)", exc_type=ImportError)
     from prefalign.models.export import export_gguf
 
     path = export_gguf(tiny_model, tmp_path_factory.mktemp("gguf") / "tiny.gguf", gguf_type="f32")
