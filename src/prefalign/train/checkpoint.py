@@ -54,10 +54,6 @@ def discard_pending(pending: Path | None) -> None:
         shutil.rmtree(pending, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> Path:
-    return commit_checkpoint(output_dir, write_pending(accelerator, output_dir, state), keep)
-
-
 def drop_checkpoints(output_dir: Path) -> None:
     """Remove a finished run's checkpoints (weights + optimizer state, ~3x the model), for callers
     that will never resume it: its final model and logs stay."""
