@@ -16,8 +16,9 @@ processors sorting the vocabulary). This module runs the same model with:
   written in place; attention folds the query heads of a KV group into one matmul (no repeat);
 - each prompt prefilled once and its cache copied to its ``n`` sample rows;
 - rows that ended (EOS or a stop string) dropped from the batch once a quarter of it has ended;
-- the intra-op thread count chosen per decoder layer by timing layers (:class:`ThreadTuner`,
-  re-checked as the machine's load changes), restored afterwards;
+- the intra-op thread count chosen per decoder layer by timing layers
+  (:class:`~prefalign.models.threads.ThreadTuner`, re-checked as the machine's load changes),
+  restored afterwards;
 - sampling seeded per row (each row has its own uniform numbers, drawn once), applied as HF's
   warpers do (temperature, then top-k, then top-p) without sorting the whole vocabulary: a row's
   tokens depend only on its prompt, its sample index and the sampling settings, never on which
@@ -41,6 +42,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from prefalign.models.threads import ThreadTuner  # also shared by evaluation's log-prob passes
 
 log = logging.getLogger("prefalign.generate")
 
@@ -109,60 +112,6 @@ class _Layer:
     bgu: torch.Tensor | None
     wd: torch.Tensor
     bd: torch.Tensor | None
-
-
-class ThreadTuner:
-    """Picks the intra-op thread count per decoder layer by timing layers, so a bad choice costs a
-    few layers, not whole steps.
-
-    On an idle machine all cores win; when other processes hold the cores, one thread wins by a
-    wide margin (an OpenMP barrier waits for every thread of the pool, and a descheduled thread
-    holds it up: 16 ms instead of 0.4 ms for a 16-row projection on a busy 2-core machine). The
-    layers of a model have the same shapes, so a probe runs ``block`` layers with the current
-    choice, then ``block`` layers with each other candidate (cut short once a candidate has taken
-    twice as long), and keeps the fastest; a challenger must be 15% faster to take over. Probes
-    repeat after ``hold`` layers, a hold that doubles (up to ``max_hold``) while the choice stands.
-    It starts from one thread: wrongly using all threads on a busy machine costs far more than
-    wrongly using one on an idle machine, and the first probe settles it within a few layers.
-    """
-
-    def __init__(self, max_threads: int, block: int = 2, hold: int = 256, max_hold: int = 16384):
-        self.candidates = sorted({1, max(1, max_threads)})
-        self.best = 1
-        self.block, self.base_hold, self.max_hold = block, hold, max_hold
-        self.hold = hold
-        self._plan: list[int] = []
-        self._times: dict[int, float] = {}
-        self._since = hold  # probe at the first layers
-        self.switches = 0
-
-    def next_threads(self) -> int:
-        if len(self.candidates) == 1:
-            return self.best
-        if not self._plan and self._since >= self.hold:
-            others = [c for c in self.candidates if c != self.best]
-            self._plan = [c for c in (self.best, *others) for _ in range(self.block)]
-            self._times = {c: [] for c in self.candidates}
-            self._since = 0
-        return self._plan[0] if self._plan else self.best
-
-    def record(self, threads: int, seconds: float) -> None:
-        if not self._plan:
-            self._since += 1
-            return
-        self._plan.pop(0)
-        self._times[threads].append(seconds)
-        if threads != self.best and sum(self._times[threads]) > 2 * sum(self._times[self.best]):
-            self._plan = [c for c in self._plan if c != threads]  # clearly slower: stop probing it
-        if self._plan:
-            return
-        per_layer = {c: sum(t) / len(t) for c, t in self._times.items() if t}
-        challenger = min(per_layer, key=per_layer.get)
-        if challenger != self.best and per_layer[challenger] < 0.85 * per_layer[self.best]:
-            self.best, self.hold = challenger, self.base_hold
-            self.switches += 1
-        else:
-            self.hold = min(self.max_hold, self.hold * 2)
 
 
 class FastDecoder:
