@@ -7,12 +7,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-import torch
-
 from prefalign.data.records import PreferenceRecord
 from prefalign.data.tokenize import TokenizeSettings, tokenize_record
+from prefalign.evaluate.logps import response_logps
 from prefalign.evaluate.stats import wilson_interval
-from prefalign.train.reference import score_examples
 
 
 @dataclass
@@ -31,14 +29,8 @@ class PreferenceScore:
 def pair_logps(model, tokenizer, records: Sequence[PreferenceRecord], settings: TokenizeSettings, batch_size: int = 8):
     """Summed response log-probs of chosen and rejected for each record: two [N] tensors."""
     examples = [tokenize_record(r, i, tokenizer, ("chosen", "rejected"), settings) for i, r in enumerate(records)]
-    # Similar lengths share a batch (little padding); results go back to the input order.
-    order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
-    chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        scores = score_examples(model, [examples[i] for i in idx], ("chosen", "rejected"), tokenizer.pad_token_id)
-        chosen[idx], rejected[idx] = scores["chosen"].float(), scores["rejected"].float()
-    return chosen, rejected
+    scores = response_logps(model, examples, ("chosen", "rejected"), tokenizer.pad_token_id, batch_size=batch_size)
+    return scores["chosen"], scores["rejected"]
 
 
 def preference_score(model, tokenizer, records, settings: TokenizeSettings | None = None, batch_size: int = 8) -> PreferenceScore:

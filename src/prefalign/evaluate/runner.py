@@ -401,15 +401,11 @@ class Evaluator:
     def text_metrics(self, label: str, model, tokenizer, text_set: ReferenceTextConfig, examples, batch_size: int = 8) -> None:
         """Perplexity of ``model`` on the reference answers: exp(Σ NLL / Σ tokens) over all texts,
         with the per-text (NLL, tokens) kept for the paired relative change."""
-        from prefalign.train.reference import score_examples
+        from prefalign.evaluate.logps import response_logps
 
         if not examples:
             return
-        order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())  # little padding
-        logps = np.zeros(len(examples))
-        for k in range(0, len(order), batch_size):
-            idx = order[k : k + batch_size]
-            logps[idx] = score_examples(model, [examples[i] for i in idx], ("chosen",), tokenizer.pad_token_id)["chosen"].double().numpy()
+        logps = response_logps(model, examples, ("chosen",), tokenizer.pad_token_id, batch_size=batch_size)["chosen"].double().numpy()
         tokens = np.array([len(ex.responses["chosen"][0]) for ex in examples], dtype=np.float64)
         name = f"text_perplexity[{text_set.name}]"
         c = self.config

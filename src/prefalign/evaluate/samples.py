@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 
 from prefalign.data.tokenize import TokenizedExample
+from prefalign.evaluate.logps import response_logps
 from prefalign.evaluate.stats import Estimate, mean
-from prefalign.train.reference import score_examples
 
 
 def sampled_logps(model, pad_id: int, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
@@ -23,12 +23,7 @@ def sampled_logps(model, pad_id: int, prompt_ids: Sequence[list[int]], response_
         response = list(response)[:max_length - 1] or [pad_id]
         prompt = list(prompt)[-(max_length - len(response)):]
         examples.append(TokenizedExample(i, prompt, {"chosen": [response]}))
-    # Similar lengths share a batch (little padding); results go back to the input order.
-    order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
-    logps = torch.zeros(len(examples))
-    for k in range(0, len(order), batch_size):
-        idx = order[k : k + batch_size]
-        logps[idx] = score_examples(model, [examples[i] for i in idx], ("chosen",), pad_id)["chosen"]
+    logps = response_logps(model, examples, ("chosen",), pad_id, batch_size=batch_size)["chosen"]
     lengths = torch.tensor([len(ex.responses["chosen"][0]) for ex in examples], dtype=torch.float32)
     return logps, lengths
 

@@ -1,0 +1,48 @@
+"""Summed response log-probs: the one log-prob pass of ``prefalign eval``.
+
+KL and perplexity on sampled responses (:mod:`.samples`), held-out preference pairs and sycophancy
+(:mod:`.preference`) and perplexity on reference texts (:mod:`.runner`) all score through
+:func:`response_logps`:
+
+- examples are cut into batches longest first, so each batch holds similar lengths and little is
+  spent on padding; the results come back in the input order;
+- each batch is scored as training scores its reference (``train.reference.score_examples``): the
+  prompt encoded once for its responses, the decoder run once, and the LM head fused with the
+  log-softmax (``train.head``) run only on the hidden states that predict response tokens, so no
+  ``[tokens × vocab]`` logits are made for prompt tokens or padding;
+- the intra-op thread count is chosen per decoder layer by timing (:mod:`prefalign.models.threads`):
+  on the shared 2-core machine, with other runs holding the cores, torch's default of two threads
+  made these passes about 4x slower than one (``benchmarks/eval_stage.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from prefalign.data.tokenize import TokenizedExample
+from prefalign.models.threads import tuned_threads
+from prefalign.train.reference import score_examples
+
+
+def longest_first_batches(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices ``0 .. len(sizes)-1`` in batches of ``batch_size``, by size, largest first (ties in
+    index order, so the batches do not depend on the sort's stability)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def response_logps(model, examples: Sequence[TokenizedExample], groups: Sequence[str], pad_id: int,
+                   *, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Summed log-prob of each example's response in each of ``groups`` (one per example and group;
+    prompt tokens never count): ``{group: [len(examples)]}``, float32, in the input order."""
+    out = {group: torch.zeros(len(examples)) for group in groups}
+    with tuned_threads(model):
+        for batch in longest_first_batches([ex.num_tokens() for ex in examples], batch_size):
+            scores = score_examples(model, [examples[i] for i in batch], groups, pad_id)
+            for group in groups:
+                out[group][batch] = scores[group].float()
+    return out
