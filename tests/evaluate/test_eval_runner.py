@@ -194,3 +194,32 @@ def test_prompt_set_split_options_reach_the_sample_cache_key(eval_config):
             _sampling_key(eval_config, "m", plain.model_copy(update={"eval_fraction": 0.5})),
             _sampling_key(eval_config, "m", plain.model_copy(update={"where": {"harmful": False}}))}
     assert len(keys) == 3
+
+
+def test_reference_pairs_scored_once_and_one_backend_per_model(compare_config, monkeypatch):
+    """The reference scores the held-out pairs once for every model (the baseline is the reference,
+    so that pass is also its own), and each model's generation backend serves all its prompt sets."""
+    import prefalign.evaluate.preference as preference
+    import prefalign.generate.backends as backends
+
+    harmful = {**compare_config["prompt_sets"][0], "limit": 2}
+    config = load_eval_config(None, {**compare_config, "prompt_sets": [harmful, {**harmful, "name": "again"}],
+                                     "reference_texts": [], "toxicity_scorer": None, "sentiment_scorer": None})
+    scored, built = [], []
+    real_pair_logps = preference.pair_logps
+
+    def counted_pair_logps(model, *args, **kwargs):
+        scored.append(model)
+        return real_pair_logps(model, *args, **kwargs)
+
+    class CountedBackend(backends.TransformersBackend):
+        def __init__(self, model, *args, **kwargs):
+            built.append(model)
+            super().__init__(model, *args, **kwargs)
+
+    monkeypatch.setattr(preference, "pair_logps", counted_pair_logps)
+    monkeypatch.setattr(backends, "TransformersBackend", CountedBackend)
+    result = Evaluator(config, show_progress=False).run()
+    assert len(scored) == 2 and scored[0] is not scored[1]  # was 3: the reference again for "other"
+    assert len(built) == 2 and built[0] is not built[1]  # was 4: one per model and prompt set
+    assert result.metrics["implicit_margin"]["base"].value == 0.0
