@@ -2,12 +2,13 @@
 
 torch runs every op on an OpenMP pool as large as the machine's cores. When other processes hold
 those cores, each op's barrier waits for a descheduled thread, and one thread is several times
-faster than all of them: a batch of eight 90-token sequences through SmolLM2-135M took 11.3 s with
-two threads and 3.1 s with one on the 2-core machine while two recipe runs held it
-(``benchmarks/README.md``, ``eval_stage.py``). On an idle machine all cores win. Which holds changes
-while a long stage runs, so the choice is measured, not configured: :class:`ThreadTuner` decides,
-and the fast decode engine (:mod:`prefalign.generate.backends.fast_decode`) and
-:func:`tuned_threads` (any HF model's forward, through hooks on its decoder layers) time for it.
+faster than all of them: evaluation's log-prob pass over 32 chat prompts and their responses
+took 46.0 s on torch's two threads and 11.7 s tuned, on the 2-core machine while two recipe runs
+held it (``benchmarks/eval_stage.py``, ``benchmarks/README.md``). On an idle machine all cores
+win. Which holds changes while a long stage runs, so the choice is measured, not configured:
+:class:`ThreadTuner` decides, and the fast decode engine
+(:mod:`prefalign.generate.backends.fast_decode`) and :func:`tuned_threads` (any HF model's
+forward, through hooks on its decoder layers) time for it.
 """
 
 from __future__ import annotations
