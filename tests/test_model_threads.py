@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefalign.models.threads import decoder_layers, tuned_threads
+from prefalign.models.threads import decoder_layers, fixed_threads, tuned_threads
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +67,14 @@ def test_tuned_threads_leave_alone_what_has_no_choice(model):
             assert tuner is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_fixed_threads_set_and_restore(two_threads):
+    with fixed_threads(1):
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)  # whatever the block sets, the count before comes back
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError):
+        with fixed_threads(1):
+            raise RuntimeError
+    assert torch.get_num_threads() == 2

@@ -101,6 +101,20 @@ class _LayerTimer:
 
 
 @contextlib.contextmanager
+def fixed_threads(count: int) -> Iterator[None]:
+    """Inside the block torch runs its ops on ``count`` intra-op threads; the count before is
+    restored on exit (whatever the block set meanwhile)."""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def tuned_threads(model) -> Iterator[ThreadTuner | None]:
     """Inside the block, every forward of ``model`` on a CPU runs each decoder layer with the thread
     count a :class:`ThreadTuner` picks from the layers' own timings (what follows the last layer,
@@ -118,8 +132,8 @@ def tuned_threads(model) -> Iterator[ThreadTuner | None]:
     hooks = [hook for layer in layers
              for hook in (layer.register_forward_pre_hook(timer.before), layer.register_forward_hook(timer.after))]
     try:
-        yield timer.tuner
+        with fixed_threads(threads):  # restores the count the layers' hooks changed
+            yield timer.tuner
     finally:
         for hook in hooks:
             hook.remove()
-        torch.set_num_threads(threads)
