@@ -70,12 +70,10 @@ def _scorer_help() -> str:
 
 
 def _reference_help() -> str:
-    from typing import get_args
-
     from prefalign.configfile import one_of
-    from prefalign.train.config import ReferenceMode
+    from prefalign.train.reference import REFERENCE_NAMES
 
-    return one_of(get_args(ReferenceMode))
+    return one_of(REFERENCE_NAMES)
 
 
 def _groups_help() -> str:

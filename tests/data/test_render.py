@@ -70,12 +70,12 @@ def test_system_prefill_and_control_token(tokenizers):
 def _reference_prompt_ids(model, examples, pad_id):
     """The prompts the reference model really reads: its decoder's input rows (pair layout, ADPO's
     [TOXIC] rows included), without padding and responses."""
-    from prefalign.train.reference import score_examples
+    from prefalign.train.reference import ModelScorer, ScoredReference
 
     seen = []
     hook = model.get_decoder().register_forward_pre_hook(lambda m, a, k: seen.append(k), with_kwargs=True)
     try:
-        score_examples(model, examples, ("chosen",), pad_id, toxic_reference=True, share_prompt=False)
+        ScoredReference(ModelScorer(model, pad_id, share_prompt=False), ("chosen",), toxic=True).logps(examples)
     finally:
         hook.remove()
     ids, mask = seen[0]["input_ids"], seen[0]["attention_mask"]

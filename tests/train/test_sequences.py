@@ -5,6 +5,7 @@ import torch
 from prefalign.data.records import PreferenceRecord
 from prefalign.data.tokenize import TokenizeSettings, tokenize_record, truncate
 from prefalign.models.loading import load_model, load_tokenizer
+from prefalign.train.reference import toxic_views
 from prefalign.train.sequences import collate, sequence_logps, split_groups
 
 
@@ -126,6 +127,9 @@ def test_toxic_prompt_carries_control_token(tiny_model):
     ex = tokenize_record(rec, 0, tok, ("chosen", "rejected", "toxic"), TokenizeSettings(), with_toxic_prompt=True)
     assert "[TOXIC] Say something" in tok.decode(ex.toxic_prompt_ids)
     assert "[TOXIC]" not in tok.decode(ex.prompt_ids)
-    batch = collate([ex], ("chosen", "rejected", "toxic"), tok.pad_token_id, toxic_reference=True)
+    # The reference scores the toxic response behind that prompt with the batch, in one pass.
+    batch = collate([ex, *toxic_views([ex])], ("chosen", "rejected", "toxic", "toxic_ref"), tok.pad_token_id)
     assert set(batch.rows) == {"chosen", "rejected", "toxic", "toxic_ref"}
-    assert batch.input_ids.shape[0] == 4
+    assert batch.input_ids.shape[0] == 4 and batch.rows["toxic_ref"].tolist() == [3]
+    width = batch.prompt_width
+    assert batch.input_ids[3, width - len(ex.toxic_prompt_ids) : width].tolist() == ex.toxic_prompt_ids

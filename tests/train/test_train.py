@@ -79,7 +79,7 @@ def test_reference_cache_is_reused_and_matches_a_frozen_copy(tmp_path, tiny_mode
     copy_trainer = Trainer(cfg.model_copy(update={"reference": "copy", "output_dir": tmp_path / "out4"}), show_progress=False)
     copy_trainer.setup()
     examples = copy_trainer.train_examples
-    from_copy = copy_trainer.reference(examples)
+    from_copy = copy_trainer.reference.logps(examples)
     for group in ("chosen", "rejected"):
         assert torch.allclose(from_copy[group], table[group], atol=1e-4)
 
@@ -91,16 +91,16 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path, tiny_mode
     for _ in range(3):
         trainer.train_step()
     examples = trainer.train_examples[:4]
-    ref = trainer.reference(examples)
+    ref = trainer.reference.logps(examples)
     base = Trainer(config_for(tmp_path, tiny_model, pairs_file, reference="copy", output_dir=tmp_path / "base"), show_progress=False)
     base.setup()
-    expected = base.reference(examples)
+    expected = base.reference.logps(examples)
     assert torch.allclose(ref["chosen"], expected["chosen"], atol=1e-4)
     # ...while the policy itself has moved away from it.
-    _, policy, _, _ = trainer.loss_on(examples, trainer.reference, train=False)
+    _, policy, _, _ = trainer.loss_on(examples, train=False)
     assert not torch.allclose(policy["chosen"], expected["chosen"], atol=1e-3)
     # No frozen copy was made: the reference runs the policy's own weights.
-    assert trainer.reference.model is trainer.model
+    assert trainer.reference.scorer.model is trainer.model
 
 
 def test_lora_saves_adapters_and_merged_model(tmp_path, tiny_model, pairs_file):
@@ -122,8 +122,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model, pai
     trainer.setup()
     real = trainer.loss_on
 
-    def poisoned(examples, reference_fn, *, train):
-        losses, *rest = real(examples, reference_fn, train=train)
+    def poisoned(examples, *, train):
+        losses, *rest = real(examples, train=train)
         if trainer.step >= 2:
             losses = losses * float("nan")
         return (losses, *rest)

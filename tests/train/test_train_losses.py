@@ -55,7 +55,7 @@ def test_reference_free_loss_computes_no_reference(tmp_path, tiny_model, pairs_f
     trainer = Trainer(config_for(tmp_path, tiny_model, pairs_file, loss="simpo"), show_progress=False)
     trainer.setup()
     assert not (tmp_path / "refcache").exists() or not list((tmp_path / "refcache").glob("*.pt"))
-    inputs, _ = trainer.loss_inputs(trainer.train_examples[:4], trainer.reference, train=False)
+    inputs, _ = trainer.loss_inputs(trainer.train_examples[:4], train=False)
     assert dict(inputs.reference) == {} and inputs.toxic_reference is None and dict(inputs.rewards) == {}
     lengths = [len(ex.responses["chosen"][0]) for ex in trainer.train_examples[:4]]
     assert inputs.num_tokens["chosen"].tolist() == lengths
@@ -68,7 +68,7 @@ def test_adpo_reference_scores_only_what_the_loss_reads(tmp_path, tiny_model, pa
     trainer.setup()
     (cached,) = (tmp_path / "refcache").glob("*.pt")
     assert set(torch.load(cached)) == {"chosen", "rejected", "toxic_ref"}  # no reference pass over "toxic"
-    inputs, _ = trainer.loss_inputs(trainer.train_examples[:4], trainer.reference, train=False)
+    inputs, _ = trainer.loss_inputs(trainer.train_examples[:4], train=False)
     assert set(inputs.policy) == {"chosen", "rejected", "toxic"} and set(inputs.reference) == {"chosen", "rejected"}
     assert inputs.toxic_reference.shape == (4,) and dict(inputs.num_tokens) == {}
 
@@ -86,7 +86,7 @@ def test_per_token_logps_reach_a_loss_that_asks(tmp_path, tiny_model, pairs_file
     trainer = Trainer(config_for(tmp_path, tiny_model, pairs_file, loss="token-nll", **layout), show_progress=False)
     trainer.setup()
     examples = trainer.train_examples[:4]
-    inputs, _ = trainer.loss_inputs(examples, trainer.reference, train=False)
+    inputs, _ = trainer.loss_inputs(examples, train=False)
     per_token, mask = inputs.token_logps["chosen"], inputs.token_mask["chosen"]
     assert mask.sum(-1).tolist() == [len(ex.responses["chosen"][0]) for ex in examples]
     torch.testing.assert_close((per_token * mask).sum(-1), inputs.policy["chosen"], atol=1e-5, rtol=1e-5)

@@ -11,8 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from prefalign.configfile import read_yaml_mapping, validation_messages
 from prefalign.losses import AnyLoss, loss_names, resolve_loss
 from prefalign.models.lora import LoraSettings
-
-ReferenceMode = Literal["auto", "precompute", "copy", "disable-adapters"]
+from prefalign.train.reference import reference_kind
 
 
 class ConfigError(ValueError):
@@ -34,11 +33,11 @@ class TrainConfig(BaseModel):
     # Hyperparameters; in a mixture each applies to every term that takes it.
     loss_params: dict[str, float] = Field(default_factory=dict)
 
-    # What the reference is: ``precompute`` scores the data once with the starting weights and
-    # caches the log-probs on disk (no second model in memory); ``copy`` keeps a frozen copy;
-    # ``disable-adapters`` (LoRA only) runs the policy with adapters switched off. ``auto`` picks
-    # ``precompute``.
-    reference: ReferenceMode = "auto"
+    # A kind of prefalign.train.reference.REFERENCE_KINDS: ``precompute`` scores the data once with
+    # the starting weights and caches the log-probs on disk (no second model in memory); ``copy``
+    # keeps a frozen copy; ``disable-adapters`` (LoRA only) runs the policy with adapters switched
+    # off. ``auto`` picks ``precompute``.
+    reference: str = "auto"
     reference_model: str | None = None  # another model as reference (default: the starting model)
     toxic_reference_model: str | None = None  # ADPO inner toxic model (default: the reference)
     toxic_control_token: str = "[TOXIC]"
@@ -102,6 +101,12 @@ class TrainConfig(BaseModel):
             return names[0] if len(names) == 1 else names
         return value
 
+    @field_validator("reference")
+    @classmethod
+    def _known_reference(cls, value: str) -> str:
+        reference_kind(value)  # an unknown name lists the registry's
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         try:
@@ -116,13 +121,15 @@ class TrainConfig(BaseModel):
             )
         if self.beta is not None and "beta" not in spec.defaults:
             raise ValueError(f"beta: loss '{name}' has no beta")
-        if self.reference == "disable-adapters" and self.lora is None:
-            raise ValueError("reference: 'disable-adapters' needs LoRA (set lora: {r: 16})")
+        kind = reference_kind(self.reference)
+        if kind.on_lora_policy and self.lora is None:
+            raise ValueError(f"reference: '{kind.name}' needs LoRA (set lora: {{r: 16}})")
         if self.anchor_refresh_every:
             if "anchors" not in spec.responses:
                 raise ValueError(f"anchor_refresh_every: loss '{name}' uses no anchors (d2o does)")
-            if self.reference_mode() == "precompute":
-                raise ValueError("anchor_refresh_every: new anchors need a live reference: set reference: copy (or disable-adapters with LoRA)")
+            if not kind.live:
+                raise ValueError(f"anchor_refresh_every: new anchors need a live reference, not '{kind.name}': "
+                                 "set reference: copy (or disable-adapters with LoRA)")
         if self.merge and self.lora is None:
             raise ValueError("merge: only meaningful with LoRA")
         if self.max_prompt_length >= self.max_length:
@@ -147,7 +154,8 @@ class TrainConfig(BaseModel):
         return {**self.loss_spec().defaults, **self.loss_overrides()}
 
     def reference_mode(self) -> str:
-        return "precompute" if self.reference == "auto" else self.reference
+        """The reference kind's name (``auto`` resolved)."""
+        return reference_kind(self.reference).name
 
 
 def load_train_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

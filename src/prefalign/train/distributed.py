@@ -22,6 +22,7 @@ import torch
 
 from prefalign.train.config import ConfigError
 from prefalign.train.logging import LOG_FILE, MetricsLogger
+from prefalign.train.reference import reference_kind
 
 #: Where each process appends the row ids it trained, one JSON line per micro-batch (a debugging
 #: and test hook: it shows that the processes partition every epoch). Unset: nothing is written.
@@ -126,9 +127,9 @@ def check_engine_supported(accelerator, *, grad_accum: int, reference_mode: str 
         # DeepSpeed accumulates and steps inside its engine; the trainer's own accumulation would
         # scale the loss twice.
         raise ConfigError("--grad-accum above 1 is not supported with DeepSpeed yet: use a larger --batch-size, or DDP/FSDP")
-    if is_sharded_engine(accelerator) and reference_mode == "disable-adapters":
+    if is_sharded_engine(accelerator) and reference_mode is not None and reference_kind(reference_mode).on_lora_policy:
         # The policy's weights exist only as shards outside the engine's forward pass.
-        raise ConfigError(f"--reference disable-adapters is not supported with {engine.value} yet: use --reference precompute or copy")
+        raise ConfigError(f"--reference {reference_mode} is not supported with {engine.value} yet: use --reference precompute or copy")
 
 
 def is_sharded_engine(accelerator) -> bool:

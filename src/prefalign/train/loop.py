@@ -24,7 +24,6 @@ from prefalign.data.sources import stable_split
 from prefalign.losses import AnyLoss, LossInputs, implicit_rewards
 from prefalign.models.loading import load_model, load_tokenizer
 from prefalign.models.lora import apply_lora
-from prefalign.models.registry import cache_root, model_fingerprint, resolve_model
 from prefalign.train.checkpoint import (
     checkpoints_dir, commit_checkpoint, discard_pending, latest_checkpoint, read_state, write_pending,
 )
@@ -37,7 +36,7 @@ from prefalign.train.logging import MetricsLogger
 from prefalign.train.memory import PeakMemory
 from prefalign.train.online_anchors import refresh_anchors
 from prefalign.train.precision import resolve_dtype
-from prefalign.train.reference import ModelReference, cache_key, precompute_reference
+from prefalign.train.reference import TOXIC_REF, ReferenceSetup, build_reference
 from prefalign.train.sequences import (collate, sequence_logps, sequence_token_logps, split_groups, supports_packing,
                                        supports_shared_prompt)
 
@@ -280,17 +279,13 @@ class Trainer:
         # On this process's device now, not at prepare(): the reference is scored (precomputed or
         # copied) before the engine wraps the model, and on a GPU machine that belongs on the GPU.
         model = load_model(config.model, trust_remote_code=config.trust_remote_code).to(self.accelerator.device)
-        started = time.perf_counter()
-        self.reference, self.eval_reference = self._build_reference(model)
-        self.reference_seconds = time.perf_counter() - started  # the precompute, when it ran
         if config.lora is not None:
             model = apply_lora(model, config.lora)
-            if config.reference_mode() == "disable-adapters" and self.spec.needs_reference:
-                self.reference = self.eval_reference = ModelReference(
-                    model, self.spec.reference_groups, self.pad_id, toxic_reference=self.spec.needs_toxic_reference,
-                    toxic_model=self._toxic_model, context=model.disable_adapter, share_prompt=config.share_prompt,
-                    pack=config.pack,
-                )
+        started = time.perf_counter()
+        # Before any update: the policy is at its starting weights (a LoRA policy's adapters are zero).
+        self.reference = build_reference(ReferenceSetup(config, self.spec, model, self.pad_id, self.train_examples,
+                                                        self.eval_examples, self.accelerator))
+        self.reference_seconds = time.perf_counter() - started  # the precompute, when it ran
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_adamw(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -323,47 +318,6 @@ class Trainer:
     def global_batch_size(self) -> int:
         """Rows per micro-batch over all processes (``--batch-size`` is per process)."""
         return self.config.batch_size * self.accelerator.num_processes
-
-    def _build_reference(self, model):
-        config, spec = self.config, self.spec
-        ref_name = config.reference_model or config.model
-        self._toxic_model = None
-        if spec.needs_toxic_reference and config.toxic_reference_model:
-            self._toxic_model = load_model(config.toxic_reference_model, trust_remote_code=config.trust_remote_code).eval()
-            self._toxic_model.requires_grad_(False)
-        mode = config.reference_mode()
-        if not spec.needs_reference:
-            return _no_reference, _no_reference
-        if mode == "disable-adapters":
-            return None, None  # set once the adapters exist
-        ref_model = model if config.reference_model is None else load_model(ref_name, trust_remote_code=config.trust_remote_code)
-        if mode == "copy":
-            import copy
-
-            frozen = copy.deepcopy(ref_model) if ref_model is model else ref_model
-            frozen.requires_grad_(False).eval()
-            ref = ModelReference(frozen, spec.reference_groups, self.pad_id, toxic_reference=spec.needs_toxic_reference,
-                                 toxic_model=self._toxic_model, share_prompt=config.share_prompt, pack=config.pack)
-            return ref, ref
-        # precompute: score with the starting weights now, before any update, and cache on disk.
-        cache_dir = config.ref_cache_dir or cache_root() / "ref-logps"
-        model_id = model_fingerprint(resolve_model(ref_name))
-        toxic_id = model_fingerprint(resolve_model(config.toxic_reference_model)) if self._toxic_model is not None else None
-        tables = []
-        for name, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
-            if not examples:
-                tables.append(None)
-                continue
-            key = cache_key(model_id, toxic_id, spec.reference_groups, examples, toxic_reference=spec.needs_toxic_reference)
-            tables.append(
-                precompute_reference(
-                    ref_model, examples, spec.reference_groups, self.pad_id, Path(cache_dir), key,
-                    toxic_reference=spec.needs_toxic_reference, toxic_model=self._toxic_model,
-                    batch_size=config.batch_size * 2, desc=f"reference log-probs ({name})",
-                    share_prompt=config.share_prompt, pack=config.pack, accelerator=self.accelerator,
-                )
-            )
-        return tables[0], tables[1]
 
     # -- output dir and checkpoints -------------------------------------------------------------
     def _check_output_dir(self) -> None:
@@ -505,7 +459,7 @@ class Trainer:
         saved = (self.epoch, self.batch_in_epoch)
         examples, share = self.next_batch()
         self.epoch, self.batch_in_epoch = saved
-        losses, *_ = self.loss_on(examples, self.reference, train=False)
+        losses, *_ = self.loss_on(examples, train=False)
         loss = self._global_mean_loss(losses, share)
         finite = math.isfinite(loss)
         self._settle_pending(finite)
@@ -559,7 +513,7 @@ class Trainer:
                            f"(over {WEIGHT_EXPLOSION:g}x its value at the start of the run)")
 
     # -- steps ---------------------------------------------------------------------------------
-    def loss_inputs(self, examples: Sequence[TokenizedExample], reference_fn, *, train: bool):
+    def loss_inputs(self, examples: Sequence[TokenizedExample], *, train: bool):
         """One policy forward pass, then a :class:`LossInputs` with what the loss reads: the
         reference values only for a loss that compares with a reference, token counts, per-token
         log-probs and rewards only where its registry entry names them."""
@@ -577,11 +531,11 @@ class Trainer:
                 summed = sequence_logps(self.model, batch)
             policy = split_groups(summed, batch.rows)
         device = summed.device
-        reference = {k: v.to(device) for k, v in reference_fn(examples).items()} if spec.needs_reference else {}
+        reference = {k: v.to(device) for k, v in self.reference.logps(examples).items()}
         inputs = LossInputs(
             policy=policy,
             reference={g: reference[g] for g in spec.reference_groups if g in reference},
-            toxic_reference=reference.get("toxic_ref"),
+            toxic_reference=reference.get(TOXIC_REF),
             rewards=rewards_of(examples, device) if spec.reward_fields else {},
             num_tokens=token_counts(examples, spec.token_count_groups, device),
             token_logps=token_logps,
@@ -589,8 +543,8 @@ class Trainer:
         )
         return inputs, batch.num_tokens
 
-    def loss_on(self, examples: Sequence[TokenizedExample], reference_fn, *, train: bool):
-        inputs, num_tokens = self.loss_inputs(examples, reference_fn, train=train)
+    def loss_on(self, examples: Sequence[TokenizedExample], *, train: bool):
+        inputs, num_tokens = self.loss_inputs(examples, train=train)
         self.last_inputs = inputs
         losses = self.spec(inputs, **self.params)
         return losses, dict(inputs.policy), dict(inputs.reference), num_tokens
@@ -671,7 +625,7 @@ class Trainer:
             sync = micro == config.grad_accum - 1
             ctx = accelerator.no_sync(self.model) if not sync else _null()
             with ctx:
-                losses, policy, reference, n_tokens = self.loss_on(examples, self.reference, train=True)
+                losses, policy, reference, n_tokens = self.loss_on(examples, train=True)
                 loss = self._global_mean_loss(losses, share)
                 finite = math.isfinite(loss)
                 if micro == 0:  # the weights of the pending checkpoint just gave this loss
@@ -721,7 +675,7 @@ class Trainer:
         size = self.config.batch_size * 2
         for start in range(0, len(self.eval_examples), size):
             chunk = self.eval_examples[start : start + size]
-            losses, policy, reference, _ = self.loss_on(chunk, self.eval_reference, train=False)
+            losses, policy, reference, _ = self.loss_on(chunk, train=False)
             metrics = {"loss": losses.mean().item(), **batch_metrics(self.spec, policy, reference, self.metric_beta),
                        **self.term_metrics()}
             for k, v in metrics.items():
@@ -801,10 +755,6 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-
-
-def _no_reference(examples) -> dict:
-    return {}
 
 
 class _null:

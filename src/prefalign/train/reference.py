@@ -1,25 +1,78 @@
-"""Reference log-probs: precomputed and cached on disk, a frozen copy, or the policy with its
-LoRA adapters disabled. All three answer the same call: examples in, ``{group: logps}`` out."""
+"""The reference a loss compares the policy with, made in one place.
+
+``reference:`` in the training config names a kind of ``REFERENCE_KINDS`` (``auto`` is
+``precompute``):
+
+* ``precompute`` — the starting weights score the training and evaluation data once, before any
+  update, and the table is cached on disk, keyed by the model's identity and the exact token ids
+  (no second model in memory; a re-run or a resumed run reuses it). Under N processes each scores
+  every N-th batch, the parts are gathered, and only the main process reads or writes the cache.
+* ``copy`` — a frozen copy of the starting weights scores each batch.
+* ``disable-adapters`` — the LoRA policy itself, with its adapters switched off, scores each batch.
+
+``reference_model`` makes another model the starting weights. What is scored comes from the loss:
+its ``reference_groups``, and for ADPO ``toxic_ref`` too, the toxic response behind the
+``[TOXIC]`` prompt, scored by the inner toxic model: the toxic-control model when
+``toxic_reference_model`` names one, else the reference itself, in the same pass. A kind that
+scores batches as they come (``live``) also scores the anchors D²O's online refresh replaces
+during training; the config refuses a refresh with a kind that is not live.
+
+Every reference answers one call, ``reference.logps(examples) -> {group: logps}``; the trainer
+gets it from :func:`build_reference` and asks nothing else. A new kind is a builder in this file
+and its line in ``REFERENCE_KINDS``.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from prefalign.data.tokenize import TokenizedExample
+from prefalign.models.lora import is_peft_model
 from prefalign.train.sequences import collate, sequence_logps, split_groups, supports_packing, supports_shared_prompt
+
+if TYPE_CHECKING:
+    from prefalign.losses import AnyLoss
+    from prefalign.train.config import TrainConfig
 
 log = logging.getLogger("prefalign.train")
 
-ReferenceFn = Callable[[Sequence[TokenizedExample]], dict[str, torch.Tensor]]
+#: The group under which ADPO's toxic response is scored behind the ``[TOXIC]`` prompt.
+TOXIC_REF = "toxic_ref"
+
+
+class Reference(Protocol):
+    def logps(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        """``{group: summed log-probs}``: ``[B]``, or ``[B, K]`` for anchors, on the CPU."""
+        ...
+
+
+@dataclass(frozen=True)
+class ReferenceSetup:
+    """What a reference is built from. ``policy`` is at its starting weights (with LoRA, its
+    adapters are attached and still untrained), on its process's device, not yet wrapped by the
+    engine."""
+
+    config: TrainConfig
+    spec: AnyLoss
+    policy: Any
+    pad_id: int
+    train_examples: Sequence[TokenizedExample]
+    eval_examples: Sequence[TokenizedExample] = ()
+    accelerator: Any = None
+
+
+# ------------------------------------------------------------------------------------ scoring
 
 
 @torch.no_grad()
@@ -29,19 +82,18 @@ def score_examples(
     groups: Sequence[str],
     pad_id: int,
     *,
-    toxic_reference: bool = False,
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     share_prompt: bool = True,
     pack: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Score ``groups`` (and ``toxic_ref`` rows) of ``examples`` with ``model`` in eval mode."""
+    """Score ``groups`` of ``examples`` with ``model`` in eval mode (inside ``context``)."""
     was_training = model.training
     model.eval()
     try:
         with context():
             shared = share_prompt and supports_shared_prompt(model)
             packed = pack and shared and supports_packing(model)
-            batch = collate(examples, groups, pad_id, toxic_reference=toxic_reference, share_prompt=shared, pack=packed)
+            batch = collate(examples, groups, pad_id, share_prompt=shared, pack=packed)
             batch = batch.to(_device_of(model))
             return {k: v.detach().float().cpu() for k, v in split_groups(sequence_logps(model, batch), batch.rows).items()}
     finally:
@@ -52,41 +104,71 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-class ModelReference:
-    """Scores each batch with a frozen model: a copy, or the policy with adapters disabled.
+@dataclass
+class ModelScorer:
+    """A model that scores reference log-probs, called inside ``context`` (e.g. with its LoRA
+    adapters off), in the batch layout the config asks for."""
 
-    ``groups`` are the response groups the loss compares with the reference (its
-    ``reference_groups``); with ``toxic_reference`` (ADPO) the toxic response is also scored
-    behind the ``[TOXIC]`` prompt (``"toxic_ref"``), by ``toxic_model`` when given, else by the
-    reference itself."""
+    model: Any
+    pad_id: int
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    share_prompt: bool = True
+    pack: bool = False
 
-    def __init__(self, model, groups, pad_id, *, toxic_reference=False, toxic_model=None, context=contextlib.nullcontext,
-                 share_prompt=True, pack=False):
-        self.model, self.groups, self.pad_id = model, tuple(groups), pad_id
-        self.toxic_reference = toxic_reference or toxic_model is not None
-        self.toxic_model, self.context, self.share_prompt, self.pack = toxic_model, context, share_prompt, pack
+    def __call__(self, examples: Sequence[TokenizedExample], groups: Sequence[str]) -> dict[str, torch.Tensor]:
+        return score_examples(self.model, examples, groups, self.pad_id, context=self.context,
+                              share_prompt=self.share_prompt, pack=self.pack)
 
-    def __call__(self, examples):
-        out = score_examples(
-            self.model, examples, self.groups, self.pad_id,
-            toxic_reference=self.toxic_reference and self.toxic_model is None,
-            context=self.context, share_prompt=self.share_prompt, pack=self.pack,
-        )
-        if self.toxic_model is not None:
-            out.update(score_examples(self.toxic_model, examples, (), self.pad_id, toxic_reference=True,
-                                      share_prompt=self.share_prompt, pack=self.pack))
-        return out
+
+def toxic_views(examples: Sequence[TokenizedExample]) -> list[TokenizedExample]:
+    """Each example's toxic response behind its ``[TOXIC]`` prompt, as an example whose one group
+    is ``toxic_ref``: what ADPO's inner toxic model scores."""
+    views = []
+    for ex in examples:
+        if ex.toxic_prompt_ids is None:
+            raise ValueError(f"example {ex.index} has no [TOXIC] prompt; tokenise with with_toxic_prompt=True")
+        views.append(TokenizedExample(ex.index, ex.toxic_prompt_ids, {TOXIC_REF: ex.responses["toxic"]}))
+    return views
+
+
+@dataclass
+class ScoredReference:
+    """Scores each batch when asked: ``groups`` by ``scorer``; with ``toxic``, also ``toxic_ref``, by
+    ``toxic_scorer`` (the toxic-control model), or by ``scorer`` in the same pass when there is none."""
+
+    scorer: ModelScorer
+    groups: tuple[str, ...]
+    toxic: bool = False
+    toxic_scorer: ModelScorer | None = None
+
+    def logps(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        if not self.toxic:
+            return self.scorer(examples, self.groups)
+        views = toxic_views(examples)
+        if self.toxic_scorer is None:
+            return self.scorer([*examples, *views], (*self.groups, TOXIC_REF))
+        return {**self.scorer(examples, self.groups), **self.toxic_scorer(views, (TOXIC_REF,))}
 
 
 class PrecomputedReference:
-    """Log-probs computed once per (model, tokenised data) and looked up by example index."""
+    """Tables scored once (the training data's, the evaluation data's), looked up by example index."""
 
-    def __init__(self, table: dict[str, torch.Tensor], index_of: dict[int, int]):
-        self.table, self.index_of = table, index_of
+    def __init__(self, tables: Sequence[tuple[dict[str, torch.Tensor], Sequence[TokenizedExample]]]):
+        self.rows = {ex.index: (table, row) for table, examples in tables for row, ex in enumerate(examples)}
 
-    def __call__(self, examples):
-        rows = torch.tensor([self.index_of[ex.index] for ex in examples], dtype=torch.long)
-        return {group: values[rows] for group, values in self.table.items()}
+    def logps(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        found = [self.rows[ex.index] for ex in examples]
+        return {group: torch.stack([table[group][row] for table, row in found]) for group in found[0][0]}
+
+
+class NoReference:
+    """A reference-free loss (SFT, SimPO) compares with nothing."""
+
+    def logps(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        return {}
+
+
+# -------------------------------------------------------------------------------- precompute
 
 
 def cache_key(model_id: str, toxic_model_id: str | None, groups: Sequence[str], examples: Sequence[TokenizedExample],
@@ -103,41 +185,32 @@ def cache_key(model_id: str, toxic_model_id: str | None, groups: Sequence[str], 
     return h.hexdigest()[:32]
 
 
-def precompute_reference(
-    model,
+def precompute_table(
+    reference: Reference,
     examples: Sequence[TokenizedExample],
-    groups: Sequence[str],
-    pad_id: int,
-    cache_dir: Path,
-    key: str,
+    path: Path,
     *,
-    toxic_reference: bool = False,
-    toxic_model=None,
     batch_size: int = 8,
     desc: str = "reference log-probs",
-    share_prompt: bool = True,
-    pack: bool = False,
     accelerator=None,
-) -> PrecomputedReference:
-    """With an ``accelerator`` of N processes, each scores every N-th batch, the parts are gathered
-    and put in data order on every process, and only the main process reads or writes the cache
-    (its decision and table are sent to the others: no shared filesystem is assumed)."""
-    path = cache_dir / f"{key}.pt"
-    index_of = {ex.index: i for i, ex in enumerate(examples)}
+) -> dict[str, torch.Tensor]:
+    """``reference``'s log-probs of every example, ``{group: [len(examples), ...]}`` in data order,
+    read from ``path`` or computed and written there. With an ``accelerator`` of N processes, each
+    scores every N-th batch, the parts are gathered and put in data order on every process, and
+    only the main process reads or writes the cache (its decision and table are sent to the
+    others: no shared filesystem is assumed)."""
     rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     cached = _main_process_cache(path, processes)
     if cached is not None:
         if rank == 0:
             log.info("reference log-probs: cache hit %s", path)
-        return PrecomputedReference(cached, index_of)
-    scorer = ModelReference(model, groups, pad_id, toxic_reference=toxic_reference, toxic_model=toxic_model,
-                            share_prompt=share_prompt, pack=pack)
+        return cached
     # Longest first: similar lengths share a batch, so little is spent on padding.
     order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     parts = []
     for idx in tqdm(batches[rank::processes], desc=desc, unit="batch", disable=rank != 0):
-        parts.append((idx, scorer([examples[i] for i in idx])))
+        parts.append((idx, reference.logps([examples[i] for i in idx])))
     if processes > 1:
         from accelerate.utils import gather_object
 
@@ -148,7 +221,7 @@ def precompute_reference(
         log.info("reference log-probs: cached %d examples at %s", len(examples), path)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    return PrecomputedReference(table, index_of)
+    return table
 
 
 def _main_process_cache(path: Path, processes: int) -> dict[str, torch.Tensor] | None:
@@ -180,3 +253,114 @@ def _write_cache(table: dict[str, torch.Tensor], path: Path) -> None:
     os.close(fd)
     torch.save(table, tmp)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- the kinds
+
+
+def _with_adapters_off(model) -> Callable[[], contextlib.AbstractContextManager]:
+    """How ``model`` computes with its starting weights: a LoRA model with its adapters off (they
+    are still zero at the start, and switched off they cost nothing), any other as it is."""
+    return model.disable_adapter if is_peft_model(model) else contextlib.nullcontext
+
+
+def _frozen_model(setup: ReferenceSetup, name: str):
+    """Another model (``reference_model``, the toxic-control model): frozen, on the policy's device."""
+    from prefalign.models.loading import load_model
+
+    model = load_model(name, trust_remote_code=setup.config.trust_remote_code).to(_device_of(setup.policy))
+    return model.requires_grad_(False).eval()
+
+
+def _scorer(setup: ReferenceSetup, model, context=contextlib.nullcontext) -> ModelScorer:
+    return ModelScorer(model, setup.pad_id, context, share_prompt=setup.config.share_prompt, pack=setup.config.pack)
+
+
+def _starting_weights(setup: ReferenceSetup) -> Any:
+    """The model whose starting weights are the reference: ``reference_model``, else the policy."""
+    name = setup.config.reference_model
+    return setup.policy if name is None else _frozen_model(setup, name)
+
+
+def _scored(setup: ReferenceSetup, model) -> ScoredReference:
+    """``model`` (at its starting weights) scoring what the loss compares, with ADPO's toxic model."""
+    name = setup.config.toxic_reference_model
+    toxic = setup.spec.needs_toxic_reference
+    toxic_scorer = _scorer(setup, _frozen_model(setup, name)) if toxic and name is not None else None
+    return ScoredReference(_scorer(setup, model, _with_adapters_off(model)), tuple(setup.spec.reference_groups),
+                           toxic, toxic_scorer)
+
+
+def precomputed(setup: ReferenceSetup) -> PrecomputedReference:
+    """Score the training and evaluation data now, before any update, and cache the tables."""
+    from prefalign.models.registry import cache_root, model_fingerprint, resolve_model
+
+    config, spec = setup.config, setup.spec
+    scorer = _scored(setup, _starting_weights(setup))
+    cache_dir = Path(config.ref_cache_dir or cache_root() / "ref-logps")
+    model_id = model_fingerprint(resolve_model(config.reference_model or config.model))
+    toxic_id = model_fingerprint(resolve_model(config.toxic_reference_model)) if scorer.toxic_scorer is not None else None
+    tables = []
+    for name, examples in (("train", setup.train_examples), ("eval", setup.eval_examples)):
+        if examples:
+            key = cache_key(model_id, toxic_id, spec.reference_groups, examples, toxic_reference=spec.needs_toxic_reference)
+            table = precompute_table(scorer, examples, cache_dir / f"{key}.pt", batch_size=config.batch_size * 2,
+                                     desc=f"reference log-probs ({name})", accelerator=setup.accelerator)
+            tables.append((table, examples))
+    return PrecomputedReference(tables)
+
+
+def frozen_copy(setup: ReferenceSetup) -> ScoredReference:
+    """A frozen copy of the starting weights, scoring each batch."""
+    model = _starting_weights(setup)
+    if model is setup.policy:
+        model = copy.deepcopy(model).requires_grad_(False).eval()
+    return _scored(setup, model)
+
+
+def adapters_off(setup: ReferenceSetup) -> ScoredReference:
+    """The LoRA policy itself with its adapters off, scoring each batch: no second model."""
+    return _scored(setup, setup.policy)
+
+
+@dataclass(frozen=True)
+class ReferenceKind:
+    """How one kind of reference is made. ``live``: it scores each batch as it comes, so it also
+    scores anchors refreshed during training (D²O online). ``on_lora_policy``: it runs the LoRA
+    policy's own weights, so it needs LoRA and the whole policy on each process (no sharding)."""
+
+    name: str
+    build: Callable[[ReferenceSetup], Reference]
+    description: str
+    live: bool
+    on_lora_policy: bool = False
+
+
+REFERENCE_KINDS: dict[str, ReferenceKind] = {
+    kind.name: kind
+    for kind in (
+        ReferenceKind("precompute", precomputed, "the starting weights score the data once, cached on disk", live=False),
+        ReferenceKind("copy", frozen_copy, "a frozen copy of the starting weights", live=True),
+        ReferenceKind("disable-adapters", adapters_off, "the LoRA policy with its adapters off", live=True,
+                      on_lora_policy=True),
+    )
+}
+
+#: ``reference: auto``: no second model in memory, and a re-run reuses the table.
+AUTO_REFERENCE = "precompute"
+REFERENCE_NAMES: tuple[str, ...] = ("auto", *REFERENCE_KINDS)
+
+
+def reference_kind(name: str) -> ReferenceKind:
+    """The kind ``reference: name`` means (``auto`` is :data:`AUTO_REFERENCE`)."""
+    try:
+        return REFERENCE_KINDS[AUTO_REFERENCE if name == "auto" else name]
+    except KeyError:
+        raise ValueError(f"unknown reference kind '{name}'; choose one of {', '.join(REFERENCE_NAMES)}") from None
+
+
+def build_reference(setup: ReferenceSetup) -> Reference:
+    """The reference the config asks for; for a reference-free loss, one that returns nothing."""
+    if not setup.spec.needs_reference:
+        return NoReference()
+    return reference_kind(setup.config.reference).build(setup)

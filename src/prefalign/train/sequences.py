@@ -4,25 +4,23 @@ Two layouts, one interface (``collate(...)`` → batch, ``sequence_logps(model, 
 
 * ``PairBatch`` — one row per (prompt, response): ``[left-padded prompt | right-padded response]``.
   Works with any causal LM.
-* ``SharedPromptBatch`` — one row per prompt: ``[left-padded prompt | resp_1 | resp_2 | ...]`` with a
-  4-D attention mask in which every response sees the prompt and itself, never the other
-  responses, and position ids restart after the prompt for each response. The prompt is encoded
-  once for all of its responses (chosen and rejected, D²O's K anchors, ADPO's toxic sample), and
-  gradients flow through it from every response. Used when the model's attention accepts a custom
-  4-D mask (``sdpa`` or ``eager``); otherwise the pair layout is used and the reason logged once.
+* ``SharedPromptBatch`` — (prompt, responses) *blocks*: a prompt followed by all of its responses
+  (chosen and rejected, D²O's K anchors, ADPO's toxic sample), with a 4-D attention mask in which
+  every response sees its prompt and itself, never the other responses or another block, and
+  position ids that restart after the prompt for each response. The prompt is encoded once for
+  all of its responses, and gradients flow through it from every response. One block per row
+  (prompts left-padded, ``share_prompt``), or packed padding-free (``pack``): whole blocks placed
+  one after another in rows no longer than the longest block (first-fit decreasing). Used when
+  the model's attention accepts a custom 4-D mask (``sdpa`` or ``eager``); otherwise the pair
+  layout is used and the reason logged once. Packing also needs a plain ``lm_head`` (no logit
+  scaling or soft-capping); otherwise one block per row.
 
-In both, prompts are left-padded so every response region starts at the same column. The decoder
-runs once, and the LM head only on the hidden states that predict response tokens (never on prompt
-tokens or padding), fused with the log-softmax (``head.linear_token_logps``). A response's first
-token is predicted from the prompt's last position. Models whose logits are not plain
-``lm_head(hidden)`` (logit scaling, soft-capping) run whole, with ``logits_to_keep`` limiting the
-head to the response columns.
-
-* Packed (``collate(..., pack=True)``, a ``SharedPromptBatch`` with ``packed=True``) — padding-free:
-  whole (prompt, responses) blocks are placed one after another in rows no longer than the longest
-  block (first-fit decreasing), the 4-D mask keeps every block to itself, and position ids restart
-  per block. Needs the shared-prompt attention and a plain ``lm_head`` (no logit scaling or
-  soft-capping); otherwise the unpacked layout is used.
+The decoder runs once, and the LM head only on the hidden states that predict response tokens
+(never on prompt tokens or padding), fused with the log-softmax (``head.linear_token_logps``). A
+response's first token is predicted from the prompt's last position. In the unpacked layouts
+prompts are left-padded so every response region starts at the same column: models whose logits
+are not plain ``lm_head(hidden)`` (logit scaling, soft-capping) run whole, with ``logits_to_keep``
+limiting the head to those columns.
 """
 
 from __future__ import annotations
@@ -83,7 +81,7 @@ class SharedPromptBatch:
     prompt_width: int
     rows: dict[str, torch.Tensor]
     real_tokens: int
-    packed: bool = False  # blocks packed into rows: no common prompt column, see _packed_logps
+    packed: bool = False  # blocks packed into rows: no common prompt column (see _shared_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -95,39 +93,36 @@ class SharedPromptBatch:
         return self
 
 
-def _segments(examples: Sequence[TokenizedExample], groups: Sequence[str], toxic_reference: bool):
-    """Per prompt, the responses scored behind it. ``toxic_ref`` rows hold the toxic response
-    behind the ``[TOXIC]``-prefixed prompt: the reference scoring them plays ADPO's inner toxic
-    model."""
-    prompts: list[tuple[list[int], list[_Segment]]] = []
-    for pos, ex in enumerate(examples):
-        prompts.append((ex.prompt_ids, [_Segment(g, pos, r) for g in groups for r in ex.responses[g]]))
-    if toxic_reference:
-        for pos, ex in enumerate(examples):
-            if ex.toxic_prompt_ids is None:
-                raise ValueError(f"example {ex.index} has no [TOXIC] prompt; tokenise with with_toxic_prompt=True")
-            prompts.append((ex.toxic_prompt_ids, [_Segment("toxic_ref", pos, r) for r in ex.responses["toxic"]]))
-    return prompts
+def _segments(examples: Sequence[TokenizedExample], groups: Sequence[str]) -> list[tuple[list[int], list[_Segment]]]:
+    """Per example, its prompt and the responses it holds of ``groups``, in group order."""
+    return [(ex.prompt_ids, [_Segment(g, pos, r) for g in groups for r in ex.responses.get(g, ())])
+            for pos, ex in enumerate(examples)]
 
 
-def _rows_by_group(segments: list[_Segment], num_examples: int) -> dict[str, torch.Tensor]:
-    slots: dict[str, list[list[int]]] = {}
+def _rows_by_group(examples: Sequence[TokenizedExample], groups: Sequence[str], segments: list[_Segment]) -> dict[str, torch.Tensor]:
+    """Group -> the indices of its responses, over the examples that hold the group, in their
+    order: ``[B]``, or ``[B, K]`` for a list group (D²O's anchors). A batch may mix examples that
+    hold different groups: ADPO's toxic reference scores a batch with its ``[TOXIC]`` views, which
+    hold only ``toxic_ref``, in one pass."""
+    slots = {g: {pos: [] for pos, ex in enumerate(examples) if g in ex.responses} for g in groups}
     for index, seg in enumerate(segments):
-        slots.setdefault(seg.group, [[] for _ in range(num_examples)])[seg.example_pos].append(index)
+        slots[seg.group][seg.example_pos].append(index)
     rows = {}
     for group, per_example in slots.items():
-        sizes = {len(s) for s in per_example}
+        if not any(per_example.values()):
+            continue
+        sizes = {len(s) for s in per_example.values()}
         if len(sizes) != 1:
             raise ValueError(f"every example in a batch needs the same number of '{group}' responses, got {sorted(sizes)}")
-        tensor = torch.tensor(per_example, dtype=torch.long)
-        # A list group (D2O's anchors) stays [B, K]; one response per example (and the toxic
-        # reference rows, which are not a record group) becomes [B].
+        tensor = torch.tensor(list(per_example.values()), dtype=torch.long)
+        # A list group stays [B, K]; one response per example (and a group that is not a record
+        # group, as the toxic reference's rows) becomes [B].
         rows[group] = tensor if group in RESPONSE_GROUPS and is_list_group(group) else tensor[:, 0]
     return rows
 
 
-def collate_pairs(examples, groups, pad_id, *, toxic_reference=False) -> PairBatch:
-    items = [(p, seg) for p, segs in _segments(examples, groups, toxic_reference) for seg in segs]
+def collate_pairs(examples, groups, pad_id) -> PairBatch:
+    items = [(p, seg) for p, segs in _segments(examples, groups) for seg in segs]
     width_p = max(len(p) for p, _ in items)
     width_r = max(len(seg.response) for _, seg in items)
     n = len(items)
@@ -140,7 +135,7 @@ def collate_pairs(examples, groups, pad_id, *, toxic_reference=False) -> PairBat
         input_ids[row, width_p : width_p + length] = torch.tensor(seg.response, dtype=torch.long)
         attention[row, start : width_p + length] = 1
         response_mask[row, :length] = True
-    return PairBatch(input_ids, attention, response_mask, width_p, _rows_by_group([s for _, s in items], len(examples)))
+    return PairBatch(input_ids, attention, response_mask, width_p, _rows_by_group(examples, groups, [s for _, s in items]))
 
 
 def _block_attention_bias(block: torch.Tensor, part: torch.Tensor, dtype) -> torch.Tensor:
@@ -156,45 +151,6 @@ def _block_attention_bias(block: torch.Tensor, part: torch.Tensor, dtype) -> tor
     visible |= torch.eye(total, dtype=torch.bool) & (q_block < 0)
     bias = torch.zeros((block.shape[0], 1, total, total), dtype=dtype)
     return bias.masked_fill_(~visible.unsqueeze(1), torch.finfo(dtype).min)
-
-
-def collate_shared(examples, groups, pad_id, *, toxic_reference=False, dtype=torch.float32) -> SharedPromptBatch:
-    prompts = _segments(examples, groups, toxic_reference)
-    width_p = max(len(p) for p, _ in prompts)
-    width_w = max(sum(len(s.response) for s in segs) for _, segs in prompts)
-    n, total = len(prompts), width_p + width_w
-    input_ids = torch.full((n, total), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((n, total), dtype=torch.long)
-    # Segment id per column: 0 = prompt, j = j-th response, -1 = padding.
-    segment = torch.full((n, total), -1, dtype=torch.long)
-    token_row, token_col, source_col, token_response = [], [], [], []
-    all_segments: list[_Segment] = []
-    real = 0
-    for row, (prompt, segs) in enumerate(prompts):
-        start = width_p - len(prompt)
-        input_ids[row, start:width_p] = torch.tensor(prompt, dtype=torch.long)
-        position_ids[row, start:width_p] = torch.arange(len(prompt))
-        segment[row, start:width_p] = 0
-        col = width_p
-        for j, seg in enumerate(segs, start=1):
-            length = len(seg.response)
-            input_ids[row, col : col + length] = torch.tensor(seg.response, dtype=torch.long)
-            position_ids[row, col : col + length] = torch.arange(len(prompt), len(prompt) + length)
-            segment[row, col : col + length] = j
-            token_row += [row] * length
-            token_col += list(range(col, col + length))
-            source_col += [width_p - 1] + list(range(col, col + length - 1))
-            token_response += [len(all_segments)] * length
-            all_segments.append(seg)
-            col += length
-        real += len(prompt) + col - width_p
-    # One block per row: every real column belongs to block 0, its part is its segment.
-    bias = _block_attention_bias(torch.where(segment >= 0, 0, -1), segment.clamp(min=0), dtype)
-    return SharedPromptBatch(
-        input_ids, position_ids, bias,
-        torch.tensor(token_row), torch.tensor(token_col), torch.tensor(source_col), torch.tensor(token_response),
-        len(all_segments), width_p, _rows_by_group(all_segments, len(examples)), real,
-    )
 
 
 def _pack_rows(lengths: Sequence[int]) -> list[list[int]]:
@@ -214,22 +170,31 @@ def _pack_rows(lengths: Sequence[int]) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples, groups, pad_id, *, toxic_reference=False, dtype=torch.float32) -> SharedPromptBatch:
-    blocks = _segments(examples, groups, toxic_reference)
+def collate_blocks(examples, groups, pad_id, *, pack=False, dtype=torch.float32) -> SharedPromptBatch:
+    """(prompt, responses) blocks: one per row, each prompt left-padded to end at the same column
+    (``prompt_width``), or with ``pack`` packed into rows no longer than the longest block."""
+    blocks = _segments(examples, groups)
     lengths = [len(p) + sum(len(s.response) for s in segs) for p, segs in blocks]
-    layout = _pack_rows(lengths)
-    n, total = len(layout), max(lengths)
+    if pack:
+        layout, prompt_width, total = _pack_rows(lengths), 0, max(lengths)
+        row_start = [0] * len(layout)
+    else:
+        layout = [[b] for b in range(len(blocks))]
+        prompt_width = max(len(p) for p, _ in blocks)
+        total = prompt_width + max(length - len(p) for length, (p, _) in zip(lengths, blocks))
+        row_start = [prompt_width - len(p) for p, _ in blocks]
+    n = len(layout)
     input_ids = torch.full((n, total), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, total), dtype=torch.long)
     block_id = torch.full((n, total), -1, dtype=torch.long)  # which block a column holds, -1 = padding
     part = torch.zeros((n, total), dtype=torch.long)  # 0 = the block's prompt, j = its j-th response
     token_row, token_col, source_col, token_response = [], [], [], []
-    # Responses are numbered in block order, as in the unpacked layouts, whatever row they land in.
+    # Responses are numbered in block order, whatever row a block lands in.
     first_response = [0]
     for _, segs in blocks:
         first_response.append(first_response[-1] + len(segs))
     for row, members in enumerate(layout):
-        col = 0
+        col = row_start[row]
         for b in members:
             prompt, segs = blocks[b]
             input_ids[row, col : col + len(prompt)] = torch.tensor(prompt, dtype=torch.long)
@@ -253,7 +218,7 @@ def collate_packed(examples, groups, pad_id, *, toxic_reference=False, dtype=tor
     return SharedPromptBatch(
         input_ids, position_ids, bias,
         torch.tensor(token_row), torch.tensor(token_col), torch.tensor(source_col), torch.tensor(token_response),
-        len(all_segments), 0, _rows_by_group(all_segments, len(examples)), sum(lengths), packed=True,
+        len(all_segments), prompt_width, _rows_by_group(examples, groups, all_segments), sum(lengths), packed=pack,
     )
 
 
@@ -299,12 +264,10 @@ def supports_shared_prompt(model) -> bool:
     return False
 
 
-def collate(examples, groups, pad_id, *, toxic_reference=False, share_prompt=False, pack=False, dtype=torch.float32):
-    if pack:
-        return collate_packed(examples, groups, pad_id, toxic_reference=toxic_reference, dtype=dtype)
-    if share_prompt:
-        return collate_shared(examples, groups, pad_id, toxic_reference=toxic_reference, dtype=dtype)
-    return collate_pairs(examples, groups, pad_id, toxic_reference=toxic_reference)
+def collate(examples, groups, pad_id, *, share_prompt=False, pack=False, dtype=torch.float32):
+    if share_prompt or pack:
+        return collate_blocks(examples, groups, pad_id, pack=pack, dtype=dtype)
+    return collate_pairs(examples, groups, pad_id)
 
 
 def _accepts_logits_to_keep(model) -> bool:
