@@ -162,3 +162,55 @@ def test_a_new_option_left_at_its_default_keeps_finished_stages_cached(tmp_path,
         "merge", pipeline.STAGE_KINDS["merge"].defaults, lambda v: Newer.model_validate(v),
         pipeline.STAGE_KINDS["merge"].outputs, pipeline.STAGE_KINDS["merge"].run))
     assert [s.key for s in plan_recipe(path)] == before
+
+
+def plan_of(tmp_path, name, recipe):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(yaml.safe_dump(recipe))
+    return {s.name: s for s in plan_recipe(tmp_path / name)}
+
+
+def test_defaults_are_shared_values_of_every_stage_of_a_kind(tmp_path):
+    shared = {"merge": {"inputs": ["a.jsonl"]},
+              "eval": {"models": {"base": "m"}, "refusal_scorer": None, "sampling": {"max_new_tokens": 8, "temperature": 1.0}}}
+    base = {"name": "base", "output_dir": str(tmp_path / "run"), "defaults": shared, "stages": {
+        "one": {"kind": "merge"},
+        "two": {"kind": "merge", "inputs": ["b.jsonl"]},  # a stage's own value wins
+        "eval": {"kind": "eval", "sampling": {"max_new_tokens": 16}, "toxicity_scorer": None},
+    }}
+    stages = plan_of(tmp_path, "base.yaml", base)
+    assert [str(p) for p in stages["one"].config.inputs] == ["a.jsonl"]
+    assert [str(p) for p in stages["two"].config.inputs] == ["b.jsonl"]
+    evaluation = stages["eval"].config
+    assert (evaluation.sampling.max_new_tokens, evaluation.sampling.temperature) == (16, 1.0)
+    assert evaluation.refusal_scorer is None and evaluation.toxicity_scorer is None  # in a recipe, null is a value
+    # The same values written into each stage: the same stages, so the same cache keys.
+    spelled_out = {**base, "defaults": None, "stages": {
+        "one": {"kind": "merge", "inputs": ["a.jsonl"]},
+        "two": {"kind": "merge", "inputs": ["b.jsonl"]},
+        "eval": {"kind": "eval", "models": {"base": "m"}, "refusal_scorer": None, "toxicity_scorer": None,
+                 "sampling": {"max_new_tokens": 16, "temperature": 1.0}},
+    }}
+    assert {n: s.key for n, s in plan_of(tmp_path, "spelled.yaml", spelled_out).items()} == {n: s.key for n, s in stages.items()}
+
+    # In a variant, defaults change every stage of a kind it inherits; its own stage values still win.
+    variant = {"extends": "../base.yaml", "defaults": {"merge": {"inputs": ["c.jsonl"]},
+                                                       "eval": {"sampling": {"temperature": 0.5}, "toxicity_scorer": None}},
+               "stages": {"two": {"inputs": ["d.jsonl"]}, "three": {"kind": "merge"}}}
+    stages = plan_of(tmp_path, "gpu/variant.yaml", variant)
+    assert {n: [str(p) for p in stages[n].config.inputs] for n in ("one", "two", "three")} == \
+        {"one": ["c.jsonl"], "two": ["d.jsonl"], "three": ["c.jsonl"]}
+    evaluation = stages["eval"].config
+    assert (evaluation.sampling.max_new_tokens, evaluation.sampling.temperature) == (16, 0.5)
+    assert evaluation.toxicity_scorer is not None  # a variant's null deletes the key: the field's default again
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ({"training": {"lr": 1.0}}, r"field 'defaults.training': not a stage kind"),
+    ({"merge": {"kind": "eval"}}, r"field 'defaults.merge': expected a mapping of merge stage values \(without 'kind'\)"),
+    (["merge"], r"field 'defaults': expected a mapping"),
+])
+def test_bad_defaults_are_rejected(tmp_path, defaults, message):
+    recipe = {"output_dir": str(tmp_path / "run"), "defaults": defaults, "stages": {"one": {"kind": "merge", "inputs": ["a"]}}}
+    with pytest.raises(RecipeError, match=message):
+        plan_of(tmp_path, "bad.yaml", recipe)

@@ -271,13 +271,47 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def _stage_defaults(value, path: Path) -> dict[str, dict]:
+    """A recipe's ``defaults:``: stage kind -> the values every stage of that kind starts from."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{path}: field 'defaults': expected a mapping of stage kind -> values")
+    for kind, values in value.items():
+        if kind not in STAGE_KINDS:
+            raise RecipeError(f"{path}: field 'defaults.{kind}': not a stage kind ({', '.join(STAGE_KINDS)})")
+        if not isinstance(values, dict) or "kind" in values:
+            raise RecipeError(f"{path}: field 'defaults.{kind}': expected a mapping of {kind} stage values (without 'kind')")
+    return value
+
+
+def _overlay(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``, mappings key by key; a ``null`` is a value (``refusal_scorer: null``)."""
+    merged = dict(base)
+    for key, value in override.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _overlay(merged[key], value) if both else value
+    return merged
+
+
 def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """The recipe's mapping, with ``extends: OTHER.yaml`` (a path relative to this file) resolved:
-    a variant (e.g. a GPU-scale one) states only what differs from the recipe it extends."""
+    """The recipe's mapping, with ``extends: OTHER.yaml`` (a path relative to this file) and
+    ``defaults:`` resolved: a variant (e.g. a GPU-scale one) states only what differs from the
+    recipe it extends.
+
+    ``defaults: {KIND: {...}}`` are values for every stage of that kind, laid over what the file
+    extends and under the values the file itself gives a stage: in a recipe, shared settings of its
+    stages; in a variant, what changes in every stage of a kind (``defaults: {train: {lora: ...}}``).
+    Nulls delete a key in a variant (as ``extends`` merges); in a recipe's own stages a null is a value."""
     path = Path(path)
     recipe = read_yaml_mapping(path, RecipeError)
     parent = recipe.pop("extends", None)
+    defaults = _stage_defaults(recipe.pop("defaults", None), path)
+    own = recipe.get("stages") if isinstance(recipe.get("stages"), dict) else {}
     if parent is None:
+        if own:
+            recipe["stages"] = {name: _overlay(_defaults_for(values, defaults), values) if isinstance(values, dict) else values
+                                for name, values in own.items()}
         return recipe
     if not isinstance(parent, str) or not parent.strip():
         raise RecipeError(f"{path}: field 'extends': expected the path of another recipe (relative to this file)")
@@ -286,7 +320,20 @@ def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise RecipeError(f"{path}: field 'extends': {parent} extends itself (a cycle)")
     if not parent_path.is_file():
         raise RecipeError(f"{path}: field 'extends': no recipe at {parent_path}")
-    return deep_merge(read_recipe(parent_path, (*_seen, path.resolve())), recipe)
+    base = read_recipe(parent_path, (*_seen, path.resolve()))
+    if defaults:
+        base["stages"] = {name: deep_merge(values, _defaults_for(values, defaults)) if isinstance(values, dict) else values
+                          for name, values in base.get("stages", {}).items()}
+        # A stage the variant adds starts from the defaults too.
+        recipe["stages"] = {name: deep_merge(_defaults_for(values, defaults), values)
+                            if name not in base["stages"] and isinstance(values, dict) else values
+                            for name, values in own.items()}
+    return deep_merge(base, recipe)
+
+
+def _defaults_for(stage: dict, defaults: dict[str, dict]) -> dict:
+    kind = stage.get("kind")
+    return defaults.get(kind, {}) if isinstance(kind, str) else {}
 
 
 def plan_recipe(path: Path, *, output_dir: Path | None = None) -> list[PlannedStage]:
