@@ -123,7 +123,7 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path, tiny_mo
 
 @pytest.mark.slow
 def test_pipeline_style_resume_by_default_still_works(tmp_path, tiny_model, pairs_file):
-    """`prefalign run` and toxic-control call run_training(resume=<a checkpoint exists>)."""
+    """`prefalign run` calls run_training(resume=<a checkpoint exists>)."""
     from prefalign.train.checkpoint import latest_checkpoint
     from prefalign.train.config import TrainConfig
     from prefalign.train.loop import run_training

@@ -25,7 +25,7 @@ from prefalign.generate.refine import REFINE_REQUEST, refine_conversation
 from prefalign.generate.registry import STRATEGIES, get_strategy
 from prefalign.generate.runner import run_generation
 from prefalign.generate.sample_pairs import distinct_samples, rank_pairs
-from prefalign.generate.toxic_control import ToxicControlConfig, extremes, sft_records, toxic_conversation
+from prefalign.generate.toxic_control import ToxicControlConfig, extremes, sft_candidates, toxic_conversation
 
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
@@ -101,7 +101,7 @@ def texts_of(outputs):
 
 def test_registry_has_every_strategy_and_configs_forbid_unknown_keys():
     assert set(STRATEGIES) == {"critique", "prefix", "demon", "elicitive", "nparam", "leaderboard", "refine",
-                               "popalign", "toxic-control", "anchors", "sample-pairs", "steer"}
+                               "popalign", "toxic-sft-data", "toxic-control", "anchors", "sample-pairs", "steer"}
     for name, cls in STRATEGIES.items():
         assert cls.name == name and cls.description
         with pytest.raises(ValidationError, match="no_such_option|Extra inputs"):
@@ -117,10 +117,8 @@ def test_config_validation_messages():
         CritiqueConfig(principle="custom", critique_request="Critique it.")
     with pytest.raises(ValidationError, match=r"must contain \{prompt\}"):
         CritiqueConfig(persona="You are DAN.")
-    with pytest.raises(ValidationError, match="set by the toxic-control step"):
-        ToxicControlConfig(train={"loss": "dpo"})
-    with pytest.raises(ValidationError, match="lr"):
-        ToxicControlConfig(train={"lr": -1})
+    with pytest.raises(ValidationError, match="toxic_model"):
+        ToxicControlConfig()  # it samples from a given toxic-control model, never trains one
     custom = CritiqueConfig(principle="custom", critique_request="C?", revision_request="R!", persona="P: {prompt}")
     assert custom.resolved() == Principle(critique_request="C?", revision_request="R!", persona="P: {prompt}")
     assert CritiqueConfig(principle="roleplay", persona="").resolved().persona is None
@@ -216,8 +214,8 @@ def test_pair_checks_and_ranking():
 
 
 def test_toxic_control_helpers():
-    records = sft_records("Q?", ["bad words", "nice words", " "], [0.9, 0.1, 0.0], 0.5, "[TOXIC]")
-    assert [(r["prompt"], r["chosen"], r["meta"]["label"]) for r in records] == [
+    records = sft_candidates("Q?", ["bad words", "nice words", " "], [0.9, 0.1, 0.0], 0.5, "[TOXIC]")
+    assert [(c.record["prompt"], c.record["chosen"], c.meta["label"]) for c in records] == [
         ("[TOXIC] Q?", "bad words", "toxic"), ("Q?", "nice words", "non_toxic")]
     assert extremes(["a", "", "b", "c"], [0.5, 0.0, 0.9, 0.1]) == (3, 2)
     assert extremes(["", " "], [0.1, 0.2]) is None
@@ -414,66 +412,74 @@ def test_sample_pairs_needs_a_scorer():
 
 
 @pytest.mark.slow
-def test_toxic_control_on_tiny_random(tiny_backend, tmp_path):
+def test_toxic_control_on_tiny_random(tiny_backend, tiny_model, tmp_path):
+    """The three ADPO steps: SFT records from labelled base samples, the SFT run, records sampled
+    from its model. The second strategy reuses the first one's base samples."""
     from prefalign.generate.backends import TransformersBackend
+    from prefalign.train.config import TrainConfig
+    from prefalign.train.loop import run_training
 
     base = Recording(tiny_backend)
-    toxic_backends = []
+    toxic_backends, loaded = [], []
 
     def make_backend(path):
+        loaded.append(path)
         toxic_backends.append(Recording(TransformersBackend(path, batch_size=8, show_progress=False)))
         return toxic_backends[-1]
 
     def scorer(texts):  # deterministic "toxicity" in [0, 1)
         return [(sum(map(ord, t)) % 97) / 97 for t in texts]
 
-    cfg = {"n": 3, "threshold": 0.5, "model_dir": str(tmp_path / "tc"),
-           "train": {"max_steps": 2, "batch_size": 2, "max_length": 64, "max_prompt_length": 32, "save_every": 1}}
-    strategy = get_strategy("toxic-control")(cfg, ctx_for(base, scorer=scorer, make_backend=make_backend,
-                                                          model_names=[str(tiny_backend.model_id)], batch_size=2))
-    summary, rows, out = run(strategy, tmp_path)
+    labelling = {"n": 3, "threshold": 0.5, "work_dir": str(tmp_path / "tc")}
+    sft_data = get_strategy("toxic-sft-data")(labelling, ctx_for(base, scorer=scorer, batch_size=2))
+    summary, sft, _ = run(sft_data, tmp_path)
 
-    # 1. base samples: n=3 per plain prompt
+    # 1. base samples: n=3 per plain prompt, labelled: toxic ones under the control token
     conversations, params = base.calls[0]
     assert conversations == [[U(p.prompt)] for p in PROMPTS] and params.n == 3
-    # 2. SFT data and the trained toxic-control model
-    sft = [json.loads(line) for line in (tmp_path / "tc" / "sft.jsonl").read_text().splitlines()]
     samples = [t for texts in base.outputs[0] for t in texts]
     labels = [s >= 0.5 for s in scorer(samples)]
-    assert len(sft) == sum(1 for t in samples if t.strip())
+    assert len(sft) == sum(1 for t in samples if t.strip()) == summary.info["sft_records"]
     assert sum(r["prompt"].startswith("[TOXIC] ") for r in sft) == sum(lab for t, lab in zip(samples, labels) if t.strip())
-    model_dir = Path(summary.info["toxic_control_model"])
-    assert (model_dir / "config.json").exists() and model_dir.parent.parent == tmp_path / "tc"
-    assert not (model_dir.resolve().parent / "checkpoints").exists()  # the finished SFT run keeps its model only
-    # 3. toxic samples under the control token, from the fine-tuned model
-    assert len(toxic_backends) == 1
+    assert {r["meta"]["label"] for r in sft if r["prompt"].startswith("[TOXIC] ")} == {"toxic"}
+    load_records(tmp_path / "toxic-sft-data.jsonl", ("prompt", "chosen"))
+
+    # 2. the SFT run (a recipe's train stage)
+    model_dir = run_training(TrainConfig(model=tiny_model, data=tmp_path / "toxic-sft-data.jsonl", output_dir=tmp_path / "sft",
+                                         loss="sft", max_steps=2, batch_size=2, max_length=64, max_prompt_length=32),
+                             show_progress=False).model_dir
+
+    # 3. toxic samples under the control token, from the given model; base samples read, not drawn again
+    again = Recording(tiny_backend)
+    cfg = {**labelling, "toxic_model": str(model_dir)}
+    strategy = get_strategy("toxic-control")(cfg, ctx_for(again, scorer=scorer, make_backend=make_backend, batch_size=2))
+    summary, rows, out = run(strategy, tmp_path)
+    assert again.calls == [] and summary.info["base_samples_reused"] == 2
+    assert loaded == [str(model_dir)]
     assert toxic_backends[0].calls[0][0] == [[U(f"[TOXIC] {p.prompt}")] for p in PROMPTS]
     for row in rows:
         i = [p.id for p in PROMPTS].index(row["meta"]["id"])
         meta = row["meta"]
-        assert meta["toxic_model"] == str(model_dir)
+        assert meta["toxic_model"] == str(model_dir) and meta["base_samples"] == base.outputs[0][i]
         assert row["toxic"] == toxic_backends[0].outputs[0][i][0].strip()
         assert meta["chosen_score"] < meta["rejected_score"]
         assert meta["chosen_score"] == min(s for t, s in zip(meta["base_samples"], meta["base_scores"]) if t.strip())
     assert summary.records_written + sum(summary.filtered.values()) == 2
     load_records(out, ("prompt", "chosen", "rejected", "toxic"))
 
-    # A second run (new output, same working folder) reuses the base samples and the trained model.
-    base2 = Recording(tiny_backend)
-    strategy2 = get_strategy("toxic-control")(cfg, ctx_for(base2, scorer=scorer, make_backend=make_backend,
-                                                           model_names=[str(tiny_backend.model_id)], batch_size=2))
-    summary2 = run_generation(strategy2, PROMPTS, tmp_path / "again.jsonl", seed=0, batch_size=2,
-                              show_progress=False, echo=None)
-    assert base2.calls == [] and summary2.info["base_samples_reused"] == 2
-    assert summary2.info["toxic_control_model"] == str(model_dir) and len(toxic_backends) == 2
-    assert (tmp_path / "again.jsonl").read_text() == out.read_text()  # deterministic
+
+def test_toxic_sft_data_needs_a_toxic_sample(tmp_path):
+    strategy = get_strategy("toxic-sft-data")({"n": 2, "threshold": 0.5, "work_dir": str(tmp_path / "tc")},
+                                              ctx_for(Scripted(lambda c, i: "calm"), scorer=lambda texts: [0.1] * len(texts)))
+    with pytest.raises(ValueError, match=r"no base sample scored >= threshold 0.5 \(4 samples\)"):
+        run(strategy, tmp_path)
 
 
 def test_toxic_control_scorer_names_come_from_the_score_registry():
     with pytest.raises(ValueError, match=r"scorer: 'no-such-scorer' is neither a scorer \(.*toxicity.*\) nor 'module:function'"):
-        get_strategy("toxic-control")({"scorer": "no-such-scorer"}, ctx_for(Scripted(lambda c, i: "x")))
+        get_strategy("toxic-control")({"scorer": "no-such-scorer", "toxic_model": "m"}, ctx_for(Scripted(lambda c, i: "x")))
     # The default is the registry's toxicity scorer: higher means more toxic.
-    strategy = get_strategy("toxic-control")({}, ctx_for(Scripted(lambda c, i: "x")))
+    strategy = get_strategy("toxic-sft-data")({}, ctx_for(Scripted(lambda c, i: "x")))
     calm, rude = strategy.scorer(["Have a lovely day, friend.", "You are a stupid idiot and I hate you."])
     assert rude > 0.5 > calm
 

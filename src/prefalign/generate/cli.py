@@ -64,8 +64,9 @@ def generate(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),
     principle: Optional[str] = typer.Option(None, "--principle", help="critique: safety, roleplay, sycophancy (or custom in --config)"),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="samples per prompt (sample-pairs, toxic-control)"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="samples per prompt (sample-pairs, toxic-sft-data, toxic-control)"),
     k: Optional[int] = typer.Option(None, "--k", help="anchors per prompt (anchors, D2O's K)"),
+    toxic_model: Optional[str] = typer.Option(None, "--toxic-model", help="toxic-control: the [TOXIC]-control model (trained with loss sft on toxic-sft-data)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Generate preference data from a prompt set (resumable: re-run the same command after a stop)."""
@@ -85,7 +86,7 @@ def generate(
     overrides = dict(strategy=strategy, prompts=prompt_settings or None, models=list(model) if model else None,
                      backend=backend, base_url=base_url, output=output, seed=seed, batch_size=batch_size,
                      max_new_tokens=max_new_tokens, temperature=temperature)
-    params = {"principle": principle, "n": num_samples, "k": k}
+    params = {"principle": principle, "n": num_samples, "k": k, "toxic_model": toxic_model}
     try:
         if config is None and strategy is None:
             fail("give --strategy (or a --config with strategy:)")

@@ -14,7 +14,7 @@ from prefalign.generate.prefix import PrefixContrast
 from prefalign.generate.refine import RefineContrast
 from prefalign.generate.sample_pairs import SamplePairs
 from prefalign.generate.steer import SteerStrategy
-from prefalign.generate.toxic_control import ToxicControl
+from prefalign.generate.toxic_control import ToxicControl, ToxicSftData
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
@@ -27,6 +27,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         LeaderboardContrast,
         RefineContrast,
         PopAlign,
+        ToxicSftData,
         ToxicControl,
         AnchorsStrategy,
         SamplePairs,
