@@ -33,10 +33,8 @@ class TrainConfig(BaseModel):
     # Hyperparameters; in a mixture each applies to every term that takes it.
     loss_params: dict[str, float] = Field(default_factory=dict)
 
-    # A kind of prefalign.train.reference.REFERENCE_KINDS: ``precompute`` scores the data once with
-    # the starting weights and caches the log-probs on disk (no second model in memory); ``copy``
-    # keeps a frozen copy; ``disable-adapters`` (LoRA only) runs the policy with adapters switched
-    # off. ``auto`` picks ``precompute``.
+    # A kind of REFERENCE_KINDS (prefalign.train.reference says what each does: precompute, copy,
+    # disable-adapters, ...); ``auto`` picks ``precompute``.
     reference: str = "auto"
     reference_model: str | None = None  # another model as reference (default: the starting model)
     toxic_reference_model: str | None = None  # ADPO inner toxic model (default: the reference)
