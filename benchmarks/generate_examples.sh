@@ -31,6 +31,11 @@ log sample-pairs start
 printf 'params: {scorer: sentiment}\n' > $OUT/sample-pairs.yaml
 $P generate -s sample-pairs -c $OUT/sample-pairs.yaml --prompts realtoxicity --limit 4 -n 4 --max-new-tokens 40 --temperature 1.0 -o $OUT/sample-pairs.jsonl -q > $OUT/sample-pairs.log 2>&1
 log toxic-control start
-printf 'params: {scorer: profanity, threshold: 0.3, train: {max_steps: 12, batch_size: 4, lr: 2.0e-5}}\n' > $OUT/toxic-control.yaml
-$P generate -s toxic-control -c $OUT/toxic-control.yaml --prompts realtoxicity --limit 6 -n 4 --max-new-tokens 40 --temperature 1.0 -o $OUT/toxic-control.jsonl -q > $OUT/toxic-control.log 2>&1
+# ADPO's three steps: label base samples and write the [TOXIC] SFT records, train the control
+# model on them, then sample a toxic response per prompt with it (same base samples, read back).
+printf 'params: {scorer: profanity, threshold: 0.3, work_dir: %s}\n' "$OUT/tc" > $OUT/toxic-control.yaml
+$P generate -s toxic-sft-data -c $OUT/toxic-control.yaml --prompts realtoxicity --limit 6 -n 4 --max-new-tokens 40 --temperature 1.0 -o $OUT/toxic-sft.jsonl -q > $OUT/toxic-sft-data.log 2>&1
+printf 'data: %s\nloss: sft\nlr: 2.0e-5\nschedule: constant\nbatch_size: 4\nmax_steps: 12\noutput_dir: %s\n' "$OUT/toxic-sft.jsonl" "$OUT/tc-sft" > $OUT/toxic-sft.yaml
+$P train -c $OUT/toxic-sft.yaml > $OUT/toxic-sft.log 2>&1
+$P generate -s toxic-control -c $OUT/toxic-control.yaml --toxic-model $OUT/tc-sft/model --prompts realtoxicity --limit 6 -n 4 --max-new-tokens 40 --temperature 1.0 -o $OUT/toxic-control.jsonl -q > $OUT/toxic-control.log 2>&1
 log all done
