@@ -81,8 +81,8 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in log_rows(out) if "loss" in r}
 
 
-def trained_rows(rows_dir: Path, rank: int) -> list[dict]:
-    return [json.loads(line) for line in (rows_dir / f"rank-{rank}.jsonl").read_text().splitlines()]
+def trained_rows(rows_dir: Path, rank: int, kind: str = "rank") -> list[dict]:
+    return [json.loads(line) for line in (rows_dir / f"{kind}-{rank}.jsonl").read_text().splitlines()]
 
 
 def weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
@@ -99,6 +99,30 @@ def max_weight_gap(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", pair_rows(NUM_ROWS))
+
+
+# 9 eval rows in global eval batches of 8 (2 x batch size 2 per process x 2 processes): the
+# first splits 4 + 4, the last, one-row batch leaves the second process a stand-in row.
+EVAL_ROWS = 9
+EVAL_EVERY = 4
+
+
+@pytest.fixture(scope="module")
+def eval_runs(tmp_path_factory, tiny_model) -> dict:
+    """DPO with eval data evaluated every 4 steps and at the end: one process x 4, two x 2."""
+    tmp = tmp_path_factory.mktemp("eval")
+    rows = pair_rows(NUM_ROWS + EVAL_ROWS)
+    train_data = write_jsonl(tmp / "train.jsonl", rows[:NUM_ROWS])
+    eval_data = write_jsonl(tmp / "eval.jsonl", rows[NUM_ROWS:])
+    config = tmp / "train.yaml"
+    config.write_text(json.dumps({"eval_data": str(eval_data), "eval_every": EVAL_EVERY}))  # JSON is YAML
+    return {name: train(processes, tiny_model, train_data, tmp, name, "--config", str(config))
+            for name, processes in (("one", 1), ("two", 2))}
+
+
+def eval_metrics(out: Path) -> list[dict]:
+    """Each evaluation's metrics, in log order (every EVAL_EVERY steps, then the final one)."""
+    return [{k: v for k, v in r.items() if k.startswith("eval/")} for r in log_rows(out) if "eval/loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +313,30 @@ def test_resuming_a_two_process_run_with_one_process_fails_in_one_line(dpo_runs,
     errors = [line for line in result.stderr.splitlines() if "process(es)" in line]
     assert len(errors) == 1 and "saved by 2 process(es), this run has 1" in errors[0], result.stderr[-2000:]
     assert not (tmp / "refused-rows").exists()  # refused before training a step
+
+
+@launches_processes
+def test_two_processes_log_the_eval_metrics_of_one(eval_runs):
+    one, two = eval_runs["one"]["out"], eval_runs["two"]["out"]
+    a, b = eval_metrics(one), eval_metrics(two)
+    assert len(a) == len(b) == STEPS // EVAL_EVERY + 1  # logged once each, by the main process
+    for first, second in zip(a, b):
+        assert first.keys() == second.keys() and "eval/rewards/accuracy" in first
+        for key in first:
+            assert abs(first[key] - second[key]) < 1e-5, (key, first[key], second[key])
+    summaries = [json.loads((out / "train_summary.json").read_text()) for out in (one, two)]
+    assert all(abs(summaries[0][k] - summaries[1][k]) < 1e-5 for k in a[-1])
+
+
+@launches_processes
+def test_each_process_evaluates_its_own_slice_of_every_eval_batch(eval_runs):
+    def evaluated(run, rank):
+        return [r["rows"] for r in trained_rows(run["rows"], rank, kind="eval-rank")]
+
+    single = evaluated(eval_runs["one"], 0)
+    first, second = evaluated(eval_runs["two"], 0), evaluated(eval_runs["two"], 1)
+    evaluations = STEPS // EVAL_EVERY + 1
+    # One forward pass per eval batch on every process, the second one's last on a stand-in row.
+    assert single == [list(range(8)), [8]] * evaluations
+    assert first == [[0, 1, 2, 3], [8]] * evaluations
+    assert second == [[4, 5, 6, 7], []] * evaluations

@@ -24,8 +24,9 @@ from prefalign.train.config import ConfigError
 from prefalign.train.logging import LOG_FILE, MetricsLogger
 from prefalign.train.reference import reference_kind
 
-#: Where each process appends the row ids it trained, one JSON line per micro-batch (a debugging
-#: and test hook: it shows that the processes partition every epoch). Unset: nothing is written.
+#: Where each process appends the row ids it trained, one JSON line per micro-batch, and those it
+#: evaluated, one line per eval batch (a debugging and test hook: it shows that the processes
+#: partition every epoch and every evaluation). Unset: nothing is written.
 TRAINED_ROWS_DIR_ENV = "PREFALIGN_TRAINED_ROWS_DIR"
 
 
@@ -108,11 +109,12 @@ class ReadOnlyMetricsLogger(MetricsLogger):
         pass
 
 
-def record_trained_rows(process_index: int, row: dict) -> None:
+def record_trained_rows(process_index: int, row: dict, kind: str = "rank") -> None:
+    """``kind``: the file's prefix, ``rank`` for trained rows, ``eval-rank`` for evaluated ones."""
     folder = os.environ.get(TRAINED_ROWS_DIR_ENV)
     if not folder:
         return
-    path = Path(folder) / f"rank-{process_index}.jsonl"
+    path = Path(folder) / f"{kind}-{process_index}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")

@@ -665,23 +665,39 @@ class Trainer:
         count = totals.pop("_rows")
         return {k: v / count for k, v in totals.items()}
 
+    def _eval_batches(self) -> list[list[int]]:
+        """The eval data in order, in global batches of ``2 x --batch-size`` rows per process: one
+        process cuts the same batches as before, N processes each score a slice of every batch."""
+        size = self.config.batch_size * 2 * self.accelerator.num_processes
+        n = len(self.eval_examples)
+        return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+
     def evaluate(self) -> dict[str, float]:
+        """Metrics over the whole eval data, each process scoring its slice of every eval batch.
+        Row-weighted sums and the row count are added up over the processes once at the end, so the
+        numbers are one process's, and every process returns them (the main one logs them)."""
         if not self.eval_examples:
             return {}
-        totals: dict[str, float] = {}
-        n = 0
+        accelerator = self.accelerator
+        totals: dict[str, float] = {"_rows": 0.0}  # no metric name starts with an underscore
         was_training = self.model.training
         self.model.eval()
-        size = self.config.batch_size * 2
-        for start in range(0, len(self.eval_examples), size):
-            chunk = self.eval_examples[start : start + size]
-            losses, policy, reference, _ = self.loss_on(chunk, train=False)
+        for global_batch in self._eval_batches():
+            # Every process runs one forward pass per batch (a stand-in row when its slice is
+            # empty): a sharded engine gathers weights in each forward, with every process taking part.
+            share = rank_slice(global_batch, accelerator.process_index, accelerator.num_processes)
+            rows = 0 if share.is_stand_in else len(share.indices)
+            record_trained_rows(accelerator.process_index, {"step": self.step, "rows": share.indices if rows else []},
+                                kind="eval-rank")
+            losses, policy, reference, _ = self.loss_on([self.eval_examples[i] for i in share.indices], train=False)
             metrics = {"loss": losses.mean().item(), **batch_metrics(self.spec, policy, reference, self.metric_beta),
                        **self.term_metrics()}
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * len(chunk)
-            n += len(chunk)
+            for k, v in {**metrics, "_rows": 1.0}.items():
+                # Every key on every process, a stand-in adding 0: the sum needs the same keys everywhere.
+                totals[k] = totals.get(k, 0.0) + (v * rows if rows else 0.0)
         self.model.train(was_training)
+        totals = sum_over_processes(accelerator, totals)
+        n = totals.pop("_rows")
         return {f"eval/{k}": v / n for k, v in totals.items()}
 
     # -- run -----------------------------------------------------------------------------------
