@@ -340,3 +340,82 @@ def test_each_process_evaluates_its_own_slice_of_every_eval_batch(eval_runs):
     assert single == [list(range(8)), [8]] * evaluations
     assert first == [[0, 1, 2, 3], [8]] * evaluations
     assert second == [[4, 5, 6, 7], []] * evaluations
+
+
+# Run under `accelerate launch --config_file recipes/accelerate/fsdp.yaml`: which engine prefalign's
+# Accelerator gets there (or why it fails), and whether torch's own FSDP shards and runs on the
+# process group. The main process prints one JSON line.
+FSDP_PROBE = """
+import json, os, torch
+from prefalign.train.distributed import make_accelerator
+
+report = {"use_fsdp": os.environ.get("ACCELERATE_USE_FSDP")}
+try:
+    accelerator = make_accelerator("float32")
+except Exception as exc:
+    report["error"] = "%s: %s" % (type(exc).__name__, exc)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(report))
+    raise SystemExit(0)
+wrapped = accelerator.prepare(torch.nn.Linear(4, 4))
+report.update(engine=accelerator.distributed_type.value, wrapper=type(wrapped).__name__)
+try:
+    from torch.distributed.fsdp import fully_shard
+
+    module = fully_shard(torch.nn.Linear(4, 4))
+    module(torch.ones(2, 4)).sum().backward()
+    report["torch_fsdp"] = "runs (fully_shard forward and backward on cpu over %s)" % torch.distributed.get_backend()
+except Exception as exc:
+    report["torch_fsdp"] = "fails (%s: %s)" % (type(exc).__name__, exc)
+if accelerator.is_main_process:
+    print(json.dumps(report))
+"""
+
+
+def fsdp_engine(tmp: Path, *launch_options: str) -> dict:
+    """What two processes launched with the shipped FSDP config (and ``launch_options``) run here."""
+    probe = tmp / "fsdp_probe.py"
+    probe.write_text(FSDP_PROBE)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "fsdp.yaml"),
+           "--num_processes", "2", "--main_process_port", str(free_port()), *launch_options, str(probe)]
+    result = subprocess.run(cmd, env=run_env(tmp, tmp / "probe-rows"), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def skip_unless_fsdp(tmp: Path) -> None:
+    """Skip, with what the probes saw, unless accelerate runs the shipped FSDP config as FSDP here:
+    a torch and accelerate that shard on CPU run the test instead."""
+    import accelerate
+
+    shipped = fsdp_engine(tmp)
+    if shipped.get("engine") == "FSDP":
+        return
+    # sync_module_states is what accelerate refuses on CPU: without it, which engine runs?
+    unsynced = fsdp_engine(tmp, "--fsdp_sync_module_states", "false")
+    saw = f"stops: {shipped['error'].rstrip('.')}" if "error" in shipped else f"runs as {shipped['engine']} ({shipped['wrapper']})"
+    unsynced_saw = (f"fails too: {unsynced['error'].rstrip('.')}" if "error" in unsynced else
+                    f"runs as {unsynced['engine']}, the model wrapped in {unsynced['wrapper']}, not FSDP; torch "
+                    f"{torch.__version__}'s own FSDP {unsynced['torch_fsdp']}")
+    pytest.skip(f"no FSDP on CPU with accelerate {accelerate.__version__}: fsdp.yaml (ACCELERATE_USE_FSDP="
+                f"{shipped['use_fsdp']}) on this machine with no GPU {saw}; with --fsdp_sync_module_states false it {unsynced_saw}")
+
+
+@launches_processes
+def test_two_fsdp_processes_train_the_same_model_as_one(tmp_path, tiny_model, data):
+    skip_unless_fsdp(tmp_path)
+    one = train(1, tiny_model, data, tmp_path, "one")
+    two = train(2, tiny_model, data, tmp_path, "two", launch_config=RECIPES / "fsdp.yaml")
+    assert "x 2 process(es) x grad-accum 1 (FSDP)" in two["stderr"]
+    a, b = losses(one["out"]), losses(two["out"])
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    # The full weights, gathered from the shards into one plain HF folder, written once.
+    model = two["out"] / "model"
+    assert sorted(p.name for p in model.glob("*.safetensors")) == ["model.safetensors"]
+    assert max_weight_gap(weights(one["out"] / "model", "model.safetensors"), weights(model, "model.safetensors")) < 1e-5
+    # The reference precompute ran before sharding: the same table as one process's.
+    (ref_one,), (ref_two,) = ((run["cache"] / "ref-logps").iterdir() for run in (one, two))
+    a_ref, b_ref = torch.load(ref_one), torch.load(ref_two)
+    assert a_ref.keys() == b_ref.keys() and all(torch.allclose(a_ref[g], b_ref[g], atol=1e-5) for g in a_ref)

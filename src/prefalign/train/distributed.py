@@ -53,6 +53,16 @@ def rank_slice(global_batch: Sequence[int], process_index: int, num_processes: i
     return RankSlice(indices, num_processes / len(global_batch))
 
 
+def make_accelerator(dtype: str):
+    """The trainer's Accelerator. Under `accelerate launch` / torchrun it joins the other processes
+    (gloo when no GPU is visible); the engine (DDP, FSDP, DeepSpeed) comes from the launch config.
+    The scheduler steps once per optimizer step: the trainer's step counts already count global batches."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="bf16" if dtype == "bfloat16" else "no", cpu=not torch.cuda.is_available(),
+                       step_scheduler_with_optimizer=False)
+
+
 def global_batch_line(batch_size: int, num_processes: int, grad_accum: int, engine: str) -> str:
     """The engine too: accelerate runs an FSDP config with no GPU as plain DDP (MULTI_CPU), and
     this line is where a user sees which one ran."""

@@ -30,7 +30,7 @@ from prefalign.train.checkpoint import (
 from prefalign.train.config import ConfigError, TrainConfig
 from prefalign.train.distributed import (
     RankSlice, ReadOnlyMetricsLogger, check_engine_supported, check_same_processes, global_batch_line, is_sharded_engine, main_process_writes,
-    rank_slice, record_trained_rows, sum_over_processes,
+    make_accelerator, rank_slice, record_trained_rows, sum_over_processes,
 )
 from prefalign.train.logging import MetricsLogger
 from prefalign.train.memory import PeakMemory
@@ -248,15 +248,11 @@ class Trainer:
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         config = self.config
         self.dtype = resolve_dtype(config.dtype)
-        # Under `accelerate launch` / torchrun this joins the other processes. The scheduler steps
-        # once per optimizer step: total_steps already counts global batches.
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.dtype == "bfloat16" else "no",
-                                       cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+        self.accelerator = make_accelerator(self.dtype)
         check_engine_supported(self.accelerator, grad_accum=config.grad_accum,
                                reference_mode=config.reference_mode() if self.spec.needs_reference else None)
         # The output dir's state, then the data: a conflict or a bad file fails in seconds,
