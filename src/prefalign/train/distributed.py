@@ -64,8 +64,9 @@ def make_accelerator(dtype: str):
 
 
 def global_batch_line(batch_size: int, num_processes: int, grad_accum: int, engine: str) -> str:
-    """The engine too: accelerate runs an FSDP config with no GPU as plain DDP (MULTI_CPU), and
-    this line is where a user sees which one ran."""
+    """The engine too: with no GPU, accelerate 1.16 runs an FSDP config (with
+    fsdp_sync_module_states false) as plain DDP (MULTI_CPU), and this line is where a user sees
+    which one ran."""
     return (f"global batch {batch_size * num_processes * grad_accum} = batch size {batch_size} per process "
             f"x {num_processes} process(es) x grad-accum {grad_accum} ({'no distribution' if engine == 'NO' else engine})")
 
