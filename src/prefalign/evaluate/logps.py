@@ -10,6 +10,9 @@ KL and perplexity on sampled responses (:mod:`.samples`), held-out preference pa
   prompt encoded once for its responses, the decoder run once, and the LM head fused with the
   log-softmax (``train.head``) run only on the hidden states that predict response tokens, so no
   ``[tokens × vocab]`` logits are made for prompt tokens or padding;
+- under N processes (``accelerate launch``, ``torchrun``) each scores every N-th of those batches
+  and the values are gathered in item order (:mod:`prefalign.sharding`): the same batches, so the
+  same values, as one process; every process must call it with the same examples;
 - the intra-op thread count is chosen per decoder layer by timing (:mod:`prefalign.models.threads`):
   on the shared 2-core machine, with other runs holding the cores, torch's default of two threads
   made these passes about 4x slower than one (``benchmarks/eval_stage.py``).
@@ -23,26 +26,20 @@ import torch
 
 from prefalign.data.tokenize import TokenizedExample
 from prefalign.models.threads import tuned_threads
+from prefalign.sharding import distributed_state, longest_first_batches, sharded_map
 from prefalign.train.reference import score_examples
-
-
-def longest_first_batches(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices ``0 .. len(sizes)-1`` in batches of ``batch_size``, by size, largest first (ties in
-    index order, so the batches do not depend on the sort's stability)."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def response_logps(model, examples: Sequence[TokenizedExample], groups: Sequence[str], pad_id: int,
                    *, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Summed log-prob of each example's response in each of ``groups`` (one per example and group;
     prompt tokens never count): ``{group: [len(examples)]}``, float32, in the input order."""
-    out = {group: torch.zeros(len(examples)) for group in groups}
+    batches = longest_first_batches([ex.num_tokens() for ex in examples], batch_size)
     with tuned_threads(model):
-        for batch in longest_first_batches([ex.num_tokens() for ex in examples], batch_size):
-            scores = score_examples(model, [examples[i] for i in batch], groups, pad_id)
-            for group in groups:
-                out[group][batch] = scores[group].float()
+        scores = sharded_map(batches, lambda batch: score_examples(model, [examples[i] for i in batch], groups, pad_id),
+                             distributed_state())
+    out = {group: torch.zeros(len(examples)) for group in groups}
+    for batch, score in zip(batches, scores):
+        for group in groups:
+            out[group][batch] = score[group].float()
     return out

@@ -351,10 +351,14 @@ def markdown_summary(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def report_paths(output_dir: Path) -> dict[str, Path]:
+    return {"html": output_dir / "report.html", "json": output_dir / "metrics.json", "markdown": output_dir / "summary.md"}
+
+
 def write_report(result: EvalResult, output_dir: Path) -> dict[str, Path]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"html": output_dir / "report.html", "json": output_dir / "metrics.json", "markdown": output_dir / "summary.md"}
+    paths = report_paths(output_dir)
     paths["html"].write_text(render_html(result), encoding="utf-8")
     paths["json"].write_text(json.dumps(result.to_json(), indent=1), encoding="utf-8")
     paths["markdown"].write_text(markdown_summary(result) + "\n", encoding="utf-8")

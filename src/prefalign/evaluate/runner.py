@@ -11,6 +11,14 @@ means with a 95% paired bootstrap interval (perplexity on reference text: the re
 pooled perplexity). Before any model loads, every evaluation prompt is checked against the
 ``training_data`` files (:mod:`prefalign.evaluate.heldout`): one seen in training is dropped, and
 ``heldout.json`` records what was kept and dropped and how the split was made.
+
+Under N processes (``accelerate launch``, ``torchrun``) every process runs every step, and the
+heavy ones are sharded (:mod:`prefalign.sharding`): each process samples every N-th batch of a
+prompt set and scores every N-th batch of each log-prob pass, the same batches as one process, and
+the results are gathered in item order. So every process holds all per-item values, the metrics and
+bootstrap intervals come from them once, equal to one process's, and only the main process writes
+(samples, ``heldout.json``, the report). The scorers (refusal, toxicity, sentiment, reward model)
+still score every response on every process.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ from prefalign.configfile import read_yaml_mapping, validation_messages
 from prefalign.data.prompts import DEFAULT_EVAL_FRACTION
 from prefalign.data.tokenize import TokenizeSettings
 from prefalign.evaluate.heldout import RULE, TrainingPrompts, user_texts, write_json_atomic
-from prefalign.evaluate.report import EvalResult, MetricInfo, write_report
+from prefalign.evaluate.report import EvalResult, MetricInfo, report_paths, write_report
 from prefalign.evaluate.stats import (BOOTSTRAP_SEED, N_BOOT, Estimate, mean, paired_difference,
                                       paired_perplexity_change, pooled_perplexity, share)
+from prefalign.sharding import distributed_state, from_main, is_main, longest_first_batches, main_writes, sharded_map
 
 log = logging.getLogger("prefalign.evaluate")
 
@@ -208,7 +217,9 @@ def split_rule(split: str | None, eval_fraction: float, prompts) -> str:
 
 class Evaluator:
     def __init__(self, config: EvalConfig, *, show_progress: bool = True, scorer_factory: Callable[[str], Any] | None = None):
-        self.config, self.show_progress = config, show_progress
+        self.config = config
+        self.state = distributed_state()  # None in one process; else every process runs every step, sharded
+        self.show_progress = show_progress and is_main(self.state)
         self.settings = TokenizeSettings(config.max_length, config.max_prompt_length)
         self._scorer_factory = scorer_factory
         self._scorers: dict[str, Any] = {}
@@ -305,7 +316,9 @@ class Evaluator:
             sycophancy = entry("rho-sycophancy", rule, candidates, out.sycophancy, dropped, record_id)
         out.record = {"rule": RULE, "training_files": seen.files, "training_prompts": seen.n_texts,
                       "prompt_sets": sets, "reference_texts": texts, "pairs": pairs, "sycophancy": sycophancy}
-        write_json_atomic(Path(config.output_dir) / "heldout.json", out.record)
+        with main_writes(self.state) as main:
+            if main:
+                write_json_atomic(Path(config.output_dir) / "heldout.json", out.record)
         for group in ("prompt_sets", "reference_texts"):
             for name, e in out.record[group].items():
                 log.info("held out %s: %d kept, %d dropped (seen in training)", name, e["n_kept"], e["n_dropped"])
@@ -317,27 +330,36 @@ class Evaluator:
     def sample(self, label: str, model, tokenizer, prompt_set: PromptSetConfig, prompts) -> list[dict]:
         """Sampled responses ``{"response", "prompt_ids", "token_ids"}``, cached in the output folder
         by model, set and sampling settings. The exact token ids are kept for the KL estimate."""
-        from prefalign.generate.backends import SamplingParams
-
         path = Path(self.config.output_dir) / "samples" / label / f"{prompt_set.name}.jsonl"
         key = _sampling_key(self.config, self.config.models[label], prompt_set)
-        if path.exists():
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if (rows and all(r.get("key") == key and "token_ids" in r for r in rows)
-                    and [r["id"] for r in rows] == [p.id for p in prompts]):
-                return rows
+        # The main process's copy decides for all: no shared filesystem is assumed.
+        rows = from_main(lambda: _cached_samples(path, key, prompts), self.state)
+        if rows is None:
+            rows = self.draw_samples(model, tokenizer, prompts, key)
+            with main_writes(self.state) as main:
+                if main:
+                    _write_rows_atomic(path, rows)
+        return rows
+
+    def draw_samples(self, model, tokenizer, prompts, key: str) -> list[dict]:
+        """One sample per prompt, in prompt order. The batches are the backend's own (longest prompt
+        first, ``batch_size`` each); under N processes each samples every N-th of them, so each
+        batch's seed and padding, and so the samples, are one process's."""
+        from prefalign.generate.backends import SamplingParams
+
         s = self.config.sampling
         backend = self.generation_backend(model, tokenizer)
         params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
         chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
-        ids = [out[0] for out in backend.generate_token_ids(chats, params)]
-        rows = [{"id": p.id, "key": key, "response": tokenizer.decode(t, skip_special_tokens=True),
-                 "prompt_ids": backend.encode(chat), "token_ids": t} for p, chat, t in zip(prompts, chats, ids)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
-        return rows
+        prompt_ids = [backend.encode(chat) for chat in chats]
+        batches = longest_first_batches([len(ids) for ids in prompt_ids], backend.batch_size)
+        drawn = sharded_map(batches, lambda batch: backend.generate_token_ids([chats[i] for i in batch], params), self.state)
+        token_ids: list = [None] * len(prompts)
+        for batch, outputs in zip(batches, drawn):
+            for i, output in zip(batch, outputs):
+                token_ids[i] = output[0]
+        return [{"id": p.id, "key": key, "response": tokenizer.decode(t, skip_special_tokens=True),
+                 "prompt_ids": ids, "token_ids": t} for p, ids, t in zip(prompts, prompt_ids, token_ids)]
 
     def generation_backend(self, model, tokenizer):
         """The backend that samples ``model``'s responses: one per model, kept for all its prompt sets
@@ -559,6 +581,23 @@ def sycophancy_held_out() -> tuple[list, str]:
     return held_out, f"sha256 of normalised prompt text, eval_fraction={SYCOPHANCY_EVAL_FRACTION}, eval side"
 
 
+def _cached_samples(path: Path, key: str, prompts) -> list[dict] | None:
+    """The saved samples when they were drawn with ``key`` for exactly ``prompts``, else None."""
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if rows and all(r.get("key") == key and "token_ids" in r for r in rows) and [r["id"] for r in rows] == [p.id for p in prompts]:
+        return rows
+    return None
+
+
+def _write_rows_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
 def _answer(prompt, field_name: str) -> str | None:
     """The reference answer in ``prompt.meta[field_name]``, or None when it has none."""
     value = prompt.meta.get(field_name)
@@ -566,5 +605,10 @@ def _answer(prompt, field_name: str) -> str | None:
 
 
 def run_eval(config: EvalConfig, *, show_progress: bool = True) -> tuple[EvalResult, dict[str, Path]]:
-    result = Evaluator(config, show_progress=show_progress).run()
-    return result, write_report(result, Path(config.output_dir))
+    """Evaluate and write the report. Under N processes every process gets the same result; the
+    main process alone writes the files, and the others return their paths once they exist."""
+    evaluator = Evaluator(config, show_progress=show_progress)
+    result = evaluator.run()
+    with main_writes(evaluator.state) as main:
+        paths = write_report(result, Path(config.output_dir)) if main else report_paths(Path(config.output_dir))
+    return result, paths

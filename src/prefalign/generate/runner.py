@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from prefalign.data.prompts import Prompt
 from prefalign.data.records import RECORD_SCHEMA
 from prefalign.generate.core import Candidate, Strategy
 from prefalign.generate.jsonl import read_lines, rewrite
+from prefalign.sharding import distributed_state, from_main, is_main, sharded_rounds
 
 log = logging.getLogger("prefalign.generate")
 
@@ -217,18 +217,8 @@ def run_generation(
     start = time.perf_counter()
     strategy.check_prompts(prompts)
     state = distributed_state()
-    main = state is None or state.is_main_process
-    recovered = None
-    if main:
-        recovered = recover(output, flog)
-        if not output.exists():
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.touch()
-    if state is not None:
-        from accelerate.utils import broadcast_object_list
-
-        recovered = broadcast_object_list([recovered], from_process=0)[0]
-    done, torn, incomplete = recovered
+    main = is_main(state)
+    done, torn, incomplete = from_main(lambda: _recover(output, flog), state)
     keys = [generation_key(p, strategy, seed) for p in prompts]
     summary = GenerateSummary(strategy.name, output, flog, prompts_total=len(prompts),
                               recovered_torn_lines=torn, recovered_incomplete_rows=incomplete)
@@ -250,17 +240,11 @@ def run_generation(
         batches = [[i for i in range(s, min(s + batch_size, len(prompts))) if i in todo_set]
                    for s in range(0, len(prompts), batch_size)]
         work = [b for b in batches if b]
-        processes, rank = (1, 0) if state is None else (state.num_processes, state.process_index)
         with tqdm(total=len(todo_index), desc=f"generate {strategy.name}", unit="prompt",
                   disable=not show_progress or not main, dynamic_ncols=True) as bar:
-            for first in range(0, len(work), processes):
-                mine = work[first + rank] if first + rank < len(work) else None
-                generated = [_generate_batch(strategy, prompts, mine, keys, seed) if mine else None]
-                if state is not None:
-                    from accelerate.utils import gather_object
-
-                    generated = gather_object(generated)  # in process order: the round's batches in input order
-                for batch in filter(None, generated):
+            # A round of N batches at a time, written after each: a killed run resumes after the last round.
+            for generated in sharded_rounds(work, lambda batch: _generate_batch(strategy, prompts, batch, keys, seed), state):
+                for batch in generated:
                     if main:
                         if batch.rejects:
                             write_jsonl(flog, batch.rejects, append=True)
@@ -284,6 +268,15 @@ def run_generation(
         else:
             log.info(line)
     return summary
+
+
+def _recover(output: Path, flog: Path) -> tuple[set[str], int, int]:
+    """What a killed run left (done keys, torn lines, incomplete rows), the output file made."""
+    recovered = recover(output, flog)
+    if not output.exists():
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.touch()
+    return recovered
 
 
 @dataclass
@@ -319,17 +312,6 @@ def _generate_batch(strategy: Strategy, prompts: Sequence[Prompt], batch: list[i
                 out.rejects.append(_filtered_row(c, prompt, base, keys[i], part, n))
                 out.filtered[c.filtered] += 1
     return out
-
-
-def distributed_state():
-    """accelerate's process state when this is one of several processes (``accelerate launch``,
-    ``torchrun``); None in a plain single process, which then needs no process group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------- from a config

@@ -46,6 +46,7 @@ from prefalign.generate.backends.base import (
     encode_prompt,
     render_with_tokenizer,
 )
+from prefalign.sharding import longest_first_batches
 
 log = logging.getLogger("prefalign.generate")
 
@@ -226,8 +227,7 @@ class TransformersBackend:
         n_rows = 1 if greedy else params.n  # greedy samples are identical: generate once, repeat
         per_batch = max(1, self.batch_size // n_rows)
         # Longest first: similar lengths share a batch, and an out-of-memory shows up at once.
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-        batches = [order[k : k + per_batch] for k in range(0, len(order), per_batch)]
+        batches = longest_first_batches([len(p) for p in prompts], per_batch)
 
         results: list[list[list[int]] | None] = [None] * len(prompts)
         stats = GenerationStats(prompts=len(prompts))
