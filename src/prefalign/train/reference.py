@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from prefalign.data.tokenize import TokenizedExample
 from prefalign.models.lora import is_peft_model
+from prefalign.sharding import from_main, is_main, longest_first_batches, main_writes, sharded_map
 from prefalign.train.sequences import collate, sequence_logps, split_groups, supports_packing, supports_shared_prompt
 
 if TYPE_CHECKING:
@@ -199,40 +200,22 @@ def precompute_table(
     scores every N-th batch, the parts are gathered and put in data order on every process, and
     only the main process reads or writes the cache (its decision and table are sent to the
     others: no shared filesystem is assumed)."""
-    rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    cached = _main_process_cache(path, processes)
+    main = is_main(accelerator)
+    # The main process's copy decides for all: no shared filesystem is assumed.
+    cached = from_main(lambda: torch.load(path) if path.exists() else None, accelerator)
     if cached is not None:
-        if rank == 0:
+        if main:
             log.info("reference log-probs: cache hit %s", path)
         return cached
-    # Longest first: similar lengths share a batch, so little is spent on padding.
-    order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens())
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    parts = []
-    for idx in tqdm(batches[rank::processes], desc=desc, unit="batch", disable=rank != 0):
-        parts.append((idx, reference.logps([examples[i] for i in idx])))
-    if processes > 1:
-        from accelerate.utils import gather_object
-
-        parts = gather_object(parts)
-    table = _table_in_data_order(parts, len(examples))
-    if rank == 0:
-        _write_cache(table, path)
-        log.info("reference log-probs: cached %d examples at %s", len(examples), path)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+    batches = longest_first_batches([ex.num_tokens() for ex in examples], batch_size)
+    scores = sharded_map(batches, lambda idx: reference.logps([examples[i] for i in idx]), accelerator,
+                         progress=lambda ks: tqdm(ks, desc=desc, unit="batch", disable=not main))
+    table = _table_in_data_order(list(zip(batches, scores)), len(examples))
+    with main_writes(accelerator) as main:
+        if main:
+            _write_cache(table, path)
+            log.info("reference log-probs: cached %d examples at %s", len(examples), path)
     return table
-
-
-def _main_process_cache(path: Path, processes: int) -> dict[str, torch.Tensor] | None:
-    """The cached table if the main process finds one, on every process; None on all if not."""
-    if processes == 1:
-        return torch.load(path) if path.exists() else None
-    from accelerate.state import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    found = [torch.load(path) if PartialState().is_main_process and path.exists() else None]
-    return broadcast_object_list(found, from_process=0)[0]
 
 
 def _table_in_data_order(parts: list[tuple[list[int], dict[str, torch.Tensor]]], num_examples: int) -> dict[str, torch.Tensor]:
