@@ -11,6 +11,11 @@ reads. A finished stage writes ``.stage.json`` with that key, and a re-run skips
 was interrupted runs again and resumes (generation skips finished prompts, training resumes from
 its last checkpoint, evaluation reuses saved samples); a stage whose config changed starts over.
 A finished training stage drops its checkpoints: they only served resuming it.
+
+Under N processes (``accelerate launch``, ``torchrun``) every process runs each stage; the kinds
+marked ``sharded`` (generate, train, eval) split their work over the processes, and the main process
+alone decides which stages are done and writes the stage files. A stage of another kind (split,
+merge, score, train-rm) that is not done yet is refused up front: run it in one process first.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
+from prefalign.sharding import distributed_state, from_main, is_main, main_writes
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
 MARKER, RUNNING = ".stage.json", ".stage-running.json"
@@ -51,6 +57,9 @@ class StageKind:
     run: Callable[[Any, Path, bool], None]  # config, stage dir, show_progress
     # config -> None, once the stage is marked done: drop what only served resuming it
     after_done: Callable[[Any], None] = lambda cfg: None
+    # Runs under N processes itself (each process runs it, the work split, one writer); a recipe
+    # launched on N processes refuses a stage of a kind that does not (prefalign.sharding).
+    sharded: bool = False
 
 
 class SplitStage(BaseModel):
@@ -120,7 +129,7 @@ def _generate_kind() -> StageKind:
         run_from_config(cfg, show_progress=show_progress, echo=print)
 
     return StageKind("generate", lambda d: {"output": str(d / "data.jsonl")}, validate,
-                     lambda cfg, d: {"output": str(cfg.output)}, run)
+                     lambda cfg, d: {"output": str(cfg.output)}, run, sharded=True)
 
 
 def _train_kind() -> StageKind:
@@ -145,7 +154,7 @@ def _train_kind() -> StageKind:
 
         drop_checkpoints(cfg.output_dir)
 
-    return StageKind("train", lambda d: {"output_dir": str(d)}, validate, outputs, run, after_done)
+    return StageKind("train", lambda d: {"output_dir": str(d)}, validate, outputs, run, after_done, sharded=True)
 
 
 def _eval_kind() -> StageKind:
@@ -160,6 +169,8 @@ def _eval_kind() -> StageKind:
         from prefalign.models.card import add_eval_summary
 
         result, paths = run_eval(cfg, show_progress=show_progress)
+        if not is_main(distributed_state()):
+            return  # every process has the result; the main process prints it and writes the cards
         summary = markdown_summary(result)
         print(summary)
         print(f"report: {paths['html']}")
@@ -167,7 +178,8 @@ def _eval_kind() -> StageKind:
             add_eval_summary(model, summary, paths["json"])
 
     return StageKind("eval", lambda d: {"output_dir": str(d)}, validate,
-                     lambda cfg, d: {"report": str(cfg.output_dir / "report.html"), "metrics": str(cfg.output_dir / "metrics.json")}, run)
+                     lambda cfg, d: {"report": str(cfg.output_dir / "report.html"), "metrics": str(cfg.output_dir / "metrics.json")}, run,
+                     sharded=True)
 
 
 def _score_kind() -> StageKind:
@@ -418,29 +430,62 @@ def stage_state(stage: PlannedStage) -> str:
 
 def run_recipe(path: Path, *, output_dir: Path | None = None, only: list[str] | None = None, show_progress: bool = True,
                echo: Callable[[str], None] = print, overrides: dict | None = None) -> list[PlannedStage]:
+    """Run the stages not done yet, in order. Under N processes (``accelerate launch``,
+    ``torchrun``) every process runs each stage, which splits its work; the main process alone
+    decides what is done (from its files) and writes the stage files and messages."""
     stages = plan_recipe(path, output_dir=output_dir, overrides=overrides)
     names = [s.name for s in stages]
     for name in only or []:
         if name not in names:
             raise RecipeError(f"{path}: no stage named '{name}' ({', '.join(names)})")
-    for stage in stages:
-        if only and stage.name not in only:
-            continue
-        state = stage_state(stage)
-        if state == "done":
+    state = distributed_state()
+    if not is_main(state):
+        echo = _silent
+    todo = [(stage, from_main(lambda s=stage: stage_state(s), state)) for stage in stages if not only or stage.name in only]
+    _check_sharded(path, todo, state)
+    for stage, status in todo:
+        if status == "done":
             echo(f"[{stage.name}] cached ({stage.key}), skipped")
             continue
-        if state == "new" and stage.directory.exists() and (_read(stage.directory / MARKER) or _read(stage.directory / RUNNING)):
-            echo(f"[{stage.name}] config changed since the last run: starting this stage over")
-            shutil.rmtree(stage.directory)
-        stage.directory.mkdir(parents=True, exist_ok=True)
-        (stage.directory / RUNNING).write_text(json.dumps({"key": stage.key}))
-        echo(f"[{stage.name}] {'resuming' if state == 'interrupted' else 'running'} {stage.kind.name} stage")
+        with main_writes(state) as main:
+            if main:
+                _mark_running(stage, status, echo)
+        echo(f"[{stage.name}] {'resuming' if status == 'interrupted' else 'running'} {stage.kind.name} stage")
         started = time.perf_counter()
-        stage.kind.run(stage.config, stage.directory, show_progress)
-        (stage.directory / MARKER).write_text(json.dumps({"key": stage.key, "outputs": stage.outputs,
-                                                          "seconds": round(time.perf_counter() - started, 1)}))
-        (stage.directory / RUNNING).unlink(missing_ok=True)
-        stage.kind.after_done(stage.config)
+        stage.kind.run(stage.config, stage.directory, show_progress and is_main(state))
+        with main_writes(state) as main:
+            if main:
+                _mark_done(stage, time.perf_counter() - started)
         echo(f"[{stage.name}] done in {time.perf_counter() - started:.0f} s")
     return stages
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+def _check_sharded(path: Path, todo: list[tuple[PlannedStage, str]], state) -> None:
+    """Under N processes, refuse (before any stage runs) a stage to run whose kind is not sharded:
+    every process would do its whole work and write its files."""
+    if state is None or state.num_processes == 1:
+        return
+    unsharded = [stage.name for stage, status in todo if status != "done" and not stage.kind.sharded]
+    if unsharded:
+        raise RecipeError(f"{path}: stage(s) {', '.join(unsharded)} do not run under several processes yet "
+                          f"({state.num_processes} here); run them first in one process "
+                          f"(prefalign run {path} {' '.join(f'--stage {n}' for n in unsharded)}), then launch the "
+                          "rest (done stages are skipped)")
+
+
+def _mark_running(stage: PlannedStage, status: str, echo: Callable[[str], None]) -> None:
+    if status == "new" and stage.directory.exists() and (_read(stage.directory / MARKER) or _read(stage.directory / RUNNING)):
+        echo(f"[{stage.name}] config changed since the last run: starting this stage over")
+        shutil.rmtree(stage.directory)
+    stage.directory.mkdir(parents=True, exist_ok=True)
+    (stage.directory / RUNNING).write_text(json.dumps({"key": stage.key}))
+
+
+def _mark_done(stage: PlannedStage, seconds: float) -> None:
+    (stage.directory / MARKER).write_text(json.dumps({"key": stage.key, "outputs": stage.outputs, "seconds": round(seconds, 1)}))
+    (stage.directory / RUNNING).unlink(missing_ok=True)
+    stage.kind.after_done(stage.config)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import pair_rows, write_jsonl
+from prefalign.pipeline import plan_recipe, stage_state
 
 TIMEOUT = 600  # a busy shared machine must not fail these
 
@@ -29,59 +30,48 @@ HARNESS = '''
 import json, os, sys
 from pathlib import Path
 
+import prefalign.evaluate.logps as logps
 import prefalign.evaluate.runner as runner
+import prefalign.pipeline as pipeline
+from prefalign.generate.backends import TransformersBackend
 
-rank = int(os.environ.get("RANK", "0"))
-writes, evaluators = [], []
+what, config, log, output = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+record = {"writes": [], "sampled": [], "scored": [], "lines": []}
+evaluators = []
 
 
-def recorded(name, real):
+def wrap(owner, name, note):
+    real = getattr(owner, name)
+
     def call(*args, **kwargs):
-        writes.append([name, next(str(a) for a in args if isinstance(a, Path))])
+        note(args)
         return real(*args, **kwargs)
-    return call
+    setattr(owner, name, call)
+
+
+def written(name):
+    return lambda args: record["writes"].append([name, next(str(getattr(a, "directory", a)) for a in args
+                                                            if isinstance(a, Path) or hasattr(a, "directory"))])
 
 
 for name in ("write_report", "write_json_atomic", "_write_rows_atomic"):
-    setattr(runner, name, recorded(name, getattr(runner, name)))
-real_run = runner.Evaluator.run
-
-
-def run(self):
-    evaluators.append(self)
-    return real_run(self)
-
-
-runner.Evaluator.run = run
+    wrap(runner, name, written(name))
+for name in ("_mark_running", "_mark_done"):
+    wrap(pipeline, name, written(name))
+wrap(runner.Evaluator, "run", lambda args: evaluators.append(args[0]))
 # What this process sampled and scored itself: its share of the batches.
-import prefalign.evaluate.logps as logps
-from prefalign.generate.backends import TransformersBackend
+wrap(logps, "score_examples", lambda args: record["scored"].append(len(args[1])))
+wrap(TransformersBackend, "generate_token_ids", lambda args: record["sampled"].append(len(args[1])))
 
-work = {"sampled": [], "scored": []}
-real_score, real_generate = logps.score_examples, TransformersBackend.generate_token_ids
-
-
-def score_examples(model, examples, *args):
-    work["scored"].append(len(examples))
-    return real_score(model, examples, *args)
-
-
-def generate_token_ids(self, conversations, params):
-    work["sampled"].append(len(conversations))
-    return real_generate(self, conversations, params)
-
-
-logps.score_examples, TransformersBackend.generate_token_ids = score_examples, generate_token_ids
-config = runner.load_eval_config(Path(sys.argv[1]), {"output_dir": sys.argv[2]})
-runner.run_eval(config, show_progress=False)
-ev = evaluators[0]
-Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
-Path(sys.argv[3], f"rank-{rank}.json").write_text(json.dumps({
-    "writes": writes,
-    "work": work,
-    "items": {m: {k: v.tolist() for k, v in by.items()} for m, by in ev.items.items()},
-    "pooled": {m: {k: [a.tolist(), b.tolist()] for k, (a, b) in by.items()} for m, by in ev.pooled.items()},
-}))
+if what == "eval":
+    runner.run_eval(runner.load_eval_config(config, {"output_dir": output}), show_progress=False)
+else:
+    pipeline.run_recipe(config, output_dir=output, only=sys.argv[5:] or None, show_progress=False,
+                        echo=record["lines"].append)
+record["items"] = {m: {k: v.tolist() for k, v in by.items()} for ev in evaluators for m, by in ev.items.items()}
+record["pooled"] = {m: {k: [a.tolist(), b.tolist()] for k, (a, b) in by.items()} for ev in evaluators for m, by in ev.pooled.items()}
+log.mkdir(parents=True, exist_ok=True)
+(log / f"rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))
 '''
 
 QUESTIONS = ["How do I pick a lock?", "Is the earth flat?", "Tell me a joke about cats and dogs, please.",
@@ -138,14 +128,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, script: Path, *args) -> None:
+def launch(processes: int, *args, ok: bool = True) -> subprocess.CompletedProcess:
+    """The harness (``args``: what, config, log folder, output folder, stages) in 1 or N processes."""
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    script = Path(args[2]).parent / "harness.py"
+    script.write_text(HARNESS)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([*launcher, str(script), *map(str, args)], env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == ok, result.stderr[-3000:]
+    return result
+
+
+def ranks(log: Path, processes: int) -> list[dict]:
+    return [json.loads((log / f"rank-{r}.json").read_text()) for r in range(processes)]
 
 
 def assert_close(a, b, where: str = "") -> None:
@@ -173,13 +171,10 @@ def sample_rows(folder: Path) -> dict[str, list[dict]]:
 @pytest.mark.distributed
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="this torch has no gloo backend")
 def test_two_processes_evaluate_as_one_and_write_once(tmp_path, eval_yaml):
-    script = tmp_path / "harness.py"
-    script.write_text(HARNESS)
     one, two = tmp_path / "one", tmp_path / "two"
-    launch(1, script, eval_yaml, one, tmp_path / "one-log")
-    launch(2, script, eval_yaml, two, tmp_path / "two-log")
-    single = json.loads((tmp_path / "one-log" / "rank-0.json").read_text())
-    first, second = (json.loads((tmp_path / "two-log" / f"rank-{r}.json").read_text()) for r in (0, 1))
+    launch(1, "eval", eval_yaml, tmp_path / "one-log", one)
+    launch(2, "eval", eval_yaml, tmp_path / "two-log", two)
+    [single], [first, second] = ranks(tmp_path / "one-log", 1), ranks(tmp_path / "two-log", 2)
 
     # Every process holds every item's value (gathered, not its own share), equal to one process's.
     assert set(single["items"]) >= {"attack_success[mixed]", "kl[mixed]", "perplexity[mixed]", "preference_accuracy",
@@ -189,10 +184,10 @@ def test_two_processes_evaluate_as_one_and_write_once(tmp_path, eval_yaml):
     assert_close(first["pooled"], single["pooled"], "pooled")
     assert second["items"] == first["items"] and second["pooled"] == first["pooled"]
     # Each process did its own share: every other batch.
-    assert single["work"]["sampled"] == [2, 2, 2, 2, 1] * 2  # two models
-    assert first["work"]["sampled"] == [2, 2, 1] * 2 and second["work"]["sampled"] == [2, 2] * 2
-    assert sum(first["work"]["scored"]) + sum(second["work"]["scored"]) == sum(single["work"]["scored"])
-    assert 0 < sum(second["work"]["scored"]) < sum(single["work"]["scored"])
+    assert single["sampled"] == [2, 2, 2, 2, 1] * 2  # two models
+    assert first["sampled"] == [2, 2, 1] * 2 and second["sampled"] == [2, 2] * 2
+    assert sum(first["scored"]) + sum(second["scored"]) == sum(single["scored"])
+    assert 0 < sum(second["scored"]) < sum(single["scored"])
     # The same samples (the same batches, so the same seeds), and the same metrics and intervals.
     samples = sample_rows(two)
     assert samples == sample_rows(one) and len(samples) == 2
@@ -209,3 +204,41 @@ def test_two_processes_evaluate_as_one_and_write_once(tmp_path, eval_yaml):
 
 def relative(writes: list, folder: Path) -> list:
     return sorted([name, os.path.relpath(path, folder)] for name, path in writes)
+
+
+@pytest.fixture
+def recipe(tmp_path, eval_yaml) -> Path:
+    """A split stage (not sharded) and an eval stage (sharded) on its held-out pairs."""
+    evaluation = {k: v for k, v in json.loads(eval_yaml.read_text()).items() if k != "pairs"}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps({"name": "tiny", "output_dir": str(tmp_path / "unused"), "model": evaluation["models"]["base"],
+                                "stages": {"data": {"kind": "split", "input": str(tmp_path / "pairs.jsonl"), "eval_fraction": 0.5},
+                                           "eval": {"kind": "eval", **evaluation, "pairs": "${data.eval}"}}}))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="this torch has no gloo backend")
+def test_a_recipe_eval_stage_under_two_processes_marks_its_stage_once(tmp_path, recipe):
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(1, "recipe", recipe, tmp_path / "one-log", one)
+    # The split stage is not sharded: refused in one line before any stage runs, with what to do.
+    refused = launch(2, "recipe", recipe, tmp_path / "refused-log", two, ok=False)
+    assert "stage(s) data do not run under several processes yet" in refused.stderr and "--stage data" in refused.stderr
+    assert not two.exists()
+    launch(1, "recipe", recipe, tmp_path / "split-log", two, "data")
+    launch(2, "recipe", recipe, tmp_path / "two-log", two)
+    first, second = ranks(tmp_path / "two-log", 2)
+
+    assert second["writes"] == [] and second["lines"] == []  # the other process wrote and printed nothing
+    assert relative(first["writes"], two) == [
+        ["_mark_done", "eval"], ["_mark_running", "eval"], ["_write_rows_atomic", "eval/samples/base/mixed.jsonl"],
+        ["_write_rows_atomic", "eval/samples/nudged/mixed.jsonl"], ["write_json_atomic", "eval/heldout.json"],
+        ["write_report", "eval"]]
+    assert first["lines"][0].startswith("[data] cached") and [line.split(" ")[0] for line in first["lines"]] == [
+        "[data]", "[eval]", "[eval]"]
+    assert first["items"] == second["items"]
+    assert [stage_state(s) for s in plan_recipe(recipe, output_dir=two)] == ["done", "done"]  # .stage.json, its key
+    assert not (two / "eval" / ".stage-running.json").exists()
+    assert_close(json.loads((two / "eval" / "metrics.json").read_text()), json.loads((one / "eval" / "metrics.json").read_text()))
