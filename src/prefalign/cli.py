@@ -230,6 +230,7 @@ def evaluate(
     """Evaluate models side by side; writes report.html, metrics.json and a Markdown summary."""
     from prefalign.evaluate.report import markdown_summary
     from prefalign.evaluate.runner import EvalConfigError, load_eval_config, run_eval
+    from prefalign.sharding import distributed_state, is_main
 
     _setup_logging(verbose=not quiet)
     overrides: dict = {"output_dir": output_dir, "pairs": pairs}
@@ -240,6 +241,8 @@ def evaluate(
         cfg = load_eval_config(config, overrides)
         _check_eval_inputs(cfg)  # every input file and model name, before any model loads
         result, paths = run_eval(cfg, show_progress=not quiet)
+    if not is_main(distributed_state()):
+        return  # under N processes every one has the result; the main process prints it
     console.print(markdown_summary(result), highlight=False)
     console.print(f"report: {paths['html']}")
 

@@ -242,3 +242,19 @@ def test_a_recipe_eval_stage_under_two_processes_marks_its_stage_once(tmp_path, 
     assert [stage_state(s) for s in plan_recipe(recipe, output_dir=two)] == ["done", "done"]  # .stage.json, its key
     assert not (two / "eval" / ".stage-running.json").exists()
     assert_close(json.loads((two / "eval" / "metrics.json").read_text()), json.loads((one / "eval" / "metrics.json").read_text()))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="this torch has no gloo backend")
+def test_the_eval_command_under_two_processes_prints_its_summary_once(tmp_path, eval_yaml):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "prefalign.cli", "eval", "-c", str(eval_yaml), "-o", str(out), "-q"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Printed by the main process alone (the terminal may wrap the long lines).
+    assert result.stdout.count("### prefalign evaluation") == 1 and result.stdout.count("report:") == 1
+    assert (out / "report.html").exists()
