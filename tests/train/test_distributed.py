@@ -179,6 +179,22 @@ def test_what_sharded_engines_do_not_support_yet_is_refused_in_one_line():
         check_engine_supported(engine(DistributedType.FSDP), grad_accum=1, reference_mode="disable-adapters")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's message")
+def test_an_fsdp_launch_on_a_machine_without_a_gpu_fails_in_one_line(tmp_path, tiny_model, data):
+    """What `accelerate launch --config_file recipes/accelerate/fsdp.yaml` sets, in one process: the
+    train command stops before any model loads with exit 2 and one line naming the way out."""
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_SYNC_MODULE_STATES": "true", "CUDA_VISIBLE_DEVICES": "",
+           "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "prefalign.cli", "train", "--model", str(tiny_model), "--data", str(data),
+           "--output-dir", str(tmp_path / "out"), "--max-steps", "1"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "FSDP needs a GPU here" in errors[0] and "ddp.yaml" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "model").exists()
+
+
 # ------------------------------------------------------------------------------------ runs
 
 

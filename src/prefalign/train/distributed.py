@@ -59,8 +59,17 @@ def make_accelerator(dtype: str):
     The scheduler steps once per optimizer step: the trainer's step counts already count global batches."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision="bf16" if dtype == "bfloat16" else "no", cpu=not torch.cuda.is_available(),
-                       step_scheduler_with_optimizer=False)
+    try:
+        return Accelerator(mixed_precision="bf16" if dtype == "bfloat16" else "no", cpu=not torch.cuda.is_available(),
+                           step_scheduler_with_optimizer=False)
+    except RuntimeError as err:
+        # accelerate 1.16 refuses an FSDP config on a machine with no GPU with a traceback; a user
+        # who launched recipes/accelerate/fsdp.yaml there gets one line that says what to do.
+        if "sync_module_states" in str(err) and not torch.cuda.is_available():
+            raise ConfigError("FSDP needs a GPU here: accelerate cannot shard on CPU (it stopped with: "
+                              f"{str(err).strip()}); launch with recipes/accelerate/ddp.yaml, or "
+                              "--fsdp_sync_module_states false to run as plain DDP") from err
+        raise
 
 
 def global_batch_line(batch_size: int, num_processes: int, grad_accum: int, engine: str) -> str:
