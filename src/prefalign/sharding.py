@@ -4,8 +4,9 @@ A stage cuts its work into batches exactly as one process would; batch ``k`` run
 ``k mod N``, and the results are gathered and put back in batch order on every process. The
 batches, and so each batch's seed and padding, do not depend on the number of processes, so N
 processes give one process's results. Generation (:mod:`prefalign.generate.runner`), the
-evaluation's sampling and log-prob passes (:mod:`prefalign.evaluate`) and the training reference's
-precompute (:mod:`prefalign.train.reference`) all shard through here.
+evaluation's sampling and log-prob passes (:mod:`prefalign.evaluate`), the training reference's
+precompute (:mod:`prefalign.train.reference`) and D²O's online anchors
+(:mod:`prefalign.train.online_anchors`) all shard through here.
 
 Every process must make the same calls in the same order: each gather waits for all of them.
 """

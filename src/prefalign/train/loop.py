@@ -601,10 +601,11 @@ class Trainer:
             self.accelerator.unwrap_model(self.model), list({ex.index: ex for ex in examples}.values()),
             pad_id=self.pad_id, eos_id=tokenizer.eos_token_id, max_new_tokens=self.config.anchor_max_new_tokens,
             temperature=self.config.anchor_temperature, seed=self.config.seed * 1_000_003 + self.step,
-            # Every process samples the whole global batch's anchors in the same chunks (the same
-            # seeds), so all hold the same anchors, the main process saves them, and N processes
-            # train on the anchors one process with the global batch size would sample.
-            max_length=self.config.max_length, batch_size=self.global_batch_size(),
+            max_length=self.config.max_length,
+            # Data-parallel processes split the chunks and gather the anchors (the same chunks and
+            # seeds as one process). Under FSDP/DeepSpeed every process samples them all: a sharded
+            # model's forward passes must run in step on every process.
+            state=None if is_sharded_engine(self.accelerator) else self.accelerator,
         )
         self.refreshed_anchors.update(refreshed)
 

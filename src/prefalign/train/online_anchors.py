@@ -3,6 +3,11 @@
 Anchors are sampled straight from the prompt's token ids (the same ids the loss scores), so the
 new anchors sit exactly where the loss reads them. Their reference log-probs cannot come from a
 precomputed table, so this needs a live reference (``reference: copy`` or ``disable-adapters``).
+
+The prompts are sampled in chunks of :data:`PROMPTS_PER_CALL`, each chunk seeded by its first
+example, so the anchors do not depend on the number of processes; under N data-parallel processes
+the chunks are split over them by :mod:`prefalign.sharding` (chunk k on process k mod N) and
+gathered, so every process holds every anchor (the main process saves them in checkpoints).
 """
 
 from __future__ import annotations
@@ -12,6 +17,11 @@ from typing import Sequence
 import torch
 
 from prefalign.data.tokenize import TokenizedExample
+from prefalign.sharding import sharded_map
+
+#: Prompts per sampling call (each samples K responses). Fixed, not the batch size: the chunks, and
+#: so the seeds and the anchors, are then the same for any number of processes.
+PROMPTS_PER_CALL = 4
 
 
 @torch.no_grad()
@@ -52,17 +62,23 @@ def sample_anchor_ids(
 
 
 def refresh_anchors(model, examples: Sequence[TokenizedExample], *, pad_id: int, eos_id: int, max_new_tokens: int,
-                    temperature: float, seed: int, max_length: int, batch_size: int = 4) -> dict[int, list[list[int]]]:
-    """Replace each example's anchors in place; returns ``{example index: anchors}`` for checkpoints."""
-    refreshed = {}
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        k = len(chunk[0].responses["anchors"])
+                    temperature: float, seed: int, max_length: int, batch_size: int = PROMPTS_PER_CALL,
+                    state=None) -> dict[int, list[list[int]]]:
+    """Replace each example's anchors in place; returns ``{example index: anchors}`` for checkpoints.
+    ``state`` (an Accelerator or accelerate state, or None): the processes to split the chunks over;
+    every process must call this with the same examples."""
+    chunks = [list(examples[start : start + batch_size]) for start in range(0, len(examples), batch_size)]
+
+    def sample(chunk: list[TokenizedExample]) -> list[list[list[int]]]:
         budget = max_length - max(len(ex.prompt_ids) for ex in chunk)
-        sampled = sample_anchor_ids(
-            model, [ex.prompt_ids for ex in chunk], k, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
-            temperature=temperature, seed=seed + chunk[0].index, max_response_tokens=max(2, budget),
+        return sample_anchor_ids(
+            model, [ex.prompt_ids for ex in chunk], len(chunk[0].responses["anchors"]), pad_id=pad_id, eos_id=eos_id,
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + chunk[0].index,
+            max_response_tokens=max(2, budget),
         )
+
+    refreshed = {}
+    for chunk, sampled in zip(chunks, sharded_map(chunks, sample, state)):
         for ex, anchors in zip(chunk, sampled):
             ex.responses["anchors"] = anchors
             refreshed[ex.index] = anchors
