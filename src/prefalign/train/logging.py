@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from prefalign.data.io import open_rows, write_jsonl
+
 LOG_FILE = "train_log.jsonl"
 
 
@@ -48,19 +50,11 @@ class MetricsLogger:
     def history(self) -> list[dict]:
         if not self.path.exists():
             return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a kill
-                continue
-        return out
+        # A line torn by a kill is skipped: the log is appended to as training goes.
+        return [row for _, row in open_rows(self.path)[1] if isinstance(row, dict)]
 
     def truncate_after(self, step: int) -> None:
-        kept = [row for row in self.history() if row.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_jsonl(self.path, [_finite(row) for row in self.history() if row.get("step", 0) <= step])
 
     def close(self) -> None:
         if self._tb is not None:
