@@ -33,6 +33,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
+from prefalign.data.io import write_text_atomic
 from prefalign.sharding import distributed_state, from_main, is_main, main_writes
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
@@ -108,9 +109,7 @@ def _run_merge(cfg: MergeStage, stage_dir: Path, show_progress: bool) -> None:
     lines = []
     for path in cfg.inputs:
         lines += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    tmp = cfg.output.with_name(cfg.output.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(cfg.output)
+    write_text_atomic(cfg.output, "".join(line + "\n" for line in lines))
     print(f"merged {len(lines)} records from {len(cfg.inputs)} files into {cfg.output}")
 
 
@@ -482,10 +481,10 @@ def _mark_running(stage: PlannedStage, status: str, echo: Callable[[str], None])
         echo(f"[{stage.name}] config changed since the last run: starting this stage over")
         shutil.rmtree(stage.directory)
     stage.directory.mkdir(parents=True, exist_ok=True)
-    (stage.directory / RUNNING).write_text(json.dumps({"key": stage.key}))
+    write_text_atomic(stage.directory / RUNNING, json.dumps({"key": stage.key}))
 
 
 def _mark_done(stage: PlannedStage, seconds: float) -> None:
-    (stage.directory / MARKER).write_text(json.dumps({"key": stage.key, "outputs": stage.outputs, "seconds": round(seconds, 1)}))
+    write_text_atomic(stage.directory / MARKER, json.dumps({"key": stage.key, "outputs": stage.outputs, "seconds": round(seconds, 1)}))
     (stage.directory / RUNNING).unlink(missing_ok=True)
     stage.kind.after_done(stage.config)

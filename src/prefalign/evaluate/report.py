@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from prefalign.data.io import write_text_atomic
 from prefalign.evaluate.stats import Estimate
 from prefalign.score.agreement import Agreement
 
@@ -359,7 +360,7 @@ def write_report(result: EvalResult, output_dir: Path) -> dict[str, Path]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = report_paths(output_dir)
-    paths["html"].write_text(render_html(result), encoding="utf-8")
-    paths["json"].write_text(json.dumps(result.to_json(), indent=1), encoding="utf-8")
-    paths["markdown"].write_text(markdown_summary(result) + "\n", encoding="utf-8")
+    write_text_atomic(paths["html"], render_html(result))
+    write_text_atomic(paths["json"], json.dumps(result.to_json(), indent=1))
+    write_text_atomic(paths["markdown"], markdown_summary(result) + "\n")
     return paths

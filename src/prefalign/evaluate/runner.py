@@ -34,10 +34,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
-from prefalign.data.io import open_rows, write_jsonl
+from prefalign.data.io import open_rows, write_jsonl, write_text_atomic
 from prefalign.data.prompts import DEFAULT_EVAL_FRACTION
 from prefalign.data.tokenize import TokenizeSettings
-from prefalign.evaluate.heldout import RULE, TrainingPrompts, user_texts, write_json_atomic
+from prefalign.evaluate.heldout import RULE, TrainingPrompts, user_texts
 from prefalign.evaluate.report import EvalResult, MetricInfo, report_paths, write_report
 from prefalign.evaluate.stats import (BOOTSTRAP_SEED, N_BOOT, Estimate, mean, paired_difference,
                                       paired_perplexity_change, pooled_perplexity, share)
@@ -319,7 +319,7 @@ class Evaluator:
                       "prompt_sets": sets, "reference_texts": texts, "pairs": pairs, "sycophancy": sycophancy}
         with main_writes(self.state) as main:
             if main:
-                write_json_atomic(Path(config.output_dir) / "heldout.json", out.record)
+                write_json(Path(config.output_dir) / "heldout.json", out.record)
         for group in ("prompt_sets", "reference_texts"):
             for name, e in out.record[group].items():
                 log.info("held out %s: %d kept, %d dropped (seen in training)", name, e["n_kept"], e["n_dropped"])
@@ -593,6 +593,11 @@ def _cached_samples(path: Path, key: str, prompts) -> list[dict] | None:
             and [r["id"] for r in rows] == [p.id for p in prompts]:
         return rows
     return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def _answer(prompt, field_name: str) -> str | None:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefalign.data.errors import DataError
+from prefalign.data.io import write_text_atomic
 from prefalign.data.records import PreferenceRecord
 from prefalign.data.sources import stable_split
 from prefalign.models.registry import write_folder_atomically
@@ -250,5 +251,5 @@ def train_reward_model(config: RewardTrainConfig, *, show_progress: bool = True)
 
     write_card(model_dir, reward_model_card(config, result))
     summary = {**asdict(result), "model_dir": str(model_dir), "config": json.loads(config.model_dump_json())}
-    (output / "train_rm_summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(output / "train_rm_summary.json", json.dumps(summary, indent=2))
     return result
