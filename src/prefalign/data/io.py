@@ -305,6 +305,41 @@ def _dataset_folder_rows(p: Path, path: str) -> Iterator[RowItem]:
     return gen()
 
 
+def read_resumable_lines(path: Path) -> tuple[list[tuple[bytes, dict]], bool]:
+    """For an output that is appended to and resumed (``prefalign generate``): ``([(raw line,
+    parsed object)], torn)``, every complete line, and whether a torn last line (no newline at the
+    end, or unparseable: a process killed while appending) was left out. A bad line before the end
+    is an error. The raw lines let :func:`rewrite_lines` drop the torn one byte for byte."""
+    if not path.exists():
+        return [], False
+    data = path.read_bytes()
+    if not data:
+        return [], False
+    pieces = data.split(b"\n")
+    tail = pieces.pop()  # b"" when the file ends with a newline
+    torn = bool(tail.strip())
+    rows: list[tuple[bytes, dict]] = []
+    for number, raw in enumerate(pieces, 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"not a valid JSON line ({exc}); fix or remove it before resuming",
+                            path=path, line=number, kind="json") from None
+        if not isinstance(obj, dict):
+            raise DataError("expected a JSON object", path=path, line=number, kind="not_object")
+        rows.append((raw, obj))
+    return rows, torn
+
+
+def rewrite_lines(path: Path, raw_lines: list[bytes]) -> None:
+    """Replace ``path`` with these lines, atomically (see :class:`atomic_writer`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(path) as fh:
+        fh.write("".join(raw.decode("utf-8") + "\n" for raw in raw_lines))
+
+
 # --------------------------------------------------------------------------- writing
 
 

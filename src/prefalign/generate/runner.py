@@ -32,7 +32,7 @@ from prefalign.data.io import write_jsonl
 from prefalign.data.prompts import Prompt
 from prefalign.data.records import RECORD_SCHEMA
 from prefalign.generate.core import Candidate, Strategy
-from prefalign.generate.jsonl import read_lines, rewrite
+from prefalign.data.io import read_resumable_lines, rewrite_lines
 from prefalign.sharding import distributed_state, from_main, is_main, sharded_rounds
 
 log = logging.getLogger("prefalign.generate")
@@ -131,7 +131,7 @@ def _part(obj: dict) -> tuple[str, int, int] | None:
 def recover(output: Path, filtered_log: Path) -> tuple[set[str], int, int]:
     """Make the files consistent after a possible kill; returns (done keys, torn lines dropped,
     rows of unfinished prompts dropped)."""
-    files = {output: read_lines(output), filtered_log: read_lines(filtered_log)}
+    files = {output: read_resumable_lines(output), filtered_log: read_resumable_lines(filtered_log)}
     parts: dict[str, set[int]] = {}
     expected: dict[str, int] = {}
     for rows, _torn in files.values():
@@ -155,7 +155,7 @@ def recover(output: Path, filtered_log: Path) -> tuple[set[str], int, int]:
         if torn or dropped:
             log.warning("%s: recovering from an interrupted run: dropping %d torn line(s) and %d row(s) of unfinished prompts",
                         path, int(torn), dropped)
-            rewrite(path, keep)
+            rewrite_lines(path, keep)
         torn_total += int(torn)
         dropped_total += dropped
     return done, torn_total, dropped_total

@@ -36,7 +36,7 @@ from prefalign.data.prompts import Prompt
 from prefalign.data.render import with_control_token
 from prefalign.generate.backends.base import Completion, is_truncated
 from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, pair_problem, stripped, user
-from prefalign.generate.jsonl import read_lines, rewrite
+from prefalign.data.io import read_resumable_lines, rewrite_lines
 from prefalign.generate.scoring import resolve_scorer, score_texts
 
 log = logging.getLogger("prefalign.generate")
@@ -139,10 +139,10 @@ class LabelledSamples(Strategy):
 
     def _base_samples(self, prompts: Sequence[Prompt]) -> dict[str, list[str]]:
         path = self.work_dir / "base_samples.jsonl"
-        rows, torn = read_lines(path)
+        rows, torn = read_resumable_lines(path)
         if torn:
             log.warning("%s: dropping a torn last line left by an interrupted run", path)
-            rewrite(path, [raw for raw, _ in rows])
+            rewrite_lines(path, [raw for raw, _ in rows])
         done = {obj["key"]: _samples_of(obj) for _, obj in rows if "key" in obj and isinstance(obj.get("samples"), list)}
         keys = {p.id: self._sample_key(p) for p in prompts}
         todo = [p for p in prompts if keys[p.id] not in done]
