@@ -214,3 +214,18 @@ def test_bad_defaults_are_rejected(tmp_path, defaults, message):
     recipe = {"output_dir": str(tmp_path / "run"), "defaults": defaults, "stages": {"one": {"kind": "merge", "inputs": ["a"]}}}
     with pytest.raises(RecipeError, match=message):
         plan_of(tmp_path, "bad.yaml", recipe)
+
+
+def test_under_several_processes_only_a_train_rm_stage_still_to_run_is_refused():
+    from types import SimpleNamespace
+
+    from prefalign.pipeline import STAGE_KINDS, _check_sharded
+
+    two = SimpleNamespace(num_processes=2)
+    todo = [(SimpleNamespace(name=kind, kind=STAGE_KINDS[kind]), "new") for kind in STAGE_KINDS if kind != "train-rm"]
+    _check_sharded(Path("r.yaml"), todo, two)  # sharded (generate, train, eval) or main-process-only (split, merge, score)
+    rm = SimpleNamespace(name="rm", kind=STAGE_KINDS["train-rm"])
+    _check_sharded(Path("r.yaml"), [*todo, (rm, "done")], two)  # done: skipped, nothing to refuse
+    _check_sharded(Path("r.yaml"), [*todo, (rm, "new")], None)  # one process
+    with pytest.raises(RecipeError, match=r"stage\(s\) rm do not run under several processes yet .*--stage rm"):
+        _check_sharded(Path("r.yaml"), [*todo, (rm, "interrupted")], two)

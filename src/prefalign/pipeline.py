@@ -13,9 +13,10 @@ its last checkpoint, evaluation reuses saved samples); a stage whose config chan
 A finished training stage drops its checkpoints: they only served resuming it.
 
 Under N processes (``accelerate launch``, ``torchrun``) every process runs each stage; the kinds
-marked ``sharded`` (generate, train, eval) split their work over the processes, and the main process
-alone decides which stages are done and writes the stage files. A stage of another kind (split,
-merge, score, train-rm) that is not done yet is refused up front: run it in one process first.
+marked ``sharded`` (generate, train, eval) split their work over the processes, the short file-only
+kinds (split, merge, score) run on the main process while the others wait, and the main process
+alone decides which stages are done and writes the stage files. A train-rm stage that is not done
+yet is refused up front: run it in one process first.
 """
 
 from __future__ import annotations
@@ -58,9 +59,14 @@ class StageKind:
     run: Callable[[Any, Path, bool], None]  # config, stage dir, show_progress
     # config -> None, once the stage is marked done: drop what only served resuming it
     after_done: Callable[[Any], None] = lambda cfg: None
-    # Runs under N processes itself (each process runs it, the work split, one writer); a recipe
-    # launched on N processes refuses a stage of a kind that does not (prefalign.sharding).
+    # Runs under N processes itself (each process runs it, the work split, one writer; see
+    # prefalign.sharding).
     sharded: bool = False
+    # A short stage that only reads and writes files (seconds): under N processes the main process
+    # runs it while the others wait. A recipe launched on N processes refuses a stage that is
+    # neither sharded nor main_only (train-rm: minutes of training, the others would sit at a
+    # barrier that can time out).
+    main_only: bool = False
 
 
 class SplitStage(BaseModel):
@@ -193,7 +199,7 @@ def _score_kind() -> StageKind:
         run_score_stage(cfg, show_progress=show_progress)
 
     return StageKind("score", lambda d: {"output": str(d / "scored.jsonl")}, validate,
-                     lambda cfg, d: {"output": str(cfg.output)}, run)
+                     lambda cfg, d: {"output": str(cfg.output)}, run, main_only=True)
 
 
 def _train_rm_kind() -> StageKind:
@@ -216,9 +222,10 @@ STAGE_KINDS: dict[str, StageKind] = {
     k.name: k
     for k in (
         StageKind("split", lambda d: {"train": str(d / "train.jsonl"), "eval": str(d / "eval.jsonl")},
-                  lambda v: SplitStage.model_validate(v), lambda c, d: {"train": str(c.train), "eval": str(c.eval)}, _run_split),
+                  lambda v: SplitStage.model_validate(v), lambda c, d: {"train": str(c.train), "eval": str(c.eval)}, _run_split,
+                  main_only=True),
         StageKind("merge", lambda d: {"output": str(d / "data.jsonl")}, lambda v: MergeStage.model_validate(v),
-                  lambda c, d: {"output": str(c.output)}, _run_merge),
+                  lambda c, d: {"output": str(c.output)}, _run_merge, main_only=True),
         _generate_kind(),
         _score_kind(),
         _train_kind(),
@@ -451,7 +458,12 @@ def run_recipe(path: Path, *, output_dir: Path | None = None, only: list[str] | 
                 _mark_running(stage, status, echo)
         echo(f"[{stage.name}] {'resuming' if status == 'interrupted' else 'running'} {stage.kind.name} stage")
         started = time.perf_counter()
-        stage.kind.run(stage.config, stage.directory, show_progress and is_main(state))
+        if stage.kind.main_only:
+            with main_writes(state) as main:
+                if main:
+                    stage.kind.run(stage.config, stage.directory, show_progress)
+        else:
+            stage.kind.run(stage.config, stage.directory, show_progress and is_main(state))
         with main_writes(state) as main:
             if main:
                 _mark_done(stage, time.perf_counter() - started)
@@ -464,11 +476,12 @@ def _silent(line: str) -> None:
 
 
 def _check_sharded(path: Path, todo: list[tuple[PlannedStage, str]], state) -> None:
-    """Under N processes, refuse (before any stage runs) a stage to run whose kind is not sharded:
-    every process would do its whole work and write its files."""
+    """Under N processes, refuse (before any stage runs) a stage to run whose kind is neither
+    sharded nor main_only: every process would do its whole work and write its files."""
     if state is None or state.num_processes == 1:
         return
-    unsharded = [stage.name for stage, status in todo if status != "done" and not stage.kind.sharded]
+    unsharded = [stage.name for stage, status in todo
+                 if status != "done" and not stage.kind.sharded and not stage.kind.main_only]
     if unsharded:
         raise RecipeError(f"{path}: stage(s) {', '.join(unsharded)} do not run under several processes yet "
                           f"({state.num_processes} here); run them first in one process "

@@ -54,7 +54,7 @@ def written(name):
                                                             if isinstance(a, Path) or hasattr(a, "directory"))])
 
 
-for name in ("write_report", "write_json_atomic", "_write_rows_atomic"):
+for name in ("write_report", "write_json", "write_jsonl"):
     wrap(runner, name, written(name))
 for name in ("_mark_running", "_mark_done"):
     wrap(pipeline, name, written(name))
@@ -198,8 +198,8 @@ def test_two_processes_evaluate_as_one_and_write_once(tmp_path, eval_yaml):
     # Written once: the main process wrote what one process writes; the other process wrote nothing.
     assert second["writes"] == []
     assert relative(first["writes"], two) == relative(single["writes"], one) == [
-        ["_write_rows_atomic", "samples/base/mixed.jsonl"], ["_write_rows_atomic", "samples/nudged/mixed.jsonl"],
-        ["write_json_atomic", "heldout.json"], ["write_report", "."]]
+        ["write_json", "heldout.json"], ["write_jsonl", "samples/base/mixed.jsonl"], ["write_jsonl", "samples/nudged/mixed.jsonl"],
+        ["write_report", "."]]
 
 
 def relative(writes: list, folder: Path) -> list:
@@ -208,7 +208,7 @@ def relative(writes: list, folder: Path) -> list:
 
 @pytest.fixture
 def recipe(tmp_path, eval_yaml) -> Path:
-    """A split stage (not sharded) and an eval stage (sharded) on its held-out pairs."""
+    """A split stage (main process only) and an eval stage (sharded) on its held-out pairs."""
     evaluation = {k: v for k, v in json.loads(eval_yaml.read_text()).items() if k != "pairs"}
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps({"name": "tiny", "output_dir": str(tmp_path / "unused"), "model": evaluation["models"]["base"],
@@ -223,21 +223,18 @@ def recipe(tmp_path, eval_yaml) -> Path:
 def test_a_recipe_eval_stage_under_two_processes_marks_its_stage_once(tmp_path, recipe):
     one, two = tmp_path / "one", tmp_path / "two"
     launch(1, "recipe", recipe, tmp_path / "one-log", one)
-    # The split stage is not sharded: refused in one line before any stage runs, with what to do.
-    refused = launch(2, "recipe", recipe, tmp_path / "refused-log", two, ok=False)
-    assert "stage(s) data do not run under several processes yet" in refused.stderr and "--stage data" in refused.stderr
-    assert not two.exists()
-    launch(1, "recipe", recipe, tmp_path / "split-log", two, "data")
     launch(2, "recipe", recipe, tmp_path / "two-log", two)
     first, second = ranks(tmp_path / "two-log", 2)
 
     assert second["writes"] == [] and second["lines"] == []  # the other process wrote and printed nothing
     assert relative(first["writes"], two) == [
-        ["_mark_done", "eval"], ["_mark_running", "eval"], ["_write_rows_atomic", "eval/samples/base/mixed.jsonl"],
-        ["_write_rows_atomic", "eval/samples/nudged/mixed.jsonl"], ["write_json_atomic", "eval/heldout.json"],
-        ["write_report", "eval"]]
-    assert first["lines"][0].startswith("[data] cached") and [line.split(" ")[0] for line in first["lines"]] == [
-        "[data]", "[eval]", "[eval]"]
+        ["_mark_done", "data"], ["_mark_done", "eval"], ["_mark_running", "data"], ["_mark_running", "eval"],
+        ["write_json", "eval/heldout.json"], ["write_jsonl", "eval/samples/base/mixed.jsonl"],
+        ["write_jsonl", "eval/samples/nudged/mixed.jsonl"], ["write_report", "eval"]]
+    # The split stage ran on the main process alone (the other waited), with one process's output.
+    assert [line.split(" ")[0] for line in first["lines"]] == ["[data]", "[data]", "[eval]", "[eval]"]
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (two / "data" / name).read_bytes() == (one / "data" / name).read_bytes()
     assert first["items"] == second["items"]
     assert [stage_state(s) for s in plan_recipe(recipe, output_dir=two)] == ["done", "done"]  # .stage.json, its key
     assert not (two / "eval" / ".stage-running.json").exists()
