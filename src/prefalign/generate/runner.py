@@ -28,11 +28,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from prefalign.data.io import write_jsonl
+from prefalign.data.io import read_resumable_lines, rewrite_lines, write_jsonl
 from prefalign.data.prompts import Prompt
 from prefalign.data.records import RECORD_SCHEMA
 from prefalign.generate.core import Candidate, Strategy
-from prefalign.data.io import read_resumable_lines, rewrite_lines
 from prefalign.sharding import distributed_state, from_main, is_main, sharded_rounds
 
 log = logging.getLogger("prefalign.generate")

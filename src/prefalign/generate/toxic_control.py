@@ -31,12 +31,11 @@ from typing import Any, ClassVar
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from prefalign.data.io import write_jsonl
+from prefalign.data.io import read_resumable_lines, rewrite_lines, write_jsonl
 from prefalign.data.prompts import Prompt
 from prefalign.data.render import with_control_token
 from prefalign.generate.backends.base import Completion, is_truncated
 from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, pair_problem, stripped, user
-from prefalign.data.io import read_resumable_lines, rewrite_lines
 from prefalign.generate.scoring import resolve_scorer, score_texts
 
 log = logging.getLogger("prefalign.generate")
