@@ -554,6 +554,31 @@ def test_steer_prefills_openings_and_the_model_writes_the_rest(tiny_backend, tmp
     assert [r["chosen"] for r in again] == [r["chosen"] for r in rows]
 
 
+def test_steer_pairs_per_prompt_makes_k_pairs_with_their_own_openings_and_seeds(tiny_backend, tmp_path):
+    from prefalign.generate.steer import SteerConfig, SteerStrategy
+
+    one = SteerStrategy(SteerConfig(rejected_prefill=["@refusal"]), ctx_for(Recording(tiny_backend)))
+    _, single, _ = run(one, tmp_path / "one")
+    backend = Recording(tiny_backend)
+    three = SteerStrategy(SteerConfig(rejected_prefill=["@refusal"], pairs_per_prompt=3), ctx_for(backend))
+    summary, rows, _ = run(three, tmp_path / "three")
+    assert summary.records_written + sum(summary.filtered.values()) == 3 * len(PROMPTS)
+    # one call per side and pair index, each with its own seed
+    assert len(backend.calls) == 2 * 3
+    assert len({params.seed for _, params in backend.calls}) == 6
+    for p in PROMPTS:
+        mine = [r for r in rows if r["meta"]["id"] == p.id]
+        pairs = [r["meta"]["pair"] for r in mine]
+        assert len(set(pairs)) == len(pairs) and set(pairs) <= {0, 1, 2}
+    # pair 0 is the pair a one-pair run makes (same keys, same seed)
+    first = {r["meta"]["id"]: r for r in rows if r["meta"]["pair"] == 0}
+    for r in single:
+        assert first[r["meta"]["id"]]["rejected"] == r["rejected"]
+        assert first[r["meta"]["id"]]["chosen"] == r["chosen"]
+    with pytest.raises(ValidationError):
+        SteerConfig(rejected_prefill=["@refusal"], pairs_per_prompt=0)
+
+
 def test_steer_config_and_opening_helpers():
     from prefalign.generate.steer import SteerConfig, join_opening, openings_of, pick_opening
 

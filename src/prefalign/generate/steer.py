@@ -88,6 +88,10 @@ class SteerConfig(StrategyConfig):
     rejected_prefill: list[str] = Field(
         default_factory=list, description="openings of the rejected answer (one picked per prompt); [] for a plain answer"
     )
+    pairs_per_prompt: int = Field(
+        1, ge=1, le=16,
+        description="pairs made per prompt, each with its own openings and samples (more pairs from a short prompt list)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "SteerConfig":
@@ -131,15 +135,28 @@ class SteerStrategy(Strategy):
 
     def generate(self, prompts: Sequence[Prompt], seed: int | None) -> list[list[Candidate]]:
         cfg: SteerConfig = self.config
+        results: list[list[Candidate]] = [[] for _ in prompts]
+        # one sampling call per side and pair index, so the k pairs of a prompt differ in their
+        # openings and their seeds; pair 0 keeps the keys of a one-pair run (same records)
+        for k in range(cfg.pairs_per_prompt):
+            for i, pair in enumerate(self._pairs(prompts, seed, k)):
+                results[i].append(pair)
+        return results
+
+    def _pairs(self, prompts: Sequence[Prompt], seed: int | None, k: int) -> list[Candidate]:
+        cfg: SteerConfig = self.config
+        suffix = f":{k}" if k else ""
         conversations = [[user(p.prompt)] for p in prompts]
-        results = []
         sides = {}
         for side, spec in (("chosen", cfg.chosen_prefill), ("rejected", cfg.rejected_prefill)):
-            picked = [opening_for(spec, seed, f"{side}:{p.id}", p.prompt) for p in prompts]
-            texts = continue_openings(self.backend, conversations, picked, self.ctx.params(seed, side))
+            picked = [opening_for(spec, seed, f"{side}:{p.id}{suffix}", p.prompt) for p in prompts]
+            texts = continue_openings(self.backend, conversations, picked, self.ctx.params(seed, side + suffix))
             sides[side] = ([t[0] for t in texts], picked)
+        pairs = []
         for i, p in enumerate(prompts):
             meta = {"chosen_opening": sides["chosen"][1][i], "rejected_opening": sides["rejected"][1][i]}
             meta = {k: v for k, v in meta.items() if v}
-            results.append([make_pair(self.name, p.prompt, sides["chosen"][0][i], sides["rejected"][0][i], meta)])
-        return results
+            if cfg.pairs_per_prompt > 1:
+                meta["pair"] = k
+            pairs.append(make_pair(self.name, p.prompt, sides["chosen"][0][i], sides["rejected"][0][i], meta))
+        return pairs
