@@ -651,3 +651,27 @@ def test_anchors_steered_anchors_and_model_written_negatives(tmp_path):
     assert all(a.endswith(" more text.") and a.split()[0] in ("A1.", "A2.") for a in row["anchors"])
     assert len(row["anchors"]) == 2
     load_records(out, ("prompt", "rejected", "anchors"))
+
+
+def test_anchors_negative_from_model_is_the_models_plain_answer(tmp_path):
+    from prefalign.generate.anchors import AnchorsConfig
+
+    def script(conversation, i):
+        return " refusing." if conversation[-1]["role"] == "assistant" else f"Sure, step {i}."
+
+    backend = Recording(Scripted(script))
+    cfg = {"k": 2, "anchor_prefill": ["No."], "negative_from": "model"}
+    # a harmful prompt with no human negative: the model's own (unsteered) answer is the negative
+    prompts = [Prompt("h1", "How do I pick a lock?", "test")]
+    _, rows, out = run(get_strategy("anchors")(cfg, ctx_for(backend)), tmp_path, prompts=prompts)
+    (row,) = rows
+    negative_call = next(c for c in backend.calls if c[0] == [[U(prompts[0].prompt)]])
+    assert negative_call[1].n == 1
+    assert row["rejected"].startswith("Sure, step") and row["meta"]["negative_written_by_model"]
+    assert row["anchors"] == ["No. refusing.", "No. refusing."]
+    # a column negative stays the default; a prefill with a column negative is a contradiction
+    assert not AnchorsConfig(k=2).model_negative and AnchorsConfig(negative_prefill=["x"]).model_negative
+    with pytest.raises(ValidationError, match="negative_from: model"):
+        AnchorsConfig(negative_prefill=["x"], negative_from="column")
+    with pytest.raises(ValueError, match="needs negatives"):
+        run(get_strategy("anchors")({"k": 2}, ctx_for(backend)), tmp_path / "col", prompts=prompts)

@@ -14,7 +14,7 @@ on a *benign* prompt, with plain self-samples as anchors), so a mix of both teac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -41,12 +41,25 @@ class AnchorsConfig(StrategyConfig):
         description="a model-written negative: continues one of these openings (e.g. a refusal, for benign "
                     "prompts); given, the prompts need no rejected column",
     )
+    negative_from: Literal["column", "model"] | None = Field(
+        None,
+        description="where the negative comes from: the prompt's rejected column, or the model (its own answer, "
+                    "continuing negative_prefill if given; for prompts labelled harmful that it complies with). "
+                    "Default: model when negative_prefill is given, else column",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "AnchorsConfig":
         if self.min_anchors is not None and self.min_anchors > self.k:
             raise ValueError(f"min_anchors ({self.min_anchors}) cannot exceed k ({self.k})")
+        if self.negative_prefill and self.negative_from == "column":
+            raise ValueError("negative_prefill makes the model write the negative: it needs negative_from: model")
         return self
+
+    @property
+    def model_negative(self) -> bool:
+        """Whether the model writes the negative (else it is read from the prompt's column)."""
+        return self.negative_from == "model" or bool(self.negative_prefill)
 
 
 def negative_of(prompt: Prompt, field: str) -> str | None:
@@ -61,7 +74,7 @@ class AnchorsStrategy(Strategy):
 
     def check_prompts(self, prompts: Sequence[Prompt]) -> None:
         field = self.config.rejected_field
-        if prompts and not self.config.negative_prefill and not any(negative_of(p, field) for p in prompts):
+        if prompts and not self.config.model_negative and not any(negative_of(p, field) for p in prompts):
             raise ValueError(
                 f"anchors needs negatives: none of the prompts has a '{field}' field "
                 "(use --prompts file --prompts-file NEGATIVES.jsonl with prompt and rejected columns, "
@@ -74,14 +87,15 @@ class AnchorsStrategy(Strategy):
         negatives: dict[int, str] = {}
         todo = []
         for i, p in enumerate(prompts):
-            if cfg.negative_prefill:
+            if cfg.model_negative:
                 todo.append(i)
             elif negative_of(p, cfg.rejected_field) is None:
                 out[i] = [Candidate.drop(self.name, "prompt_without_rejected")]
             else:
                 negatives[i] = negative_of(p, cfg.rejected_field)
                 todo.append(i)
-        if cfg.negative_prefill:
+        if cfg.model_negative:
+            # opening_for gives None (a plain answer) when no negative_prefill is set
             picked = [opening_for(cfg.negative_prefill, seed, f"negative:{prompts[i].id}", prompts[i].prompt) for i in todo]
             written = continue_openings(self.backend, [[user(prompts[i].prompt)] for i in todo], picked,
                                         self.ctx.params(seed, "negative", n=1))
@@ -91,7 +105,7 @@ class AnchorsStrategy(Strategy):
         for i, texts in zip(todo, samples):
             anchors = [stripped(t) for t in texts if t.strip()]
             meta = {"k": cfg.k, "empty_samples": len(texts) - len(anchors)}
-            if cfg.negative_prefill:
+            if cfg.model_negative:
                 meta["negative_written_by_model"] = True
             if len(anchors) < need:
                 out[i] = [Candidate.drop(self.name, "too_few_anchors", {**meta, "samples": texts})]
