@@ -1,5 +1,6 @@
 """`prefalign run`: recipes validate up front, stages are cached by their inputs."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,45 @@ def test_merge_stage_concatenates_record_files_in_order(tmp_path):
     merged = (tmp_path / "run" / "pairs" / "data.jsonl").read_text().splitlines()
     assert merged == a.read_text().splitlines() + b.read_text().splitlines()
     assert not list((tmp_path / "run" / "pairs").glob("*.tmp"))
+
+
+def run_select(tmp_path, rows, **select):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(tmp_path / "scored.jsonl", rows)
+    recipe = {"name": "s", "output_dir": str(tmp_path / "run"), "stages": {"best": {"kind": "select", "input": str(data), **select}}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(path, show_progress=False, echo=lambda s: None)
+    return [json.loads(line) for line in (tmp_path / "run" / "best" / "data.jsonl").read_text().splitlines()]
+
+
+def test_select_stage_keeps_the_best_of_each_prompt(tmp_path):
+    def row(prompt, chosen, rc, rr):
+        return {"prompt": prompt, "chosen": chosen, "rejected": "r", "reward_chosen": rc, "reward_rejected": rr}
+
+    rows = [row("p2", "a", 0.1, 0.0), row("p1", "b", 0.5, 0.4), row("p2", "c", 0.9, 0.95), row("p1", "d", float("nan"), 0.0),
+            row("p1", "e", 0.2, -1.0), row("p3", "f", 0.3, 0.0)]
+    # by the chosen answer's reward: first-seen prompt order, NaN ranks last, the rows unchanged
+    best = run_select(tmp_path / "a", rows)
+    assert [r["chosen"] for r in best] == ["c", "b", "f"] and best[0] == rows[2]
+    assert [r["chosen"] for r in run_select(tmp_path / "b", rows, by="margin")] == ["a", "e", "f"]
+    assert [r["chosen"] for r in run_select(tmp_path / "c", rows, keep=2)] == ["c", "a", "b", "e", "f"]
+    # an independent computation: the maximum of each prompt's rewards
+    expected = {}
+    for r in rows:
+        if r["reward_chosen"] == r["reward_chosen"]:
+            expected[r["prompt"]] = max(expected.get(r["prompt"], -1e9), r["reward_chosen"])
+    assert {r["prompt"]: r["reward_chosen"] for r in best} == expected
+
+
+def test_select_stage_names_the_line_of_an_unscored_record(tmp_path):
+    from prefalign.data.errors import DataError
+
+    rows = [{k: v for k, v in r.items() if not k.startswith("reward")} for r in pair_rows(2)]
+    with pytest.raises(DataError, match=r"scored.jsonl:1: field 'reward_chosen'"):
+        run_select(tmp_path, rows)
+    with pytest.raises(RecipeError, match="keep"):
+        run_select(tmp_path / "k", rows, keep=0)
 
 
 def test_extends_merges_a_variant_onto_its_recipe(tmp_path):

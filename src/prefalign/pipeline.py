@@ -1,5 +1,5 @@
-"""``prefalign run RECIPE.yaml``: the stages of a recipe (split, generate, merge, score, train-rm, train, eval) in
-order, each cached by its inputs.
+"""``prefalign run RECIPE.yaml``: the stages of a recipe (split, generate, merge, score, select, train-rm, train,
+eval) in order, each cached by its inputs.
 
 A recipe names its stages in order; each has a ``kind`` and that kind's typed config. A value may
 refer to another stage's output as ``${stage.output}`` (e.g. ``data: ${score.output}``) or to
@@ -14,7 +14,7 @@ A finished training stage drops its checkpoints: they only served resuming it.
 
 Under N processes (``accelerate launch``, ``torchrun``) every process runs each stage; the kinds
 marked ``sharded`` (generate, train, eval) split their work over the processes, the short file-only
-kinds (split, merge, score) run on the main process while the others wait, and the main process
+kinds (split, merge, score, select) run on the main process while the others wait, and the main process
 alone decides which stages are done and writes the stage files. A train-rm stage that is not done
 yet is refused up front: run it in one process first.
 """
@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
+from prefalign.data.errors import DataError
 from prefalign.data.io import write_text_atomic
 from prefalign.sharding import distributed_state, from_main, is_main, main_writes
 
@@ -117,6 +119,48 @@ def _run_merge(cfg: MergeStage, stage_dir: Path, show_progress: bool) -> None:
         lines += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     write_text_atomic(cfg.output, "".join(line + "\n" for line in lines))
     print(f"merged {len(lines)} records from {len(cfg.inputs)} files into {cfg.output}")
+
+
+class SelectStage(BaseModel):
+    """Best-of-N: of the records that share a prompt, keep the ``keep`` that score highest ``by``
+    ``reward_chosen`` (the best chosen answer, e.g. the best of N revisions by a reward model) or
+    ``margin`` (``reward_chosen - reward_rejected``). Prompts keep their first-seen order."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "select"
+    input: Path
+    by: Literal["reward_chosen", "margin"] = "reward_chosen"
+    keep: int = Field(1, ge=1)
+    output: Path
+
+
+def _selection_score(row: dict, by: str, where: str) -> float:
+    fields = ("reward_chosen",) if by == "reward_chosen" else ("reward_chosen", "reward_rejected")
+    values = []
+    for name in fields:
+        value = row.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{where}: field '{name}': select by {by} needs a number here (got {value!r}); "
+                            "score the records first (a score stage)")
+        values.append(float(value))
+    score = values[0] if by == "reward_chosen" else values[0] - values[1]
+    return score if math.isfinite(score) else -math.inf  # an unscored (NaN) record ranks last
+
+
+def _run_select(cfg: SelectStage, stage_dir: Path, show_progress: bool) -> None:
+    from prefalign.data.io import read_rows, write_jsonl
+
+    groups: dict[str, list[tuple[float, int, dict]]] = {}
+    for number, row in read_rows(cfg.input):
+        prompt = row.get("prompt")
+        key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+        groups.setdefault(key, []).append((_selection_score(row, cfg.by, f"{cfg.input}:{number}"), number, row))
+    kept = [row for group in groups.values()
+            for _, _, row in sorted(group, key=lambda item: (-item[0], item[1]))[: cfg.keep]]
+    write_jsonl(cfg.output, kept)
+    total = sum(len(g) for g in groups.values())
+    print(f"selected {len(kept)} of {total} records (best {cfg.keep} per prompt by {cfg.by}, {len(groups)} prompts) "
+          f"into {cfg.output}")
 
 
 def _generate_kind() -> StageKind:
@@ -226,6 +270,8 @@ STAGE_KINDS: dict[str, StageKind] = {
                   main_only=True),
         StageKind("merge", lambda d: {"output": str(d / "data.jsonl")}, lambda v: MergeStage.model_validate(v),
                   lambda c, d: {"output": str(c.output)}, _run_merge, main_only=True),
+        StageKind("select", lambda d: {"output": str(d / "data.jsonl")}, lambda v: SelectStage.model_validate(v),
+                  lambda c, d: {"output": str(c.output)}, _run_select, main_only=True),
         _generate_kind(),
         _score_kind(),
         _train_kind(),

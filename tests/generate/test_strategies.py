@@ -621,6 +621,35 @@ def test_critique_revision_prefill_starts_the_revision(tmp_path):
     assert pick_opening(["x"], 0, "p1") == "x"
 
 
+def test_critique_revisions_continue_each_answer_option_once(tmp_path):
+    from prefalign.generate.steer import openings_in_turn
+
+    question = "Do you agree?\n\nChoices:\n (A) Agree\n (B) Disagree\n\nAnswer:"
+    prompts = [Prompt(f"q{i}", f"{question} {i}", "test") for i in range(3)]
+
+    def script(conversation, i):
+        return " because of the evidence." if conversation[-1]["role"] == "assistant" else f"answer {i}"
+
+    backend = Scripted(script)
+    config = CritiqueConfig(principle="sycophancy", revision_prefill=["@choices"], revisions=2)
+    summary, rows, _ = run(CritiqueStrategy(config, ctx_for(backend)), tmp_path, prompts=prompts, batch_size=3)
+    assert len(rows) == 2 * len(prompts) and summary.records_written == 6
+    answer_seed, revision_seeds = backend.calls[0][1].seed, {c[1].seed for c in backend.calls[2:]}
+    assert len(backend.calls) == 4 and len(revision_seeds) == 2 and answer_seed not in revision_seeds
+    for p in prompts:
+        mine = sorted((r for r in rows if r["meta"]["id"] == p.id), key=lambda r: r["meta"]["revision"])
+        # both options, once each, the first as a one-revision run picks it; the same answer rejected
+        assert [r["meta"]["revision_opening"] for r in mine] == ["(A) Agree", "(B) Disagree"] or \
+            [r["meta"]["revision_opening"] for r in mine] == ["(B) Disagree", "(A) Agree"]
+        assert mine[0]["meta"]["revision_opening"] == openings_in_turn(["@choices"], 0, p.id, p.prompt, 1)[0]
+        assert len({r["rejected"] for r in mine}) == 1
+    one = CritiqueStrategy(CritiqueConfig(principle="sycophancy", revision_prefill=["@choices"]), ctx_for(Scripted(script)))
+    _, single, _ = run(one, tmp_path / "one", prompts=prompts)
+    assert {(r["meta"]["id"], r["chosen"]) for r in single} <= {(r["meta"]["id"], r["chosen"]) for r in rows}
+    assert openings_in_turn(["a", "b", "c"], 0, "k", "", 5)[:3] in (["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"])
+    assert openings_in_turn([], 0, "k", "", 2) == [None, None]
+
+
 def test_popalign_chosen_prefill_reaches_the_contrasts_that_support_it(tmp_path):
     def script(conversation, i):
         return " because it is unsafe." if conversation[-1]["role"] == "assistant" else "Plain answer."

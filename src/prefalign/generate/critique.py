@@ -30,7 +30,7 @@ from prefalign.generate.backends.base import same_ending
 from prefalign.generate.core import (
     Candidate, Strategy, StrategyConfig, assistant, complete_one, make_pair, matches_any, user,
 )
-from prefalign.generate.steer import continue_openings, opening_for
+from prefalign.generate.steer import continue_openings, openings_in_turn
 
 
 class Principle(BaseModel):
@@ -105,6 +105,11 @@ class CritiqueConfig(StrategyConfig):
         default_factory=list,
         description="openings the revision starts with (one picked per prompt; '@refusal' = the refusal "
                     "openings of prefalign.generate.steer); the teacher writes the rest",
+    )
+    revisions: int = Field(
+        1, ge=1, le=16,
+        description="revisions per answer, one pair (revision, answer) each; with revision_prefill each continues "
+                    "a different opening (e.g. every answer option of '@choices'): best-of-N material for a select stage",
     )
     critique_max_new_tokens: int | None = Field(None, gt=0, description="token limit of the critique (default: max_new_tokens)")
     critique_refusal_patterns: list[str] = Field(
@@ -218,14 +223,21 @@ class CritiqueStrategy(Strategy):
             else:
                 revise.append(i)
 
-        picked = [opening_for(cfg.revision_prefill, seed, prompts[i].id, prompts[i].prompt) for i in revise]
-        revisions = [texts[0] for texts in continue_openings(
-            self.backend, [revision_conversation(turns[i], answers[i], meta[i]["critique"], principle) for i in revise],
-            picked, self.ctx.params(seed, "revision", n=1),
-        )]
-        for i, opening, revision in zip(revise, picked, revisions):
-            meta[i]["revision_raw"] = revision
-            if opening:
-                meta[i]["revision_opening"] = opening
-            results[i] = [make_pair(self.name, turns[i], same_ending(revision, clean_revision(revision)), answers[i], meta[i])]
+        picked = [openings_in_turn(cfg.revision_prefill, seed, prompts[i].id, prompts[i].prompt, cfg.revisions)
+                  for i in revise]
+        conversations = [revision_conversation(turns[i], answers[i], meta[i]["critique"], principle) for i in revise]
+        for i in revise:
+            results[i] = []
+        for j in range(cfg.revisions):
+            # revision j of every prompt in one call, with its own seed (revision 0 as a one-revision run)
+            step = "revision" if j == 0 else f"revision:{j}"
+            texts = continue_openings(self.backend, conversations, [o[j] for o in picked], self.ctx.params(seed, step, n=1))
+            for i, openings, revision in zip(revise, picked, (t[0] for t in texts)):
+                pair_meta = {**meta[i], "revision_raw": revision}
+                if openings[j]:
+                    pair_meta["revision_opening"] = openings[j]
+                if cfg.revisions > 1:
+                    pair_meta["revision"] = j
+                results[i].append(make_pair(self.name, turns[i], same_ending(revision, clean_revision(revision)),
+                                            answers[i], pair_meta))
         return results  # type: ignore[return-value]

@@ -128,6 +128,16 @@ def opening_for(spec: list[str], seed: int | None, key: str, prompt_text: str) -
     return pick_opening(openings, seed, key) if openings else None
 
 
+def openings_in_turn(spec: list[str], seed: int | None, key: str, prompt_text: str, count: int) -> list[str | None]:
+    """``count`` openings for one prompt: :func:`opening_for`'s pick first, then the ones after it in
+    the list, so they are all different while the list lasts (``None`` each without a prefill)."""
+    openings = openings_of(spec, prompt_text) if spec else []
+    if not openings:
+        return [None] * count
+    first = openings.index(pick_opening(openings, seed, key))
+    return [openings[(first + j) % len(openings)] for j in range(count)]
+
+
 class SteerStrategy(Strategy):
     name: ClassVar[str] = "steer"
     Config = SteerConfig
