@@ -6,6 +6,7 @@ the step and their FLOP rate against a matmul peak measured in the same run.
 
     python benchmarks/profile_step.py
     python benchmarks/profile_step.py --compile-layer   # also: one decoder layer eager vs torch.compile
+    python benchmarks/profile_step.py --dtype bfloat16  # the step under bf16 autocast
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def make_trainer(args, workdir: Path):
         model=args.model, data=data, output_dir=workdir / "out", loss="dpo", lr=1e-5, schedule="constant",
         warmup_steps=0, batch_size=args.batch_size, max_steps=2, max_length=1024, max_prompt_length=768,
         chat_template="never", shuffle=False, group_by_length=False, seed=0, save_every=10_000,
-        ref_cache_dir=workdir / "refcache", max_grad_norm=1.0,
+        ref_cache_dir=workdir / "refcache", max_grad_norm=1.0, dtype=args.dtype,
     )
     trainer = Trainer(config, show_progress=False)
     trainer.setup()
@@ -100,9 +101,11 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--rows", type=int, default=15, help="operators to list")
     parser.add_argument("--compile-layer", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="training precision (bfloat16: autocast, fp32 weights)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    print(f"model {args.model}; batch {args.batch_size}; prompt ~{args.prompt_tokens} tokens, responses ~{args.response_tokens}\n")
+    print(f"model {args.model}; dtype {args.dtype}; batch {args.batch_size}; prompt ~{args.prompt_tokens} tokens, responses ~{args.response_tokens}\n")
     trainer = make_trainer(args, Path(tempfile.mkdtemp(prefix="bench-profile-")))
     profile_step(trainer, args.rows)
     if args.compile_layer:

@@ -14,6 +14,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# dtype: auto is bf16 autocast on a CPU with AVX512-BF16 and fp32 elsewhere: the tests pin fp32 (also
+# for the runs they spawn) so what they compare does not depend on the CPU; bf16 is tested by name.
+os.environ["PREFALIGN_AUTO_DTYPE"] = "float32"
 
 import torch  # noqa: E402
 

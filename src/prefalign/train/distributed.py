@@ -58,9 +58,16 @@ def make_accelerator(dtype: str):
     (gloo when no GPU is visible); the engine (DDP, FSDP, DeepSpeed) comes from the launch config.
     The scheduler steps once per optimizer step: the trainer's step counts already count global batches."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    mixed_precision = "bf16" if dtype == "bfloat16" else "no"
+    # AcceleratorState is a process-wide singleton that refuses a second precision: a recipe with
+    # an fp32 and a bf16 training stage (one process) would stop at the second. Its process-group
+    # half (PartialState) is kept.
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
     try:
-        return Accelerator(mixed_precision="bf16" if dtype == "bfloat16" else "no", cpu=not torch.cuda.is_available(),
+        return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
                            step_scheduler_with_optimizer=False)
     except RuntimeError as err:
         # accelerate 1.16 refuses an FSDP config on a machine with no GPU with a traceback; a user

@@ -518,7 +518,9 @@ class Trainer:
                         pack=self.pack).to(self.accelerator.device)
         context = torch.enable_grad() if train else torch.no_grad()
         token_logps, token_mask = {}, {}
-        with context:
+        # accelerate puts bf16 autocast around the wrapped model's forward, but the fused head path
+        # calls the decoder and the LM head apart (sequences.py): without this the policy ran fp32
+        with context, self.accelerator.autocast():
             if spec.token_logp_groups:
                 summed, per_token, mask = sequence_token_logps(self.model, batch)
                 rows = {g: batch.rows[g] for g in spec.token_logp_groups}

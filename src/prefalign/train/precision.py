@@ -10,6 +10,7 @@ stay fp32 either way (autocast), so checkpoints and reference log-probs do not c
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,10 +49,22 @@ def bf16_is_fast(device: str | None = None, flags: frozenset[str] | None = None)
     return False, "CPU has no AVX512-BF16/AMX, where bf16 is emulated and slower than fp32"
 
 
+#: Set to float32 or bfloat16, this decides what ``dtype: auto`` means on every machine (the tests
+#: set float32, so their numbers do not depend on which CPU runs them).
+AUTO_DTYPE_ENV = "PREFALIGN_AUTO_DTYPE"
+
+
 def resolve_dtype(requested: str, device: str | None = None, flags: frozenset[str] | None = None) -> str:
-    """``float32`` or ``bfloat16`` for a config's ``dtype`` (``auto`` decides by the hardware)."""
+    """``float32`` or ``bfloat16`` for a config's ``dtype`` (``auto`` decides by the hardware, or by
+    ``$PREFALIGN_AUTO_DTYPE``)."""
     if requested != "auto":
         return requested
+    forced = os.environ.get(AUTO_DTYPE_ENV, "").strip()
+    if forced:
+        if forced not in ("float32", "bfloat16"):
+            raise ValueError(f"${AUTO_DTYPE_ENV}: expected float32 or bfloat16, got {forced!r}")
+        log.info("dtype auto -> %s ($%s)", forced, AUTO_DTYPE_ENV)
+        return forced
     fast, why = bf16_is_fast(device, flags)
     chosen = "bfloat16" if fast else "float32"
     log.info("dtype auto -> %s (%s)", chosen, why)
