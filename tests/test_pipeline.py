@@ -148,6 +148,24 @@ def test_select_stage_keeps_the_best_of_each_prompt(tmp_path):
     assert {r["prompt"]: r["reward_chosen"] for r in best} == expected
 
 
+def test_select_best_vs_worst_pairs_the_best_and_worst_chosen_answers(tmp_path):
+    def row(prompt, chosen, rc):
+        return {"prompt": prompt, "chosen": chosen, "rejected": "original", "reward_chosen": rc, "reward_rejected": 0.0,
+                "meta": {"id": prompt}}
+
+    rows = [row("p1", "(A) because", 0.2), row("p1", "(B) because", 0.7), row("p2", "only one", 0.5),
+            row("p3", "same", 0.4), row("p3", "same", 0.1), row("p4", "(A) x", 0.3), row("p4", "(B) y", 0.3),
+            row("p5", "(A) z", -1.0), row("p5", "(B) z", 0.0), row("p5", "(C) z", -3.0)]
+    pairs = run_select(tmp_path, rows, pairing="best-vs-worst")
+    # one distinct answer (p2, p3) or no gap (p4): dropped
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("p1", "(B) because", "(A) because"), ("p5", "(B) z", "(C) z")]
+    assert [(p["reward_chosen"], p["reward_rejected"]) for p in pairs] == [(0.7, 0.2), (0.0, -3.0)]
+    assert pairs[0]["meta"]["id"] == "p1" and pairs[0]["meta"]["select"] == {"pairing": "best-vs-worst", "rejected_line": 1}
+    with pytest.raises(RecipeError, match="best-vs-worst"):
+        run_select(tmp_path / "m", rows, pairing="best-vs-worst", by="margin")
+
+
 def test_select_stage_names_the_line_of_an_unscored_record(tmp_path):
     from prefalign.data.errors import DataError
 

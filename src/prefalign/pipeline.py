@@ -122,16 +122,27 @@ def _run_merge(cfg: MergeStage, stage_dir: Path, show_progress: bool) -> None:
 
 
 class SelectStage(BaseModel):
-    """Best-of-N: of the records that share a prompt, keep the ``keep`` that score highest ``by``
-    ``reward_chosen`` (the best chosen answer, e.g. the best of N revisions by a reward model) or
-    ``margin`` (``reward_chosen - reward_rejected``). Prompts keep their first-seen order."""
+    """Best-of-N over the records that share a prompt (prompts keep their first-seen order).
+
+    ``pairing: keep``: the ``keep`` records that score highest ``by`` ``reward_chosen`` (the best
+    chosen answer, e.g. the best of N revisions by a reward model) or ``margin``
+    (``reward_chosen - reward_rejected``), unchanged. ``pairing: best-vs-worst``: one new pair per
+    prompt, the best record's chosen answer against the worst record's chosen answer, with their
+    ``reward_chosen`` as the pair's rewards (prompts with one distinct answer or no gap drop out):
+    the two sides then differ in what the scorer ranked (e.g. the answer option a revision
+    commits to), not in form."""
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "select"
     input: Path
     by: Literal["reward_chosen", "margin"] = "reward_chosen"
     keep: int = Field(1, ge=1)
+    pairing: Literal["keep", "best-vs-worst"] = "keep"
     output: Path
+
+    def model_post_init(self, _):
+        if self.pairing == "best-vs-worst" and (self.by != "reward_chosen" or self.keep != 1):
+            raise ValueError("pairing best-vs-worst ranks the chosen answers: it takes by: reward_chosen and keep: 1")
 
 
 def _selection_score(row: dict, by: str, where: str) -> float:
@@ -147,6 +158,14 @@ def _selection_score(row: dict, by: str, where: str) -> float:
     return score if math.isfinite(score) else -math.inf  # an unscored (NaN) record ranks last
 
 
+def _best_vs_worst(ranked: list[tuple[float, int, dict]]) -> dict | None:
+    (top, _, best), (bottom, line, worst) = ranked[0], ranked[-1]
+    if not (top > bottom > -math.inf) or best["chosen"] == worst["chosen"]:
+        return None
+    meta = {**(best.get("meta") or {}), "select": {"pairing": "best-vs-worst", "rejected_line": line}}
+    return {**best, "rejected": worst["chosen"], "reward_rejected": worst["reward_chosen"], "meta": meta}
+
+
 def _run_select(cfg: SelectStage, stage_dir: Path, show_progress: bool) -> None:
     from prefalign.data.io import read_rows, write_jsonl
 
@@ -155,12 +174,16 @@ def _run_select(cfg: SelectStage, stage_dir: Path, show_progress: bool) -> None:
         prompt = row.get("prompt")
         key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
         groups.setdefault(key, []).append((_selection_score(row, cfg.by, f"{cfg.input}:{number}"), number, row))
-    kept = [row for group in groups.values()
-            for _, _, row in sorted(group, key=lambda item: (-item[0], item[1]))[: cfg.keep]]
+    ranked = [sorted(group, key=lambda item: (-item[0], item[1])) for group in groups.values()]
+    if cfg.pairing == "best-vs-worst":
+        kept = [pair for group in ranked if (pair := _best_vs_worst(group)) is not None]
+        how = "best against worst chosen answer per prompt"
+    else:
+        kept = [row for group in ranked for _, _, row in group[: cfg.keep]]
+        how = f"best {cfg.keep} per prompt by {cfg.by}"
     write_jsonl(cfg.output, kept)
     total = sum(len(g) for g in groups.values())
-    print(f"selected {len(kept)} of {total} records (best {cfg.keep} per prompt by {cfg.by}, {len(groups)} prompts) "
-          f"into {cfg.output}")
+    print(f"selected {len(kept)} from {total} records ({how}, {len(groups)} prompts) into {cfg.output}")
 
 
 def _generate_kind() -> StageKind:
