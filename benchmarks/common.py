@@ -42,9 +42,9 @@ def synthetic_pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int,
     ]
 
 
-def matmul_peak_flops(size: int = 1024, seconds: float = 2.0) -> float:
-    """Best fp32 FLOP/s of a square matmul on this machine (the roofline for the 'share' column)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_flops(size: int = 1024, seconds: float = 2.0, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of a square ``dtype`` matmul on this machine (the roofline for the 'share' column)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     best = 0.0
     deadline = time.perf_counter() + seconds

@@ -61,10 +61,12 @@ def profile_step(trainer, rows: int) -> None:
     mm_s = sum(e.self_cpu_time_total for e in mm) / 1e6
     mm_flops = sum(e.flops for e in mm)
     attention_s = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key) / 1e6
-    peak = matmul_peak_flops()
+    # the matmuls run in bf16 under autocast: their roofline is the bf16 peak
+    bf16 = trainer.dtype == "bfloat16"
+    peak = matmul_peak_flops(dtype=torch.bfloat16 if bf16 else torch.float32)
     print(f"step {seconds:.2f} s (profiled ops {total:.2f} s); matmuls {mm_s:.2f} s = {100 * mm_s / total:.0f}% "
           f"at {mm_flops / mm_s / 1e9:.1f} GFLOP/s ({100 * mm_flops / mm_s / peak:.0f}% of the {peak / 1e9:.1f} GFLOP/s "
-          f"matmul peak); attention {attention_s:.2f} s = {100 * attention_s / total:.0f}%; everything else "
+          f"{'bf16' if bf16 else 'fp32'} matmul peak); attention {attention_s:.2f} s = {100 * attention_s / total:.0f}%; everything else "
           f"{total - mm_s - attention_s:.2f} s")
 
 
