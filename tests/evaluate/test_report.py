@@ -94,3 +94,18 @@ def test_html_and_json_carry_the_differences(tmp_path):
     assert data["baseline"] == "base" and data["bootstrap"] == {"samples": 2000, "seed": 0}
     assert data["differences"]["attack_success"]["trained"]["kind"] == "difference"
     assert data["differences"]["text_perplexity[benign]"]["trained"]["value"] == 0.05
+
+
+def test_agreement_plot_of_a_unanimous_contrast():
+    """A share of 1 whose Wilson upper bound rounds to just under 1 (n = 10: 0.9999999999999999)
+    once made matplotlib refuse a negative error bar and stop the eval stage."""
+    from prefalign.evaluate.report import agreement_plot
+    from prefalign.evaluate.stats import Estimate, wilson_interval
+    from prefalign.score.agreement import Agreement
+
+    low, high = wilson_interval(10, 10)
+    assert high < 1.0  # the case itself
+    rows = [Agreement("all", Estimate(1.0, low, high, 10), agree=10, disagree=0, ties=0, unscored=0),
+            Agreement("none", Estimate(0.0, *wilson_interval(0, 10), 10), agree=0, disagree=10, ties=0, unscored=0)]
+    png = agreement_plot(rows)
+    assert png and len(png) > 100

@@ -162,7 +162,10 @@ def agreement_plot(rows: Sequence[Agreement]) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.2))
     ys = list(range(len(rows)))[::-1]
     values = [r.estimate.value for r in rows]
-    errors = [[v - r.estimate.low for v, r in zip(values, rows)], [r.estimate.high - v for v, r in zip(values, rows)]]
+    # Clamped at 0: a Wilson bound of a share of 1 (or 0) can land a rounding error inside the
+    # value, and matplotlib rejects a negative error bar.
+    errors = [[max(0.0, v - r.estimate.low) for v, r in zip(values, rows)],
+              [max(0.0, r.estimate.high - v) for v, r in zip(values, rows)]]
     ax.barh(ys, values, xerr=errors, capsize=3, color=[COLOURS[i % len(COLOURS)] for i in range(len(rows))])
     ax.set_yticks(ys, [f"{r.group} (n={r.estimate.n})" for r in rows])
     ax.axvline(0.5, color="#888", linestyle="--", linewidth=1)
