@@ -12,6 +12,7 @@ from prefalign.pipeline import RecipeError, plan_recipe, run_recipe, stage_state
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 GPU_VARIANTS = sorted((RECIPE_DIR / "gpu").glob("*.yaml"))
+BENCHMARK_RECIPES = sorted((RECIPE_DIR.parent / "benchmarks" / "recipes").glob("*.yaml"))
 
 
 def test_every_method_has_a_recipe():
@@ -23,7 +24,7 @@ def test_every_method_recipe_has_a_gpu_variant():
     assert {p.stem for p in RECIPES} - {"quickstart"} == {p.stem for p in GPU_VARIANTS}
 
 
-@pytest.mark.parametrize("recipe", RECIPES + GPU_VARIANTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize("recipe", RECIPES + GPU_VARIANTS + BENCHMARK_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_recipes_validate(recipe, tmp_path):
     stages = plan_recipe(recipe, output_dir=tmp_path)
     assert stages and all(s.directory.parent == tmp_path for s in stages)
