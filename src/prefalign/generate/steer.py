@@ -124,8 +124,7 @@ def openings_of(value: list[str], prompt_text: str | None = None) -> list[str]:
 
 def opening_for(spec: list[str], seed: int | None, key: str, prompt_text: str) -> str | None:
     """The opening for one prompt (``None`` for no prefill, or when the spec gives this prompt none)."""
-    openings = openings_of(spec, prompt_text) if spec else []
-    return pick_opening(openings, seed, key) if openings else None
+    return openings_in_turn(spec, seed, key, prompt_text, 1)[0]
 
 
 def openings_in_turn(spec: list[str], seed: int | None, key: str, prompt_text: str, count: int) -> list[str | None]:
@@ -165,7 +164,7 @@ class SteerStrategy(Strategy):
         pairs = []
         for i, p in enumerate(prompts):
             meta = {"chosen_opening": sides["chosen"][1][i], "rejected_opening": sides["rejected"][1][i]}
-            meta = {k: v for k, v in meta.items() if v}
+            meta = {name: value for name, value in meta.items() if value}
             if cfg.pairs_per_prompt > 1:
                 meta["pair"] = k
             pairs.append(make_pair(self.name, p.prompt, sides["chosen"][0][i], sides["rejected"][0][i], meta))
