@@ -3,8 +3,9 @@ the main process alone decides from its files and writes (the collectives stood 
 
 import accelerate.utils
 import pytest
+import torch
 
-from prefalign.sharding import from_main, main_writes, sharded_map, sharded_rounds
+from prefalign.sharding import _destroy_process_group, from_main, main_writes, sharded_map, sharded_rounds
 
 
 class SecondOfTwo:
@@ -56,3 +57,18 @@ def test_main_process_decides_and_writes(first_process_sends):
     with main_writes(state) as main:
         assert not main
     assert state.waits == 1  # and it waited for the main process's writes
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="this torch has no gloo backend")
+def test_process_group_is_destroyed_at_exit_and_a_missing_one_is_left_alone(tmp_path):
+    """A gloo group left to the interpreter's teardown can abort a finished process, so the exit
+    hook destroys it; with no group (a plain single process) the hook does nothing."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    _destroy_process_group()
+    assert not dist.is_initialized()
+    _destroy_process_group()
+    assert not dist.is_initialized()

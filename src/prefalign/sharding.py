@@ -13,6 +13,8 @@ Every process must make the same calls in the same order: each gather waits for 
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -39,7 +41,25 @@ def distributed_state():
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    leave_process_group_at_exit()
+    return state
+
+
+@functools.cache
+def leave_process_group_at_exit() -> None:
+    """Destroys the process group when the interpreter exits (registered once per process).
+    A gloo group left to the interpreter's teardown can abort the process after its work is done
+    ("terminate called without an active exception"), and `accelerate launch` then reports the
+    whole run as failed. No barrier: a process that exits on an error must not wait for the others."""
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _rank_and_size(state) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from prefalign.sharding import leave_process_group_at_exit
 from prefalign.train.config import ConfigError
 from prefalign.train.logging import LOG_FILE, MetricsLogger
 from prefalign.train.reference import reference_kind
@@ -67,8 +68,8 @@ def make_accelerator(dtype: str):
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
-                           step_scheduler_with_optimizer=False)
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+                                  step_scheduler_with_optimizer=False)
     except RuntimeError as err:
         # accelerate 1.16 refuses an FSDP config on a machine with no GPU with a traceback; a user
         # who launched recipes/accelerate/fsdp.yaml there gets one line that says what to do.
@@ -77,6 +78,9 @@ def make_accelerator(dtype: str):
                               f"{str(err).strip()}); launch with recipes/accelerate/ddp.yaml, or "
                               "--fsdp_sync_module_states false to run as plain DDP") from err
         raise
+    if accelerator.num_processes > 1:
+        leave_process_group_at_exit()
+    return accelerator
 
 
 def global_batch_line(batch_size: int, num_processes: int, grad_accum: int, engine: str) -> str:
