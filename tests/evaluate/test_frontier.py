@@ -50,6 +50,16 @@ def test_config_needs_two_curves_of_known_models(tmp_path):
         EvalConfig(output_dir=tmp_path, models=models, compare_curves={"A": ["a"]})
     with pytest.raises(ValueError, match="'c' not a model label"):
         EvalConfig(output_dir=tmp_path, models=models, compare_curves={"A": ["a"], "B": ["c"]})
+    EvalConfig(output_dir=tmp_path, models=models, compare_curves={"A": ["a"], "B": ["base", "b"]})  # the base starts B
+    with pytest.raises(ValueError, match="'a' on both curves"):
+        EvalConfig(output_dir=tmp_path, models=models, compare_curves={"A": ["a"], "B": ["a", "b"]})
+
+
+def test_base_model_as_the_second_curves_origin_brings_a_low_kl_point_into_range():
+    odpo = [CurvePoint("odpo", 0.5, 0.25)]
+    assert compare_curves(odpo, _curve((1.0, 0.30)), ("odpo", "dpo")).compared == 0
+    c = compare_curves(odpo, _curve((0.0, 0.10), (1.0, 0.30)), ("odpo", "dpo"))
+    assert (c.compared, c.at_or_above) == (1, 1) and c.points[0].other_reward == pytest.approx(0.20)
 
 
 def test_summary_and_json_carry_the_comparison():

@@ -5,7 +5,9 @@ Each method is trained at several β (or for several steps); each trained model 
 (KL to the reference, mean reward). Two methods' points never share a KL, so one curve is read at
 the other's KL values: the second curve is linearly interpolated between its two neighbouring
 points. A KL outside the second curve's range is not compared (no extrapolation), and counted
-apart, so "at or above at k of n points" never rests on a guess.
+apart, so "at or above at k of n points" never rests on a guess. The base model (KL 0 to itself as
+the reference) may start the second curve, as β → ∞ keeps any method there; a model on both
+curves is a config error (it would be compared with itself).
 """
 
 from __future__ import annotations

@@ -144,6 +144,11 @@ class EvalConfig(BaseModel):
             unknown = [m for labels in self.compare_curves.values() for m in labels if m not in self.models]
             if unknown:
                 raise ValueError(f"compare_curves: {', '.join(map(repr, unknown))} not a model label (labels: {', '.join(self.models)})")
+            first, second = self.compare_curves.values()
+            shared = [m for m in first if m in second]
+            if shared:
+                # a model on both curves is compared with itself: a free "at or above"
+                raise ValueError(f"compare_curves: {', '.join(map(repr, shared))} on both curves (list the base model in the second only)")
         if self.baseline is not None and self.baseline not in self.models:
             raise ValueError(f"baseline: '{self.baseline}' is not a model label (labels: {', '.join(self.models)})")
         return self
