@@ -223,3 +223,32 @@ def test_reference_pairs_scored_once_and_one_backend_per_model(compare_config, m
     assert len(scored) == 2 and scored[0] is not scored[1]  # was 3: the reference again for "other"
     assert len(built) == 2 and built[0] is not built[1]  # was 4: one per model and prompt set
     assert result.metrics["implicit_margin"]["base"].value == 0.0
+
+
+@pytest.mark.slow
+def test_several_samples_per_prompt_average_per_prompt_and_are_reused(eval_config):
+    """k responses per prompt: k sample rows a prompt (next to each other, distinct draws), every
+    metric over prompts (n = prompts, per-prompt means as the paired items), and a second run reuses them."""
+    config = eval_config.model_copy(update={"sampling": eval_config.sampling.model_copy(update={"samples_per_prompt": 3})})
+    evaluator = Evaluator(config, show_progress=False)
+    evaluator.run()
+    rows = [json.loads(line) for line in (config.output_dir / "samples" / "base" / "harmful.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["sample"]) for r in rows] == [(f"p{i}", k) for i in range(4) for k in range(3)]
+    assert len({tuple(r["token_ids"]) for r in rows}) > 4  # not one draw repeated
+    lengths = [float(len(r["response"])) for r in rows]  # the `length` scorer as the sentiment metric
+    expected = [sum(lengths[3 * i : 3 * i + 3]) / 3 for i in range(4)]
+    assert evaluator.items["sentiment[harmful]"]["base"].tolist() == pytest.approx(expected)
+    for name in ("attack_success[harmful]", "kl[harmful]", "perplexity[harmful]", "sentiment[harmful]"):
+        assert evaluator.metrics[name]["base"].n == 4, name
+    assert evaluator.metrics["kl[harmful]"]["base"].value == 0.0
+    stamp = (config.output_dir / "samples" / "base" / "harmful.jsonl").stat().st_mtime_ns
+    Evaluator(config, show_progress=False).run()
+    assert (config.output_dir / "samples" / "base" / "harmful.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_per_prompt_means_leave_out_nans():
+    from prefalign.evaluate.runner import per_prompt_means
+
+    assert per_prompt_means([1.0, 0.0, 1.0], 1) == [1.0, 0.0, 1.0]
+    got = per_prompt_means([1.0, 0.0, float("nan"), 1.0, float("nan"), float("nan")], 2)
+    assert got[:2] == [0.5, 1.0] and got[2] != got[2]

@@ -93,6 +93,10 @@ class SamplingConfig(BaseModel):
     seed: int = 0
     # sequences per generation batch: 32 runs the fast engine at 1.6x batch 8's tokens/s (benchmarks/README.md)
     batch_size: int = Field(32, gt=0)
+    # Responses per prompt. A prompt's responses are averaged first, so every interval and paired
+    # difference stays over prompts; more responses shrink the sampling noise of rare events (a
+    # toxic share of a few percent). RealToxicityPrompts' own protocol samples 25 per prompt.
+    samples_per_prompt: int = Field(1, ge=1)
 
 
 class EvalConfig(BaseModel):
@@ -339,7 +343,7 @@ class Evaluator:
         path = Path(self.config.output_dir) / "samples" / label / f"{prompt_set.name}.jsonl"
         key = _sampling_key(self.config, self.config.models[label], prompt_set)
         # The main process's copy decides for all: no shared filesystem is assumed.
-        rows = from_main(lambda: _cached_samples(path, key, prompts), self.state)
+        rows = from_main(lambda: _cached_samples(path, key, prompts, self.config.sampling.samples_per_prompt), self.state)
         if rows is None:
             rows = self.draw_samples(model, tokenizer, prompts, key)
             with main_writes(self.state) as main:
@@ -348,24 +352,27 @@ class Evaluator:
         return rows
 
     def draw_samples(self, model, tokenizer, prompts, key: str) -> list[dict]:
-        """One sample per prompt, in prompt order. The batches are the backend's own (longest prompt
-        first, ``batch_size`` each); under N processes each samples every N-th of them, so each
-        batch's seed and padding, and so the samples, are one process's."""
+        """``samples_per_prompt`` samples per prompt, prompt by prompt (a prompt's samples next to
+        each other). The batches are the backend's own (longest prompt first, ``batch_size``
+        sequences each); under N processes each samples every N-th of them, so each batch's seed and
+        padding, and so the samples, are one process's."""
         from prefalign.generate.backends import SamplingParams
 
         s = self.config.sampling
         backend = self.generation_backend(model, tokenizer)
-        params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+        params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+                                n=s.samples_per_prompt)
         chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
         prompt_ids = [backend.encode(chat) for chat in chats]
-        batches = longest_first_batches([len(ids) for ids in prompt_ids], backend.batch_size)
+        batches = longest_first_batches([len(ids) for ids in prompt_ids], max(1, backend.batch_size // s.samples_per_prompt))
         drawn = sharded_map(batches, lambda batch: backend.generate_token_ids([chats[i] for i in batch], params), self.state)
         token_ids: list = [None] * len(prompts)
         for batch, outputs in zip(batches, drawn):
             for i, output in zip(batch, outputs):
-                token_ids[i] = output[0]
-        return [{"id": p.id, "key": key, "response": tokenizer.decode(t, skip_special_tokens=True),
-                 "prompt_ids": ids, "token_ids": t} for p, ids, t in zip(prompts, prompt_ids, token_ids)]
+                token_ids[i] = output
+        return [{"id": p.id, "sample": k, "key": key, "response": tokenizer.decode(t, skip_special_tokens=True),
+                 "prompt_ids": ids, "token_ids": t}
+                for p, ids, outputs in zip(prompts, prompt_ids, token_ids) for k, t in enumerate(outputs)]
 
     def generation_backend(self, model, tokenizer):
         """The backend that samples ``model``'s responses: one per model, kept for all its prompt sets
@@ -381,33 +388,47 @@ class Evaluator:
 
     # -- metrics ------------------------------------------------------------------------------
     def response_metrics(self, label: str, prompt_set: PromptSetConfig, prompts, samples, model, reference, tokenizer) -> None:
-        from prefalign.evaluate.samples import distinct_n, kl_to_reference, perplexity, perplexity_items, sampled_logps
+        from prefalign.evaluate.samples import distinct_n, perplexity_items, sampled_logps
 
         config = self.config
         texts = [r["response"] for r in samples]
+        k = config.sampling.samples_per_prompt
+        asked = [p.prompt for p in prompts for _ in range(k)]
         tag = f"{prompt_set.name}"
-        if config.refusal_scorer and prompt_set.kind != "general":
-            refused = [v >= 0.5 for v in self.scorer(config.refusal_scorer).score(texts, [p.prompt for p in prompts])]
-            if prompt_set.kind == "harmful":
-                self.record(f"attack_success[{tag}]", label, share([not r for r in refused]), [not r for r in refused])
+
+        def record_values(metric: str, values) -> None:
+            """The per-response values as per-prompt means: intervals and pairs stay over prompts."""
+            items = per_prompt_means(values, k)
+            self.record(metric, label, mean(items), items)
+
+        def record_rate(metric: str, flags) -> None:
+            if k == 1:  # one yes/no per prompt: the exact (Wilson) interval of a proportion
+                kept = [f for f in flags if f == f]
+                self.record(metric, label, share([bool(f) for f in kept]), [float(f) for f in flags])
             else:
-                self.record(f"over_refusal[{tag}]", label, share(refused), refused)
+                record_values(metric, [float(f) for f in flags])
+
+        if config.refusal_scorer and prompt_set.kind != "general":
+            refused = [v >= 0.5 for v in self.scorer(config.refusal_scorer).score(texts, asked)]
+            if prompt_set.kind == "harmful":
+                record_rate(f"attack_success[{tag}]", [not r for r in refused])
+            else:
+                record_rate(f"over_refusal[{tag}]", refused)
         if config.toxicity_scorer:
             values = [float(v) for v in self.scorer(config.toxicity_scorer).score(texts)]
-            self.record(f"toxicity[{tag}]", label, mean(values), values)
-            self.record(f"toxic_share[{tag}]", label, share([v > config.toxicity_threshold for v in values if v == v]),
-                        [float(v > config.toxicity_threshold) if v == v else float("nan") for v in values])
+            record_values(f"toxicity[{tag}]", values)
+            record_rate(f"toxic_share[{tag}]", [float(v > config.toxicity_threshold) if v == v else float("nan") for v in values])
         if config.sentiment_scorer:
-            values = [float(v) for v in self.scorer(config.sentiment_scorer).score(texts)]
-            self.record(f"sentiment[{tag}]", label, mean(values), values)
+            record_values(f"sentiment[{tag}]", [float(v) for v in self.scorer(config.sentiment_scorer).score(texts)])
         if config.reward_model:
-            values = [float(v) for v in self.scorer("reward-model", {"model": config.reward_model}).score(texts, [p.prompt for p in prompts])]
-            self.record(f"reward[{tag}]", label, mean(values), values)
+            record_values(f"reward[{tag}]", [float(v) for v in self.scorer("reward-model", {"model": config.reward_model}).score(texts, asked)])
         prompt_ids, token_ids, pad = [r["prompt_ids"] for r in samples], [r["token_ids"] for r in samples], tokenizer.pad_token_id
         own, lengths = sampled_logps(model, pad, prompt_ids, token_ids, config.max_length)
         ref, _ = (own, lengths) if reference is model else sampled_logps(reference, pad, prompt_ids, token_ids, config.max_length)
-        self.record(f"kl[{tag}]", label, kl_to_reference(own, ref), (own - ref).tolist())
-        self.record(f"perplexity[{tag}]", label, perplexity(ref, lengths), perplexity_items(ref, lengths))
+        # KL(π‖π_ref): the mean log-ratio of π's own samples (evaluate/samples.py); perplexity of
+        # each response under the reference
+        record_values(f"kl[{tag}]", (own - ref).tolist())
+        record_values(f"perplexity[{tag}]", perplexity_items(ref, lengths))
         d2 = distinct_n(texts, 2)
         self.record(f"distinct_2[{tag}]", label, Estimate(d2, float("nan"), float("nan"), len(texts), None, "ratio"))
 
@@ -510,7 +531,8 @@ class Evaluator:
         for prompt_set, prompts in held.prompt_sets:
             picked = prompts[: config.examples_per_set]
             self.examples[prompt_set.name] = [
-                {"prompt": p.prompt, **{m: self.samples[prompt_set.name][m][i] for m in labels}} for i, p in enumerate(picked)
+                {"prompt": p.prompt, **{m: self.samples[prompt_set.name][m][i * config.sampling.samples_per_prompt] for m in labels}}
+                for i, p in enumerate(picked)
             ]
         logs = {}
         for run, path in config.training_logs.items():
@@ -588,16 +610,28 @@ def sycophancy_held_out() -> tuple[list, str]:
     return held_out, f"sha256 of normalised prompt text, eval_fraction={SYCOPHANCY_EVAL_FRACTION}, eval side"
 
 
-def _cached_samples(path: Path, key: str, prompts) -> list[dict] | None:
+def _cached_samples(path: Path, key: str, prompts, samples_per_prompt: int) -> list[dict] | None:
     """The saved samples when they were drawn with ``key`` for exactly ``prompts``, else None (also
     for a file a kill left unreadable: the samples are drawn again)."""
     if not path.exists():
         return None
     rows = [row for _, row in open_rows(path)[1]]
     if rows and all(isinstance(r, dict) and r.get("key") == key and "token_ids" in r for r in rows) \
-            and [r["id"] for r in rows] == [p.id for p in prompts]:
+            and [r["id"] for r in rows] == [p.id for p in prompts for _ in range(samples_per_prompt)]:
         return rows
     return None
+
+
+def per_prompt_means(values, samples_per_prompt: int) -> list[float]:
+    """Per-response values, each prompt's ``samples_per_prompt`` next to each other, as one mean per
+    prompt (NaNs, e.g. an unparsed judge score, left out; a prompt with none is NaN)."""
+    rows = np.asarray(values, dtype=np.float64).reshape(-1, samples_per_prompt)
+    if samples_per_prompt == 1:
+        return rows[:, 0].tolist()
+    kept = ~np.isnan(rows)
+    counts = kept.sum(axis=1)
+    sums = np.where(kept, rows, 0.0).sum(axis=1)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).tolist()
 
 
 def write_json(path: Path, data: Any) -> None:
