@@ -252,3 +252,17 @@ def test_per_prompt_means_leave_out_nans():
     assert per_prompt_means([1.0, 0.0, 1.0], 1) == [1.0, 0.0, 1.0]
     got = per_prompt_means([1.0, 0.0, float("nan"), 1.0, float("nan"), float("nan")], 2)
     assert got[:2] == [0.5, 1.0] and got[2] != got[2]
+
+
+def test_offset_gives_a_dev_slice_disjoint_from_the_eval_slice(tmp_path, tiny_model):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": f"Question {i}?"} for i in range(7)])
+    trained = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "question 2?", "chosen": "a", "rejected": "b"}])
+    config = load_eval_config(None, {
+        "output_dir": str(tmp_path / "eval"), "models": {"base": tiny_model}, "training_data": [str(trained)],
+        "prompt_sets": [{"name": "eval", "source": "file", "path": str(prompts), "split": None, "limit": 3},
+                        {"name": "dev", "source": "file", "path": str(prompts), "split": None, "limit": None, "offset": 3}]})
+    held = Evaluator(config, show_progress=False).held_out()
+    (_, first), (_, rest) = held.prompt_sets
+    # p2 was trained on: dropped before the slices, which then split the held-out rest
+    assert [p.id for p in first] == ["p0", "p1", "p3"] and [p.id for p in rest] == ["p4", "p5", "p6"]
+    assert held.record["prompt_sets"]["dev"]["offset"] == 3

@@ -62,6 +62,9 @@ class PromptSetConfig(BaseModel):
     eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, gt=0, lt=1)  # of the stable hash split
     where: dict[str, Any] = Field(default_factory=dict)  # keep prompts whose meta has these values
     shuffle_seed: int | None = None  # order by a hash of (seed, id) before the limit: spread over categories
+    # held-out prompts passed over before the limit: `offset: 100` is a dev slice disjoint from an
+    # eval set of the first 100 (the same source, split, where and shuffle_seed)
+    offset: int = Field(0, ge=0)
     # harmful: attack success = share not refused; benign: over-refusal = share refused.
     kind: Literal["harmful", "benign", "general"] = "general"
 
@@ -287,11 +290,11 @@ class Evaluator:
         for ps in config.prompt_sets:
             candidates = self.prompts(ps)
             kept, dropped = seen.split(candidates, lambda p: [p.prompt])
-            kept = kept[: ps.limit] if ps.limit is not None else kept
+            kept = kept[ps.offset : ps.offset + ps.limit] if ps.limit is not None else kept[ps.offset :]
             out.prompt_sets.append((ps, kept))
             sets[ps.name] = entry(ps.source, split_rule(ps.split, ps.eval_fraction, candidates), candidates, kept, dropped,
                                   prompt_id, path=str(ps.path) if ps.path else None, eval_fraction=ps.eval_fraction,
-                                  where=ps.where, limit=ps.limit)
+                                  where=ps.where, limit=ps.limit, offset=ps.offset)
         texts = {}
         for rt in config.reference_texts:
             candidates = self.prompts(rt)
