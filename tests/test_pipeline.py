@@ -288,3 +288,13 @@ def test_under_several_processes_only_a_train_rm_stage_still_to_run_is_refused()
     _check_sharded(Path("r.yaml"), [*todo, (rm, "new")], None)  # one process
     with pytest.raises(RecipeError, match=r"stage\(s\) rm do not run under several processes yet .*--stage rm"):
         _check_sharded(Path("r.yaml"), [*todo, (rm, "interrupted")], two)
+
+
+def test_a_training_snapshot_is_a_stage_output(tmp_path, tiny_model):
+    path = write_recipe(tmp_path, tiny_model, snapshot_steps=[1])
+    recipe = yaml.safe_load(path.read_text())
+    recipe["stages"]["eval"]["models"]["dpo step 1"] = "${train.model_step1}"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
+    stages = {s.name: s for s in plan_recipe(path)}
+    assert stages["train"].outputs["model_step1"] == str(tmp_path / "run" / "train" / "model-step1")
+    assert str(stages["eval"].config.models["dpo step 1"]) == str(tmp_path / "run" / "train" / "model-step1")

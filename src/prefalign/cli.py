@@ -158,6 +158,7 @@ def train(
     merge: Optional[bool] = typer.Option(None, "--merge", help="with LoRA, also save merged weights"),
     reference: Optional[str] = typer.Option(None, help=REFERENCE_HELP),
     save_every: Optional[int] = typer.Option(None, "--save-every"),
+    snapshot_steps: Optional[list[int]] = typer.Option(None, "--snapshot-step", help="also keep the model after this step as model-stepN/ (repeat the option for more)"),
     seed: Optional[int] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 autocast where the hardware runs it fast), float32 or bfloat16"),
     skip_invalid: Optional[bool] = typer.Option(None, "--skip-invalid", help="count and skip bad rows"),
@@ -181,7 +182,7 @@ def train(
     overrides = dict(
         model=model, data=data, loss=loss, loss_weights=weights, output_dir=output_dir, max_steps=max_steps, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, beta=beta, merge=merge, reference=reference,
-        save_every=save_every, seed=seed, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code, dtype=dtype,
+        save_every=save_every, snapshot_steps=snapshot_steps or None, seed=seed, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code, dtype=dtype,
         strict=strict,
     )
     if lora is True:
@@ -200,6 +201,9 @@ def train(
     loss_text = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     console.print(f"trained {result.steps} steps, final loss {loss_text}; model saved to {result.model_dir}",
                   highlight=False, soft_wrap=True)
+    if result.snapshots:
+        console.print("snapshots: " + ", ".join(f"step {step} in {folder}" for step, folder in result.snapshots.items()),
+                      highlight=False, soft_wrap=True)
 
 
 @app.command()

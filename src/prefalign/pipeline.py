@@ -212,7 +212,8 @@ def _train_kind() -> StageKind:
 
     def outputs(cfg, stage_dir):
         model = cfg.output_dir / ("model" if cfg.lora is None or cfg.merge else "adapter")
-        return {"model": str(model), "output_dir": str(cfg.output_dir), "log": str(cfg.output_dir / "train_log.jsonl")}
+        snapshots = {f"model_step{step}": str(model.with_name(f"{model.name}-step{step}")) for step in cfg.snapshot_steps}
+        return {"model": str(model), "output_dir": str(cfg.output_dir), "log": str(cfg.output_dir / "train_log.jsonl"), **snapshots}
 
     def run(cfg, stage_dir, show_progress):
         from prefalign.train.checkpoint import latest_checkpoint

@@ -241,3 +241,50 @@ def test_packed_training_takes_the_same_steps_as_the_plain_layout(tmp_path, tiny
     assert losses["plain"][0] != losses["plain"][2]  # it trained
     for a, b in zip(losses["plain"], losses["packed"]):
         assert abs(a - b) < 1e-4
+
+
+def test_a_snapshot_holds_the_weights_of_a_run_stopped_at_its_step(tmp_path, tiny_model, pairs_file):
+    # Constant lr and file order: a 2-step run makes the same updates as the first 2 steps of a 4-step run.
+    common = dict(schedule="constant", shuffle=False, group_by_length=False)
+    long = run_training(config_for(tmp_path, tiny_model, pairs_file, max_steps=4, snapshot_steps=[2, 4], **common),
+                        show_progress=False)
+    short = run_training(config_for(tmp_path, tiny_model, pairs_file, max_steps=2, output_dir=tmp_path / "short", **common),
+                         show_progress=False)
+    assert long.snapshots == {2: long.output_dir / "model-step2", 4: long.output_dir / "model-step4"}
+    at_2, at_4, final = params_of(long.snapshots[2]), params_of(long.snapshots[4]), params_of(long.model_dir)
+    assert all(torch.allclose(at_2[k], v, atol=1e-6) for k, v in params_of(short.model_dir).items())
+    assert all(torch.equal(at_4[k], v) for k, v in final.items())
+    assert any(not torch.equal(at_2[k], v) for k, v in final.items())
+    # Each snapshot folder is a plain HF model with its own card: its step and its logged loss.
+    card = (long.snapshots[2] / "README.md").read_text()
+    loss_2 = next(r["loss"] for r in long.history if r["step"] == 2)
+    assert "- steps: 2\n" in card, card
+    assert f"{loss_2:.4f}" in card
+    summary = json.loads((long.output_dir / "train_summary.json").read_text())
+    assert summary["snapshots"] == {"2": str(long.snapshots[2]), "4": str(long.snapshots[4])}
+
+
+def test_a_lora_snapshot_is_merged_on_a_copy_and_training_goes_on(tmp_path, tiny_model, pairs_file):
+    result = run_training(config_for(tmp_path, tiny_model, pairs_file, lora={"r": 4}, merge=True, lr=1e-2, max_steps=3,
+                                     snapshot_steps=[1]), show_progress=False)
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    logits = {}
+    with torch.no_grad():
+        for name in ("model-step1", "model"):
+            logits[name] = AutoModelForCausalLM.from_pretrained(result.output_dir / name)(ids).logits
+        snapshot_adapter = AutoPeftModelForCausalLM.from_pretrained(result.output_dir / "adapter-step1")(ids).logits
+    assert result.snapshots == {1: result.output_dir / "model-step1"}
+    assert torch.allclose(logits["model-step1"], snapshot_adapter, atol=1e-4)
+    assert not torch.allclose(logits["model-step1"], logits["model"], atol=1e-4)  # steps 2 and 3 trained the adapters
+    assert (result.output_dir / "adapter-step1" / "README.md").exists()
+
+
+def test_a_snapshot_past_the_last_step_is_refused_before_training(tmp_path, tiny_model, pairs_file):
+    with pytest.raises(ConfigError, match=r"snapshot_steps: \[5\] past the run's 2 steps"):
+        run_training(config_for(tmp_path, tiny_model, pairs_file, snapshot_steps=[1, 5]), show_progress=False)
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+    with pytest.raises(ValueError, match="snapshot_steps: steps count from 1"):
+        config_for(tmp_path, tiny_model, pairs_file, snapshot_steps=[0])

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger("prefalign.models")
@@ -210,11 +210,17 @@ def training_card(config, result, *, adapter: bool) -> ModelCard:
 
 
 def write_training_cards(config, result) -> list[Path]:
-    """A card in every model folder a training run saved (the adapter and, merged, the model)."""
-    folders = {Path(result.model_dir): False}
-    if result.adapter_dir is not None:
-        folders[Path(result.adapter_dir)] = True  # without merge, model_dir is this adapter folder
-    return [write_card(folder, training_card(config, result, adapter=adapter)) for folder, adapter in folders.items()]
+    """A card in every model folder a training run saved (the adapter and, merged, the model; the
+    same for each snapshot, with its own step and loss)."""
+    written = []
+    for step, folder, suffix in [*((s, f, f"-step{s}") for s, f in result.snapshots.items()), (result.steps, result.model_dir, "")]:
+        at_step = replace(result, steps=step,
+                          final_loss=next((row["loss"] for row in result.history if row.get("step") == step), result.final_loss))
+        folders = {Path(folder): False}
+        if result.adapter_dir is not None:  # without merge, the model folder is the adapter folder
+            folders[Path(result.adapter_dir).with_name(f"adapter{suffix}")] = True
+        written += [write_card(f, training_card(config, at_step, adapter=adapter)) for f, adapter in folders.items()]
+    return written
 
 
 # --------------------------------------------------------------------------- train-rm

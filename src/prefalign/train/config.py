@@ -82,6 +82,9 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(0, ge=0)  # 0: only at the end (when there is eval data)
 
     save_every: int = Field(50, gt=0)
+    # Also keep the policy as it is after these steps (model-step{N}/ beside model/, each with its
+    # card): points along one run, e.g. for a reward-vs-KL curve without one run per β.
+    snapshot_steps: list[int] = Field(default_factory=list)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     skip_invalid: bool = False
@@ -98,6 +101,13 @@ class TrainConfig(BaseModel):
             names = loss_names(value)
             return names[0] if len(names) == 1 else names
         return value
+
+    @field_validator("snapshot_steps")
+    @classmethod
+    def _snapshot_steps(cls, value: list[int]) -> list[int]:
+        if any(step < 1 for step in value):
+            raise ValueError(f"snapshot_steps: steps count from 1 (got {value})")
+        return sorted(set(value))
 
     @field_validator("reference")
     @classmethod

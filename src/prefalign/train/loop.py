@@ -4,6 +4,7 @@ here branches on its name."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ log = logging.getLogger("prefalign.train")
 #: it saves and evaluates, and the optimiser's settings (a lower lr after a divergence). Changes
 #: are logged and recorded in train_log.jsonl as a ``resumed`` event.
 RESUMABLE_CHANGES = {
-    "max_steps", "epochs", "save_every", "eval_every", "log_every", "keep_checkpoints", "merge",
+    "max_steps", "epochs", "save_every", "snapshot_steps", "eval_every", "log_every", "keep_checkpoints", "merge",
     "lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
 }
 
@@ -77,6 +78,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     data_summary: dict = field(default_factory=dict)
     is_main_process: bool = True  # False on the other processes of a distributed run
+    snapshots: dict[int, Path] = field(default_factory=dict)  # step -> model folder (snapshot_steps)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -277,6 +279,10 @@ class Trainer:
         model = load_model(config.model, trust_remote_code=config.trust_remote_code).to(self.accelerator.device)
         if config.lora is not None:
             model = apply_lora(model, config.lora)
+        self.total_steps = self._total_steps()
+        late = [step for step in config.snapshot_steps if step > self.total_steps]
+        if late:
+            raise ConfigError(f"snapshot_steps: {late} past the run's {self.total_steps} steps")
         started = time.perf_counter()
         # Before any update: the policy is at its starting weights (a LoRA policy's adapters are zero).
         self.reference = build_reference(ReferenceSetup(config, self.spec, model, self.pad_id, self.train_examples,
@@ -285,7 +291,6 @@ class Trainer:
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_adamw(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        self.total_steps = self._total_steps()
         from transformers import get_scheduler
 
         scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps)
@@ -715,6 +720,8 @@ class Trainer:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracy', metrics.get('logps/accuracy', float('nan'))):.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if self.step % config.save_every == 0 or self.step == self.total_steps:
                 self._save_pending()  # kept once the next forward pass gives a finite loss
+            if self.step in config.snapshot_steps:
+                self._save_model(f"-step{self.step}")
         bar.close()
         self._verify_final_weights()
         final_eval = self.evaluate()
@@ -722,36 +729,47 @@ class Trainer:
             self.logger.log({"step": self.step, **final_eval})
         return self.finish(last.get("loss"), final_eval)
 
-    def finish(self, final_loss, final_eval) -> TrainResult:
+    def _save_model(self, suffix: str = "", *, last: bool = False) -> tuple[Path, Path | None]:
+        """Write the policy as it is now to ``model{suffix}/`` (with LoRA: ``adapter{suffix}/``, and
+        the merged model unless ``merge`` is off); returns (model folder, adapter folder or None).
+        Before the ``last`` save the LoRA merge runs on a copy: training goes on with the adapters."""
         model = self.accelerator.unwrap_model(self.model)
         # FSDP and ZeRO-3 hold shards: every process takes part in gathering the full weights.
         state_dict = self.accelerator.get_state_dict(self.model) if is_sharded_engine(self.accelerator) else None
-        adapter_dir = None
         main = self.accelerator.is_main_process
-        if self.config.lora is not None:
-            adapter_dir = self.output_dir / "adapter"
-            model_dir = self.output_dir / "model"
-            if main:
-                self._save_folder(adapter_dir, model, state_dict)
-                if self.config.merge:
-                    self._save_folder(model_dir, model.merge_and_unload())
-            if not self.config.merge:
-                model_dir = adapter_dir
-        else:
-            model_dir = self.output_dir / "model"
+        model_dir = self.output_dir / f"model{suffix}"
+        if self.config.lora is None:
             if main:
                 self._save_folder(model_dir, model, state_dict)
+            return model_dir, None
+        adapter_dir = self.output_dir / f"adapter{suffix}"
+        if main:
+            self._save_folder(adapter_dir, model, state_dict)
+            if self.config.merge:
+                self._save_folder(model_dir, (model if last else copy.deepcopy(model)).merge_and_unload())
+        return self._model_dir(suffix), adapter_dir
+
+    def _model_dir(self, suffix: str = "") -> Path:
+        """The folder a model loads from: the merged model, or the adapter when ``merge`` is off."""
+        merged = self.config.lora is None or self.config.merge
+        return self.output_dir / f"{'model' if merged else 'adapter'}{suffix}"
+
+    def finish(self, final_loss, final_eval) -> TrainResult:
+        model_dir, adapter_dir = self._save_model(last=True)
+        # From the config, not from this process's saves: a resumed run saved the early ones before.
+        snapshots = {step: self._model_dir(f"-step{step}") for step in self.config.snapshot_steps if step <= self.step}
         self.logger.close()
         summary = {
             "steps": self.step, "final_loss": final_loss, "model_dir": str(model_dir),
             "adapter_dir": str(adapter_dir) if adapter_dir else None, "data": self.data_summary,
             "peak_memory": self.memory.summary(), **final_eval,
+            "snapshots": {str(step): str(folder) for step, folder in snapshots.items()},
         }
         with main_process_writes(self.accelerator) as main:
             if main:
                 write_text_atomic(self.output_dir / "train_summary.json", json.dumps(summary, indent=1))
         return TrainResult(self.output_dir, self.step, final_loss, model_dir, adapter_dir, self.logger.history(), self.data_summary,
-                           is_main_process=self.accelerator.is_main_process)
+                           is_main_process=self.accelerator.is_main_process, snapshots=snapshots)
 
 
     def _save_folder(self, final: Path, model, state_dict: dict | None = None) -> None:
