@@ -70,3 +70,8 @@ def test_train_flags_and_yaml(tmp_path, tiny_model):
     assert "trained 1 steps" in result.output  # the flag overrode the YAML's 5
     bad = runner.invoke(app, ["train", "--config", str(config), "--loss", "nope"])
     assert bad.exit_code == 2 and "unknown loss 'nope'" in bad.output
+    snapshots = runner.invoke(app, ["train", "--config", str(config), "--max-steps", "3", "--snapshot-step", "1",
+                                    "--snapshot-step", "2", "--overwrite", "--quiet"])
+    assert snapshots.exit_code == 0, snapshots.output
+    assert [p.name for p in sorted((tmp_path / "out").glob("model-step*"))] == ["model-step1", "model-step2"]
+    assert "snapshots: step 1 in" in " ".join(snapshots.output.split())
