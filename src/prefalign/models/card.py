@@ -181,7 +181,7 @@ def _training_lines(config, result, base: BaseModel) -> list[str]:
         "dtype": config.dtype,
         "seed": config.seed,
         "examples": f"{summary.get('train_examples', 'n/a')} train, {summary.get('eval_examples', 'n/a')} eval",
-        "final training loss": None if result.final_loss is None else f"{result.final_loss:.4f}",
+        "training loss at its last step": None if result.final_loss is None else f"{result.final_loss:.4f}",
     })
 
 
