@@ -266,3 +266,23 @@ def test_offset_gives_a_dev_slice_disjoint_from_the_eval_slice(tmp_path, tiny_mo
     # p2 was trained on: dropped before the slices, which then split the held-out rest
     assert [p.id for p in first] == ["p0", "p1", "p3"] and [p.id for p in rest] == ["p4", "p5", "p6"]
     assert held.record["prompt_sets"]["dev"]["offset"] == 3
+
+
+@pytest.mark.slow
+def test_bf16_logprob_passes_round_kl_and_perplexity_and_leave_pair_rows_fp32(compare_config, tmp_path):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        config = load_eval_config(None, {**compare_config, "output_dir": str(tmp_path / dtype), "logprob_dtype": dtype})
+        result, paths = run_eval(config, show_progress=False)
+        runs[dtype] = (json.loads(paths["json"].read_text())["metrics"], result.notes)
+    (fp32, fp32_notes), (bf16, bf16_notes) = runs["float32"], runs["bfloat16"]
+    # The held-out pair passes stay fp32: their rows are the same numbers.
+    for name in ("preference_accuracy", "implicit_margin"):
+        assert bf16[name]["other"]["value"] == fp32[name]["other"]["value"], name
+    # The same samples (the sampler does not depend on logprob_dtype), scored with bf16 matmuls:
+    # KL and perplexities move by rounding, not more.
+    for name, model in (("kl[harmful]", "other"), ("perplexity[harmful]", "other"), ("text_perplexity[ref]", "other")):
+        a, b = fp32[name][model]["value"], bf16[name][model]["value"]
+        assert a != b and abs(a - b) <= 0.02 * max(1.0, abs(a)), (name, a, b)
+    assert bf16["kl[harmful]"]["base"]["value"] == 0.0  # the reference's own pass, reused
+    assert any("bf16 matmuls" in note for note in bf16_notes) and not any("bf16" in note for note in fp32_notes)

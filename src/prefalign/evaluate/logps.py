@@ -20,6 +20,7 @@ KL and perplexity on sampled responses (:mod:`.samples`), held-out preference pa
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -31,11 +32,15 @@ from prefalign.train.reference import score_examples
 
 
 def response_logps(model, examples: Sequence[TokenizedExample], groups: Sequence[str], pad_id: int,
-                   *, batch_size: int = 8) -> dict[str, torch.Tensor]:
+                   *, batch_size: int = 8, autocast: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Summed log-prob of each example's response in each of ``groups`` (one per example and group;
-    prompt tokens never count): ``{group: [len(examples)]}``, float32, in the input order."""
+    prompt tokens never count): ``{group: [len(examples)]}``, float32, in the input order.
+    ``autocast``: run the matmuls in that dtype (``torch.autocast``; weights and the log-softmax
+    stay fp32), None: fp32 throughout."""
     batches = longest_first_batches([ex.num_tokens() for ex in examples], batch_size)
-    with tuned_threads(model):
+    device_type = next(model.parameters()).device.type
+    precision = nullcontext() if autocast is None else torch.autocast(device_type, dtype=autocast)
+    with tuned_threads(model), precision:
         scores = sharded_map(batches, lambda batch: score_examples(model, [examples[i] for i in batch], groups, pad_id),
                              distributed_state())
     out = {group: torch.zeros(len(examples)) for group in groups}

@@ -132,6 +132,11 @@ class EvalConfig(BaseModel):
     # the first is compared with the second at the first's KL points (evaluate/frontier.py)
     compare_curves: dict[str, list[str]] | None = None
     examples_per_set: int = Field(3, ge=0)
+    # The matmuls of the KL, sample-perplexity and reference-text passes: auto is bf16 where the
+    # hardware runs it fast, as training's dtype (benchmarks/eval_precision.py: 1.5-2.3x faster, a
+    # KL estimate 0.013 nats and a perplexity 0.5% from fp32's). The held-out pair passes (accuracy,
+    # margins, sycophancy) stay fp32: their margins are smaller than bf16's rounding of a response.
+    logprob_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_length: int = 512
     max_prompt_length: int = 384
 
@@ -246,6 +251,23 @@ class Evaluator:
         self.heldout: HeldOut | None = None
         self._backend: tuple[Any, Any] | None = None  # (model, its generation backend)
         self._reference_pairs: tuple | None = None  # (records, the reference's chosen and rejected log-probs)
+        self._logprob_dtype: str | None = None
+
+    @property
+    def logprob_dtype(self) -> str:
+        """``float32`` or ``bfloat16``: the config's ``logprob_dtype`` resolved on this hardware (once)."""
+        if self._logprob_dtype is None:
+            from prefalign.train.precision import resolve_dtype
+
+            self._logprob_dtype = resolve_dtype(self.config.logprob_dtype)
+        return self._logprob_dtype
+
+    @property
+    def logprob_autocast(self):
+        """The ``torch.autocast`` dtype of the KL and perplexity passes (None: fp32)."""
+        import torch
+
+        return torch.bfloat16 if self.logprob_dtype == "bfloat16" else None
 
     # -- pieces -------------------------------------------------------------------------------
     def scorer(self, name: str, config: dict | None = None):
@@ -426,8 +448,10 @@ class Evaluator:
         if config.reward_model:
             record_values(f"reward[{tag}]", [float(v) for v in self.scorer("reward-model", {"model": config.reward_model}).score(texts, asked)])
         prompt_ids, token_ids, pad = [r["prompt_ids"] for r in samples], [r["token_ids"] for r in samples], tokenizer.pad_token_id
-        own, lengths = sampled_logps(model, pad, prompt_ids, token_ids, config.max_length)
-        ref, _ = (own, lengths) if reference is model else sampled_logps(reference, pad, prompt_ids, token_ids, config.max_length)
+        autocast = self.logprob_autocast
+        own, lengths = sampled_logps(model, pad, prompt_ids, token_ids, config.max_length, autocast=autocast)
+        ref, _ = (own, lengths) if reference is model else sampled_logps(reference, pad, prompt_ids, token_ids, config.max_length,
+                                                                         autocast=autocast)
         # KL(π‖π_ref): the mean log-ratio of π's own samples (evaluate/samples.py); perplexity of
         # each response under the reference
         record_values(f"kl[{tag}]", (own - ref).tolist())
@@ -480,7 +504,8 @@ class Evaluator:
 
         if not examples:
             return
-        logps = response_logps(model, examples, ("chosen",), tokenizer.pad_token_id, batch_size=batch_size)["chosen"].double().numpy()
+        logps = response_logps(model, examples, ("chosen",), tokenizer.pad_token_id, batch_size=batch_size,
+                               autocast=self.logprob_autocast)["chosen"].double().numpy()
         tokens = np.array([len(ex.responses["chosen"][0]) for ex in examples], dtype=np.float64)
         name = f"text_perplexity[{text_set.name}]"
         c = self.config
@@ -558,6 +583,9 @@ class Evaluator:
         if self.config.prompt_sets and (s.temperature != 1.0 or s.top_p != 1.0):
             notes.append(f"Samples were drawn at temperature {s.temperature}, top-p {s.top_p}: the KL rows are the mean "
                          "log π − log π_ref over those samples, which equals KL(π‖π_ref) only at temperature 1 and top-p 1.")
+        if self.logprob_dtype == "bfloat16" and (self.config.prompt_sets or self.config.reference_texts):
+            notes.append(f"The KL and perplexity rows were scored with bf16 matmuls (logprob_dtype {self.config.logprob_dtype}); "
+                         "held-out pair rows in fp32.")
         if self.heldout is not None and self.config.training_data:
             files = self.heldout.record["training_files"]
             notes.append(f"Held-out check: every evaluation prompt was compared with the prompts of {len(files)} training "

@@ -13,7 +13,7 @@ from prefalign.evaluate.stats import Estimate, mean
 
 
 def sampled_logps(model, pad_id: int, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
-                  max_length: int = 4096, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_length: int = 4096, batch_size: int = 8, autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of exactly the sampled tokens after exactly the prompt the sampler saw, and
     their count. Nothing is re-tokenized and no end-of-sequence token is added to a response that
     stopped at the token limit: both would bias a KL estimate from samples. Prompts longer than
@@ -23,7 +23,7 @@ def sampled_logps(model, pad_id: int, prompt_ids: Sequence[list[int]], response_
         response = list(response)[:max_length - 1] or [pad_id]
         prompt = list(prompt)[-(max_length - len(response)):]
         examples.append(TokenizedExample(i, prompt, {"chosen": [response]}))
-    logps = response_logps(model, examples, ("chosen",), pad_id, batch_size=batch_size)["chosen"]
+    logps = response_logps(model, examples, ("chosen",), pad_id, batch_size=batch_size, autocast=autocast)["chosen"]
     lengths = torch.tensor([len(ex.responses["chosen"][0]) for ex in examples], dtype=torch.float32)
     return logps, lengths
 
