@@ -127,3 +127,25 @@ def test_unknown_and_misplaced_kinds_are_config_errors(tmp_path, tiny_model, pai
         config_for(tmp_path, tiny_model, pairs_file, reference="frozen")
     with pytest.raises(ValueError, match="'disable-adapters' needs LoRA"):
         config_for(tmp_path, tiny_model, pairs_file, reference="disable-adapters")
+
+
+@pytest.mark.parametrize("kind, extra", [("precompute", {}), ("copy", {}), ("disable-adapters", {"lora": {"r": 4}})])
+def test_every_kind_scores_in_the_policys_precision(tmp_path, tiny_model, pairs_file, kind, extra, monkeypatch):
+    import prefalign.train.reference as reference
+
+    seen = []
+    real = reference.score_examples
+
+    def recording(model, examples, groups, pad_id, **kw):
+        with kw["context"]():  # the scorer's context: what the model computes under
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return real(model, examples, groups, pad_id, **kw)
+
+    monkeypatch.setattr(reference, "score_examples", recording)
+    for dtype in ("bfloat16", "float32"):
+        seen.clear()
+        trainer, got = reference_of(config_for(tmp_path, tiny_model, pairs_file, name=dtype, reference=kind, dtype=dtype, **extra))
+        assert seen and set(seen) == {getattr(torch, dtype)}, (kind, dtype, seen)
+    if kind == "precompute":  # one cache table per precision, not one overwritten by the other
+        assert len(list((tmp_path / "refcache").iterdir())) == 2
+

@@ -173,11 +173,14 @@ class NoReference:
 
 
 def cache_key(model_id: str, toxic_model_id: str | None, groups: Sequence[str], examples: Sequence[TokenizedExample],
-              *, toxic_reference: bool = False) -> str:
-    """Keyed by the model's identity, what is scored (``groups``, the toxic reference) and the exact
-    token ids, so any change to the data, the tokenizer or the truncation settings gives a new key."""
+              *, toxic_reference: bool = False, precision: str = "no") -> str:
+    """Keyed by the model's identity, what is scored (``groups``, the toxic reference), the
+    precision it is scored in (accelerate's ``mixed_precision``) and the exact token ids, so any
+    change to the data, the tokenizer or the truncation settings gives a new key."""
     h = hashlib.sha256()
     h.update(f"{model_id}|{toxic_model_id}|{','.join(groups)}".encode())
+    if precision != "no":  # fp32 keys stay as they were
+        h.update(f"|{precision}".encode())
     if toxic_reference:
         h.update(b"|toxic_ref")
     for ex in examples:
@@ -256,7 +259,22 @@ def _frozen_model(setup: ReferenceSetup, name: str):
 
 
 def _scorer(setup: ReferenceSetup, model, context=contextlib.nullcontext) -> ModelScorer:
-    return ModelScorer(model, setup.pad_id, context, share_prompt=setup.config.share_prompt, pack=setup.config.pack)
+    """The reference computes as the policy does: under the accelerator's autocast (bf16 when the
+    run trains in bf16), so at the starting weights the policy's log-ratio to it is ~0, not bf16's
+    rounding of each response (a median 0.17 nats, benchmarks/eval_precision.py)."""
+    autocast = setup.accelerator.autocast if setup.accelerator is not None else contextlib.nullcontext
+
+    @contextlib.contextmanager
+    def scoring():
+        with context(), autocast():
+            yield
+
+    return ModelScorer(model, setup.pad_id, scoring, share_prompt=setup.config.share_prompt, pack=setup.config.pack)
+
+
+def _precision(setup: ReferenceSetup) -> str:
+    """The matmul precision the reference scores in (part of the cache key)."""
+    return str(getattr(setup.accelerator, "mixed_precision", "no"))
 
 
 def _starting_weights(setup: ReferenceSetup) -> Any:
@@ -286,7 +304,8 @@ def precomputed(setup: ReferenceSetup) -> PrecomputedReference:
     tables = []
     for name, examples in (("train", setup.train_examples), ("eval", setup.eval_examples)):
         if examples:
-            key = cache_key(model_id, toxic_id, spec.reference_groups, examples, toxic_reference=spec.needs_toxic_reference)
+            key = cache_key(model_id, toxic_id, spec.reference_groups, examples, toxic_reference=spec.needs_toxic_reference,
+                            precision=_precision(setup))
             table = precompute_table(scorer, examples, cache_dir / f"{key}.pt", batch_size=config.batch_size * 2,
                                      desc=f"reference log-probs ({name})", accelerator=setup.accelerator)
             tables.append((table, examples))
