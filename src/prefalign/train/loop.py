@@ -731,22 +731,22 @@ class Trainer:
 
     def _save_model(self, suffix: str = "", *, last: bool = False) -> tuple[Path, Path | None]:
         """Write the policy as it is now to ``model{suffix}/`` (with LoRA: ``adapter{suffix}/``, and
-        the merged model unless ``merge`` is off); returns (model folder, adapter folder or None).
-        Before the ``last`` save the LoRA merge runs on a copy: training goes on with the adapters."""
+        the merged model unless ``merge`` is off); returns (the folder a model loads from, adapter
+        folder or None). Except at the ``last`` save, the LoRA merge runs on a copy: training goes
+        on with the adapters."""
         model = self.accelerator.unwrap_model(self.model)
         # FSDP and ZeRO-3 hold shards: every process takes part in gathering the full weights.
         state_dict = self.accelerator.get_state_dict(self.model) if is_sharded_engine(self.accelerator) else None
         main = self.accelerator.is_main_process
-        model_dir = self.output_dir / f"model{suffix}"
         if self.config.lora is None:
             if main:
-                self._save_folder(model_dir, model, state_dict)
-            return model_dir, None
+                self._save_folder(self._model_dir(suffix), model, state_dict)
+            return self._model_dir(suffix), None
         adapter_dir = self.output_dir / f"adapter{suffix}"
         if main:
             self._save_folder(adapter_dir, model, state_dict)
             if self.config.merge:
-                self._save_folder(model_dir, (model if last else copy.deepcopy(model)).merge_and_unload())
+                self._save_folder(self._model_dir(suffix), (model if last else copy.deepcopy(model)).merge_and_unload())
         return self._model_dir(suffix), adapter_dir
 
     def _model_dir(self, suffix: str = "") -> Path:
