@@ -167,6 +167,38 @@ def test_select_best_vs_worst_pairs_the_best_and_worst_chosen_answers(tmp_path):
         run_select(tmp_path / "m", rows, pairing="best-vs-worst", by="margin")
 
 
+def test_select_best_vs_worst_ranks_the_original_answers_too_with_rank_rejected(tmp_path):
+    def row(prompt, chosen, rc, rejected, rr):
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reward_chosen": rc, "reward_rejected": rr,
+                "meta": {"id": prompt}}
+
+    # p1: the other revision was dropped as identical to the original: only (revision, original) is left
+    # p2: two revisions and their original, the original worst; p3: the original best
+    rows = [row("p1", "(B) because", 0.2, "(A) Agree", 0.9),
+            row("p2", "(A) x", 0.5, "junk", -2.0), row("p2", "(B) y", 0.1, "junk", -2.0),
+            row("p3", "(A) x", 0.5, "(B) Disagree", 0.8), row("p3", "(C) z", -0.4, "(B) Disagree", 0.8)]
+    plain = run_select(tmp_path / "plain", rows, pairing="best-vs-worst")
+    assert [p["prompt"] for p in plain] == ["p2", "p3"]  # without it, p1 has no pair
+    pairs = run_select(tmp_path / "all", rows, pairing="best-vs-worst", rank_rejected=True)
+    got = [(p["prompt"], p["chosen"], p["rejected"], p["reward_chosen"], p["reward_rejected"]) for p in pairs]
+    # an independent computation: every distinct answer of a prompt with its score, best against worst
+    expected = []
+    for prompt in ("p1", "p2", "p3"):
+        answers = {}
+        for r in rows:
+            if r["prompt"] == prompt:
+                answers.setdefault(r["chosen"], r["reward_chosen"])
+                answers.setdefault(r["rejected"], r["reward_rejected"])
+        best, worst = max(answers, key=answers.get), min(answers, key=answers.get)
+        expected.append((prompt, best, worst, answers[best], answers[worst]))
+    assert got == expected
+    assert pairs[0]["meta"]["select"] == {"pairing": "best-vs-worst", "rejected_line": 1, "chosen_side": "rejected"}
+    assert pairs[1]["meta"]["select"] == {"pairing": "best-vs-worst", "rejected_line": 3, "rejected_side": "rejected"}
+    assert all("select_side" not in p["meta"] for p in pairs)
+    with pytest.raises(RecipeError, match="rank_rejected"):
+        run_select(tmp_path / "keep", rows, rank_rejected=True)
+
+
 def test_select_stage_names_the_line_of_an_unscored_record(tmp_path):
     from prefalign.data.errors import DataError
 

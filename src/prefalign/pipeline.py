@@ -130,7 +130,10 @@ class SelectStage(BaseModel):
     prompt, the best record's chosen answer against the worst record's chosen answer, with their
     ``reward_chosen`` as the pair's rewards (prompts with one distinct answer or no gap drop out):
     the two sides then differ in what the scorer ranked (e.g. the answer option a revision
-    commits to), not in form."""
+    commits to), not in form. ``rank_rejected: true`` (best-vs-worst only) ranks every record's
+    rejected answer too, by its ``reward_rejected``: with N revisions of one original answer, the
+    original is one more candidate, and a prompt whose other revisions were dropped for being
+    identical to the original still gets its pair."""
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "select"
@@ -138,11 +141,14 @@ class SelectStage(BaseModel):
     by: Literal["reward_chosen", "margin"] = "reward_chosen"
     keep: int = Field(1, ge=1)
     pairing: Literal["keep", "best-vs-worst"] = "keep"
+    rank_rejected: bool = False
     output: Path
 
     def model_post_init(self, _):
         if self.pairing == "best-vs-worst" and (self.by != "reward_chosen" or self.keep != 1):
             raise ValueError("pairing best-vs-worst ranks the chosen answers: it takes by: reward_chosen and keep: 1")
+        if self.rank_rejected and self.pairing != "best-vs-worst":
+            raise ValueError("rank_rejected: ranks rejected answers against chosen ones; it needs pairing: best-vs-worst")
 
 
 def _selection_score(row: dict, by: str, where: str) -> float:
@@ -158,12 +164,25 @@ def _selection_score(row: dict, by: str, where: str) -> float:
     return score if math.isfinite(score) else -math.inf  # an unscored (NaN) record ranks last
 
 
+def _as_candidate(row: dict, where: str) -> dict:
+    """A record's rejected answer as a candidate of its own (its ``reward_rejected`` as its score)."""
+    _selection_score(row, "margin", where)  # both rewards must be numbers
+    meta = {**(row.get("meta") or {}), "select_side": "rejected"}
+    return {**row, "chosen": row["rejected"], "reward_chosen": row["reward_rejected"], "meta": meta}
+
+
 def _best_vs_worst(ranked: list[tuple[float, int, dict]]) -> dict | None:
     (top, _, best), (bottom, line, worst) = ranked[0], ranked[-1]
     if not (top > bottom > -math.inf) or best["chosen"] == worst["chosen"]:
         return None
-    meta = {**(best.get("meta") or {}), "select": {"pairing": "best-vs-worst", "rejected_line": line}}
-    return {**best, "rejected": worst["chosen"], "reward_rejected": worst["reward_chosen"], "meta": meta}
+    meta = dict(best.get("meta") or {})
+    select = {"pairing": "best-vs-worst", "rejected_line": line}
+    if meta.pop("select_side", None):  # the chosen answer was a record's rejected one (rank_rejected)
+        select["chosen_side"] = "rejected"
+    if (worst.get("meta") or {}).get("select_side"):
+        select["rejected_side"] = "rejected"
+    return {**best, "rejected": worst["chosen"], "reward_rejected": worst["reward_chosen"],
+            "meta": {**meta, "select": select}}
 
 
 def _run_select(cfg: SelectStage, stage_dir: Path, show_progress: bool) -> None:
@@ -173,7 +192,11 @@ def _run_select(cfg: SelectStage, stage_dir: Path, show_progress: bool) -> None:
     for number, row in read_rows(cfg.input):
         prompt = row.get("prompt")
         key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-        groups.setdefault(key, []).append((_selection_score(row, cfg.by, f"{cfg.input}:{number}"), number, row))
+        where = f"{cfg.input}:{number}"
+        groups.setdefault(key, []).append((_selection_score(row, cfg.by, where), number, row))
+        if cfg.rank_rejected:
+            candidate = _as_candidate(row, where)
+            groups[key].append((_selection_score(candidate, cfg.by, where), number, candidate))
     ranked = [sorted(group, key=lambda item: (-item[0], item[1])) for group in groups.values()]
     if cfg.pairing == "best-vs-worst":
         kept = [pair for group in ranked if (pair := _best_vs_worst(group)) is not None]
@@ -182,7 +205,9 @@ def _run_select(cfg: SelectStage, stage_dir: Path, show_progress: bool) -> None:
         kept = [row for group in ranked for _, _, row in group[: cfg.keep]]
         how = f"best {cfg.keep} per prompt by {cfg.by}"
     write_jsonl(cfg.output, kept)
-    total = sum(len(g) for g in groups.values())
+    total = len({number for group in groups.values() for _, number, _ in group})
+    if cfg.rank_rejected:
+        how += ", their rejected answers ranked too"
     print(f"selected {len(kept)} from {total} records ({how}, {len(groups)} prompts) into {cfg.output}")
 
 

@@ -240,3 +240,20 @@ def test_cli_train_rm_config_errors(tmp_path):
 def test_reward_model_refuses_a_plain_causal_lm(tiny_model):
     with pytest.raises(ValueError, match="not a trained reward model"):
         make_scorer("reward-model", {"model": tiny_model}, cache=False, show_progress=False)
+
+
+def test_response_lines_scores_only_the_first_lines(classifier_folder):
+    from prefalign.score.reward_model import first_lines
+
+    assert first_lines("(A) Agree\n\nBecause ...\nand more", 1) == "(A) Agree"
+    assert first_lines("\n(A) Agree\n\nBecause ...\nand more", 2) == "(A) Agree\nBecause ..."
+    assert first_lines("one line  ", None) == "one line  " and first_lines("one line  ", 3) == "one line"
+    whole = make_scorer("reward-model", {"model": str(classifier_folder)}, cache=False, show_progress=False)
+    cut = make_scorer("reward-model", {"model": str(classifier_folder), "response_lines": 1}, cache=False,
+                      show_progress=False)
+    texts, prompts = ["(A) Agree\n\nBecause it is true.", "(B) Disagree\nNo reason."], ["Q?", "Q?"]
+    assert cut.score(texts, prompts) == pytest.approx(whole.score(["(A) Agree", "(B) Disagree"], prompts), abs=1e-6)
+    assert cut.score(texts, prompts) != pytest.approx(whole.score(texts, prompts), abs=1e-6)
+    assert cut.cache_id != whole.cache_id  # a cached whole-text score is never reused for a cut one
+    with pytest.raises(Exception, match="response_lines"):
+        make_scorer("reward-model", {"model": str(classifier_folder), "response_lines": 0}, cache=False, show_progress=False)

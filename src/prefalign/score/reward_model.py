@@ -6,6 +6,12 @@ The score is the logit of the model's single output, or of ``label`` (an index, 
 ``config.label2id``) when it has several. Prompts are rendered by the one prompt renderer
 (:mod:`prefalign.data.render`, ``chat_template: auto|always|never``), as for generation and
 training; a cross-encoder (BERT-style) tokenizer without a chat template reads a text pair.
+
+``response_lines: N`` scores only the first N lines of each response. A reward model judges
+reliably only the kind of text it was trained on: one trained on bare multiple-choice answers
+("(A) Agree") ranks an explained answer ("(A) Agree" + three lines of reasoning) mostly by its
+reasoning. Measured on ``rdpo-sycophancy``'s revisions (one per answer option, 86 questions): the
+whole-text scores picked the truthful option for 55, the first line's for 72.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ class RewardModelConfig(ScorerConfig):
     chat_template: Literal["auto", "always", "never"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
+    response_lines: int | None = Field(
+        None, gt=0, description="score only the first N lines of each response (what the reward model was trained to judge)"
+    )
 
 
 class RewardModelScorer:
@@ -62,12 +71,20 @@ class RewardModelScorer:
 
         from .rm_model import encode_pairs, reward_logits
 
-        batch = encode_pairs(self.tokenizer, prompt_list, list(texts), max_length=self.config.max_length,
+        batch = encode_pairs(self.tokenizer, prompt_list, [first_lines(t, self.config.response_lines) for t in texts], max_length=self.config.max_length,
                              chat_template=self.config.chat_template)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
             logits = reward_logits(self.model, batch)
         return [float(x) for x in logits[:, self.label].float().cpu()]
+
+
+def first_lines(text: str, count: int | None) -> str:
+    """The first ``count`` lines of ``text`` (all of it for ``None``), blank lines not counted, trailing space cut."""
+    if count is None:
+        return text
+    lines = [line for line in text.splitlines() if line.strip()]
+    return "\n".join(lines[:count]).rstrip()
 
 
 SPEC = ScorerSpec("reward-model", RewardModelConfig, RewardModelScorer,
