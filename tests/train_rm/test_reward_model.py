@@ -4,6 +4,7 @@ on tiny backbones, and the ``prefalign train-rm`` / ``prefalign score -s reward-
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -167,6 +168,31 @@ def test_train_rm_causal_backbone_learns(tiny_model, tmp_path):
     s = make_scorer("reward-model", {"model": str(tmp_path / "rm")}, cache=False, show_progress=False)  # output dir works
     good, bad = s.score(["the one happy to help gladly", "the one shut up idiot"], ["Question?", "Question?"])
     assert good > bad
+
+
+def test_train_rm_in_bf16_autocast_keeps_fp32_weights_and_learns(tiny_model, tmp_path, monkeypatch):
+    import prefalign.train_rm.loop as loop
+
+    seen = []
+    real = loop.reward_logits
+
+    def spy(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "reward_logits", spy)
+    monkeypatch.setenv("PREFALIGN_AUTO_DTYPE", "bfloat16")  # what `auto` picks on a CPU with AVX512-BF16
+    result = _train(tmp_path, tiny_model, lr=2e-3, max_steps=8)
+    assert seen and all(seen)  # every training and held-out pass ran under bf16 autocast
+    assert result.eval_accuracy_after >= 0.9
+    summary = json.loads((tmp_path / "rm" / "train_rm_summary.json").read_text())
+    assert summary["config"]["dtype"] == "bfloat16"  # what ran, not "auto"
+    assert "bf16 autocast" in (result.model_dir / "README.md").read_text()
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(result.model_dir / "model.safetensors").values()} == {torch.float32}
+    log = [json.loads(line) for line in (tmp_path / "rm" / "train_rm_log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["loss"]) for row in log)
 
 
 def test_train_rm_mean_pool_backbone_learns(tiny_bert, tmp_path):

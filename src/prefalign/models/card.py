@@ -249,6 +249,7 @@ def reward_model_card(config, result) -> ModelCard:
             "batch": config.batch_size,
             "optimiser": f"AdamW, lr {config.lr:g}, weight decay {config.weight_decay:g}",
             "max_length": config.max_length,
+            "precision": "bf16 autocast (fp32 weights)" if config.dtype == "bfloat16" else "fp32",
             "seed": config.seed,
             "pairs": f"{result.train_pairs} train, {result.eval_pairs} held out",
             "final training loss": f"{result.final_loss:.4f}",

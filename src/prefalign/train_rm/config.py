@@ -37,6 +37,9 @@ class RewardTrainConfig(BaseModel):
     max_steps: int | None = Field(None, gt=0)
     max_length: int = Field(256, gt=8)
     chat_template: Literal["auto", "always", "never"] = "auto"
+    # auto: bf16 autocast where the hardware runs bf16 matmuls natively (as `prefalign train`), fp32
+    # elsewhere; weights stay fp32 and the loss is computed in fp32 either way.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0
     skip_invalid: bool = False
     trust_remote_code: bool = False

@@ -32,6 +32,7 @@ from prefalign.data.sources import stable_split
 from prefalign.models.registry import write_folder_atomically
 from prefalign.score.base import canonical_json
 from prefalign.score.rm_model import MeanPoolRewardModel, encode_pairs, prepare_tokenizer, reward_logits, use_chat_template
+from prefalign.train.precision import resolve_dtype
 
 from .config import MINILM, RewardTrainConfig
 
@@ -149,7 +150,9 @@ def pair_rewards(model, tokenizer, records: list[PreferenceRecord], config: Rewa
     responses = [r.chosen for r in records] + [r.rejected for r in records]
     batch = encode_pairs(tokenizer, prompts, responses, max_length=config.max_length, chat_template=config.chat_template)
     batch = {k: v.to(device) for k, v in batch.items()}
-    rewards = reward_logits(model, batch)[:, 0]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
+        rewards = reward_logits(model, batch)[:, 0]
+    rewards = rewards.float()  # the Bradley-Terry loss and the accuracy in fp32
     n = len(records)
     return rewards[:n], rewards[n:]
 
@@ -184,9 +187,10 @@ def _save(model, tokenizer, target: Path) -> Path:
 def train_reward_model(config: RewardTrainConfig, *, show_progress: bool = True) -> RewardTrainResult:
     t0 = time.time()
     train, evals = load_pairs(config)  # data errors surface before any model is loaded
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = config.model_copy(update={"dtype": resolve_dtype(config.dtype, device.type)})
     train_margins = _margins(train, config.margin_field)
     model, tokenizer, head = build_model(config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
     acc_before, _ = evaluate_pairs(model, tokenizer, evals, config, device)
