@@ -174,13 +174,13 @@ def test_train_rm_in_bf16_autocast_keeps_fp32_weights_and_learns(tiny_model, tmp
     import prefalign.train_rm.loop as loop
 
     seen = []
-    real = loop.reward_logits
+    real = loop.exchange_rewards
 
-    def spy(model, batch):
+    def spy(*args, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return real(model, batch)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "reward_logits", spy)
+    monkeypatch.setattr(loop, "exchange_rewards", spy)
     monkeypatch.setenv("PREFALIGN_AUTO_DTYPE", "bfloat16")  # what `auto` picks on a CPU with AVX512-BF16
     result = _train(tmp_path, tiny_model, lr=2e-3, max_steps=8)
     assert seen and all(seen)  # every training and held-out pass ran under bf16 autocast
@@ -283,3 +283,36 @@ def test_response_lines_scores_only_the_first_lines(classifier_folder):
     assert cut.cache_id != whole.cache_id  # a cached whole-text score is never reused for a cut one
     with pytest.raises(Exception, match="response_lines"):
         make_scorer("reward-model", {"model": str(classifier_folder), "response_lines": 0}, cache=False, show_progress=False)
+
+
+def test_shared_prompt_scores_equal_each_exchange_scored_alone(classifier_folder, monkeypatch):
+    import prefalign.score.rm_model as rm
+
+    model, tokenizer, _ = load_reward_model(classifier_folder)
+    prompts = ["Capital of France?", "Capital of France?", "Name a colour.", [{"role": "user", "content": "Hi"}],
+               "Name a colour.", "Capital of France?"]
+    responses = ["Paris.", "It is Paris, on the Seine.", "Blue", "Hello there, how can I help?", "Red, or green.", "Lyon"]
+    built = []
+    real = rm._shared_prompt_batch
+    monkeypatch.setattr(rm, "_shared_prompt_batch", lambda *a: built.append(real(*a)) or built[-1])
+    with torch.no_grad():
+        shared = rm.exchange_rewards(model, tokenizer, prompts, responses, max_length=128)
+        # an independent computation: one padded row per exchange through the classifier's own forward
+        alone = rm.reward_logits(model, rm.encode_pairs(tokenizer, prompts, responses, max_length=128))
+        one_by_one = torch.cat([rm.reward_logits(model, rm.encode_pairs(tokenizer, [p], [r], max_length=128))
+                                for p, r in zip(prompts, responses)])
+    assert built[0] is not None and built[0][0].input_ids.shape[0] == 3  # three distinct prompts, three blocks
+    assert shared.shape == (6, 1)
+    assert torch.allclose(shared, alone, atol=1e-5) and torch.allclose(shared, one_by_one, atol=1e-5)
+    # exchanges longer than max_length are cut from the left: those take the one-row layout, the rest
+    # stay shared, and every score is still the one of its exchange alone
+    lengths = [len(rm.encode_pairs(tokenizer, [p], [r], max_length=10**6)["input_ids"][0])
+               for p, r in zip(prompts, responses)]
+    width = sorted(lengths)[3]
+    with torch.no_grad():
+        cut = rm.exchange_rewards(model, tokenizer, prompts, responses, max_length=width)
+        expected = torch.cat([rm.reward_logits(model, rm.encode_pairs(tokenizer, [p], [r], max_length=width))
+                              for p, r in zip(prompts, responses)])
+    too_long = [i for i, n in enumerate(lengths) if n > width]
+    assert too_long and built[-1][3] == too_long and len(built[-1][1]) == 6 - len(too_long)
+    assert torch.allclose(cut, expected, atol=1e-5)

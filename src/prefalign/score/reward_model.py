@@ -69,13 +69,12 @@ class RewardModelScorer:
             return []
         import torch
 
-        from .rm_model import encode_pairs, reward_logits
+        from .rm_model import exchange_rewards
 
-        batch = encode_pairs(self.tokenizer, prompt_list, [first_lines(t, self.config.response_lines) for t in texts], max_length=self.config.max_length,
-                             chat_template=self.config.chat_template)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        cut = [first_lines(t, self.config.response_lines) for t in texts]
         with torch.inference_mode():
-            logits = reward_logits(self.model, batch)
+            logits = exchange_rewards(self.model, self.tokenizer, prompt_list, cut, max_length=self.config.max_length,
+                                      chat_template=self.config.chat_template, device=self.device)
         return [float(x) for x in logits[:, self.label].float().cpu()]
 
 

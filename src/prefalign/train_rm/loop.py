@@ -31,7 +31,7 @@ from prefalign.data.records import PreferenceRecord
 from prefalign.data.sources import stable_split
 from prefalign.models.registry import write_folder_atomically
 from prefalign.score.base import canonical_json
-from prefalign.score.rm_model import MeanPoolRewardModel, encode_pairs, prepare_tokenizer, reward_logits, use_chat_template
+from prefalign.score.rm_model import MeanPoolRewardModel, exchange_rewards, prepare_tokenizer, use_chat_template
 from prefalign.train.precision import resolve_dtype
 
 from .config import MINILM, RewardTrainConfig
@@ -148,10 +148,9 @@ def pair_rewards(model, tokenizer, records: list[PreferenceRecord], config: Rewa
     """Rewards of chosen and rejected for a batch of records, in one forward pass."""
     prompts = [r.prompt for r in records] * 2
     responses = [r.chosen for r in records] + [r.rejected for r in records]
-    batch = encode_pairs(tokenizer, prompts, responses, max_length=config.max_length, chat_template=config.chat_template)
-    batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
-        rewards = reward_logits(model, batch)[:, 0]
+        rewards = exchange_rewards(model, tokenizer, prompts, responses, max_length=config.max_length,
+                                   chat_template=config.chat_template, device=device)[:, 0]
     rewards = rewards.float()  # the Bradley-Terry loss and the accuracy in fp32
     n = len(records)
     return rewards[:n], rewards[n:]
