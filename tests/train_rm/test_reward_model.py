@@ -152,7 +152,8 @@ def _train(tmp_path, model, **extra):
     return train_reward_model(load_rm_config(None, values), show_progress=False)
 
 
-def test_train_rm_causal_backbone_learns(tiny_model, tmp_path):
+def test_train_rm_causal_backbone_learns(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFALIGN_AUTO_DTYPE", "bfloat16")  # the default is fp32 whatever `auto` would pick
     result = _train(tmp_path, tiny_model, lr=2e-3, max_steps=8)
     assert result.head == "sequence-classification" and result.eval_pairs > 5
     assert result.eval_accuracy_after >= 0.9 and result.eval_accuracy_after > result.eval_accuracy_before
@@ -160,7 +161,7 @@ def test_train_rm_causal_backbone_learns(tiny_model, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "rm" / "train_rm_log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and log[-1]["loss"] < log[0]["loss"]
     summary = json.loads((tmp_path / "rm" / "train_rm_summary.json").read_text())
-    assert summary["eval_accuracy_after"] == result.eval_accuracy_after
+    assert summary["eval_accuracy_after"] == result.eval_accuracy_after and summary["config"]["dtype"] == "float32"
 
     from transformers import AutoModelForSequenceClassification
 
@@ -182,7 +183,7 @@ def test_train_rm_in_bf16_autocast_keeps_fp32_weights_and_learns(tiny_model, tmp
 
     monkeypatch.setattr(loop, "exchange_rewards", spy)
     monkeypatch.setenv("PREFALIGN_AUTO_DTYPE", "bfloat16")  # what `auto` picks on a CPU with AVX512-BF16
-    result = _train(tmp_path, tiny_model, lr=2e-3, max_steps=8)
+    result = _train(tmp_path, tiny_model, lr=2e-3, max_steps=8, dtype="auto")
     assert seen and all(seen)  # every training and held-out pass ran under bf16 autocast
     assert result.eval_accuracy_after >= 0.9
     summary = json.loads((tmp_path / "rm" / "train_rm_summary.json").read_text())
