@@ -218,6 +218,7 @@ def _shared_prompt_batch(model, tokenizer, prompts, responses, max_length, chat_
     from prefalign.train.sequences import SHARED_PROMPT_ATTENTION, collate_blocks
 
     if (isinstance(model, MeanPoolRewardModel) or not isinstance(getattr(model, "score", None), torch.nn.Linear)
+            or getattr(model, "base_model", model) is model  # no decoder to call apart from the head
             or getattr(model.config, "_attn_implementation", None) not in SHARED_PROMPT_ATTENTION
             or any(p is None for p in prompts) or reads_text_pairs(tokenizer, chat_template)):
         return None
