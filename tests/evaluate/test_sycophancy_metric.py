@@ -20,7 +20,12 @@ def test_sycophancy_rate_is_the_other_side_of_preference_accuracy_on_the_same_pa
     config = load_eval_config(None, {"output_dir": str(tmp_path / "eval"), "models": {"base": tiny_model},
                                      "sycophancy": True, "pairs": str(pairs),
                                      "refusal_scorer": None, "toxicity_scorer": None})
+    import prefalign.evaluate.preference as preference
+
+    scored, real_pair_logps = [], preference.pair_logps
+    monkeypatch.setattr(preference, "pair_logps", lambda model, *a, **k: scored.append(model) or real_pair_logps(model, *a, **k))
     _, paths = run_eval(config, show_progress=False)
+    assert len(scored) == 1  # the same pairs, read from two places, scored once (was twice)
     metrics = json.loads(paths["json"].read_text())["metrics"]
     sycophancy, accuracy = metrics["sycophancy"]["base"], metrics["preference_accuracy"]["base"]
     assert sycophancy["n"] == accuracy["n"] == len(held) > 0

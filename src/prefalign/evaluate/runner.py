@@ -250,7 +250,9 @@ class Evaluator:
         self.samples: dict[str, dict[str, list[str]]] = {}
         self.heldout: HeldOut | None = None
         self._backend: tuple[Any, Any] | None = None  # (model, its generation backend)
-        self._reference_pairs: tuple | None = None  # (records, the reference's chosen and rejected log-probs)
+        # (id of the model, the pairs' texts) -> its chosen and rejected log-probs; only the
+        # reference's entries outlive the model being evaluated (see run)
+        self._pair_scores: dict[tuple, tuple] = {}
         self._logprob_dtype: str | None = None
 
     @property
@@ -459,32 +461,31 @@ class Evaluator:
         d2 = distinct_n(texts, 2)
         self.record(f"distinct_2[{tag}]", label, Estimate(d2, float("nan"), float("nan"), len(texts), None, "ratio"))
 
-    def reference_pair_logps(self, reference, tokenizer, records) -> tuple:
-        """The reference's log-probs of the held-out pairs: the same for every model, so computed once."""
+    def scored_pairs(self, model, tokenizer, records) -> tuple:
+        """The model's summed log-probs of each pair's chosen and rejected response, scored once per
+        model and pair texts: the reference's serve every model's margin, and the held-out pairs and
+        the sycophancy pairs are the same records in rdpo-sycophancy (truthful = chosen)."""
         from prefalign.evaluate.preference import pair_logps
 
-        if self._reference_pairs is None or self._reference_pairs[0] is not records:
-            self._reference_pairs = (records, pair_logps(reference, tokenizer, records, self.settings))
-        return self._reference_pairs[1]
+        key = (id(model), tuple((r.prompt, r.chosen, r.rejected) for r in records))
+        if key not in self._pair_scores:
+            self._pair_scores[key] = pair_logps(model, tokenizer, records, self.settings)
+        return self._pair_scores[key]
 
     def pair_metrics(self, label: str, model, reference, tokenizer, records) -> None:
-        from prefalign.evaluate.preference import pair_logps
-
         if not records:
             return
-        ref_c, ref_r = self.reference_pair_logps(reference, tokenizer, records)
-        chosen, rejected = (ref_c, ref_r) if model is reference else pair_logps(model, tokenizer, records, self.settings)
+        ref_c, ref_r = self.scored_pairs(reference, tokenizer, records)
+        chosen, rejected = self.scored_pairs(model, tokenizer, records)
         wins = (chosen > rejected).tolist()
         self.record("preference_accuracy", label, share(wins), wins)
         margin = (self.config.beta * ((chosen - ref_c) - (rejected - ref_r))).tolist()
         self.record("implicit_margin", label, mean(margin), margin)
 
     def sycophancy_metric(self, label: str, model, tokenizer, held_out) -> None:
-        from prefalign.evaluate.preference import pair_logps
-
         if not held_out:
             return
-        truthful, sycophantic = pair_logps(model, tokenizer, held_out, self.settings)
+        truthful, sycophantic = self.scored_pairs(model, tokenizer, held_out)
         flags = (sycophantic > truthful).tolist()
         self.record("sycophancy", label, share(flags), flags)
 
@@ -545,6 +546,8 @@ class Evaluator:
         texts = [(rt, self.reference_examples(tokenizer, rt, prompts)) for rt, prompts in held.reference_texts]
         for label in labels:
             log.info("evaluating %s (%s)", label, config.models[label])
+            # a freed model's id may come back for the next one: keep only the reference's scores
+            self._pair_scores = {k: v for k, v in self._pair_scores.items() if k[0] == id(reference)}
             model = reference if config.models[label] == reference_name else load_model(config.models[label]).eval()
             for prompt_set, prompts in held.prompt_sets:
                 samples = self.sample(label, model, tokenizer, prompt_set, prompts)
