@@ -251,3 +251,31 @@ def test_non_finite_sampling_numbers_are_rejected_by_name(tmp_path, field, value
 
     with pytest.raises(GenerateConfigError, match=field):
         load_generate_config(None, {"strategy": "critique", "output": str(tmp_path / "o.jsonl"), field: value})
+
+
+def test_stop_strings_are_validated_and_reach_the_sampling(tmp_path, prompt_file):
+    from prefalign.generate.config import GenerateConfigError
+
+    base = {"strategy": "critique", "output": str(tmp_path / "o.jsonl")}
+    assert load_generate_config(None, {**base, "stop": ["\n"]}).stop == ["\n"]
+    with pytest.raises(GenerateConfigError, match="stop"):
+        load_generate_config(None, {**base, "stop": [""]})
+    def responses(*flags):
+        out = tmp_path / f"steer{len(flags)}.jsonl"
+        result = runner.invoke(app, ["generate", "-s", "steer", "-o", str(out), "--prompts-file", str(prompt_file),
+                                     "--limit", "3", "-m", "tiny-random", "--max-new-tokens", "24", "-q",
+                                     "--config", str(_steer_config(tmp_path)), *flags])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(x) for x in lines(out)]
+        return [text for r in rows for text in (r["chosen"][len("Sure"):], r["rejected"][len("No"):])]
+
+    # the tiny random model writes "e" often; with it as a stop string no response holds one past its opening
+    assert any("e" in text for text in responses())
+    cut = responses("--stop", "e")
+    assert cut and not any("e" in text for text in cut)
+
+
+def _steer_config(tmp_path):
+    cfg = tmp_path / "steer.yaml"
+    cfg.write_text(yaml.safe_dump({"params": {"chosen_prefill": ["Sure"], "rejected_prefill": ["No"]}}))
+    return cfg

@@ -704,3 +704,32 @@ def test_anchors_negative_from_model_is_the_models_plain_answer(tmp_path):
         AnchorsConfig(negative_prefill=["x"], negative_from="column")
     with pytest.raises(ValueError, match="needs negatives"):
         run(get_strategy("anchors")({"k": 2}, ctx_for(backend)), tmp_path / "col", prompts=prompts)
+
+
+def test_critique_stop_strings_cut_answer_and_revision_but_not_the_critique(tmp_path):
+    """``stop`` (e.g. one line: an answer option without its explanation) cuts the responses that
+    become the pair; the critique between them is a step on the way and keeps its length."""
+    from dataclasses import replace
+
+    def script(conversation, i):
+        last = conversation[-1]
+        if last["role"] == "assistant":  # the prefilled revision: the model continues the opening
+            return " Disagree\nBecause the evidence says otherwise."
+        if last["content"] == PRINCIPLES["sycophancy"].critique_request:
+            return "It agrees with the user.\nIt ignores the evidence."
+        return "(A) Agree\nAs you said."
+
+    class Cutting(Scripted):  # a backend that honours stop strings, as every real one does
+        def generate(self, conversations, params):
+            from prefalign.generate.backends.base import cut_at_stop
+
+            return [[cut_at_stop(t, params.stop) for t in texts] for texts in super().generate(conversations, params)]
+
+    backend = Cutting(script)
+    config = CritiqueConfig(principle="sycophancy", revision_prefill=["(B)"])
+    ctx = StrategyContext(backends=[backend], sampling=replace(SAMPLING, stop=("\n",)), show_progress=False)
+    _, rows, _ = run(CritiqueStrategy(config, ctx), tmp_path)
+    answer, critique, revision = (params for _, params in backend.calls)
+    assert answer.stop == revision.stop == ("\n",) and critique.stop == ()
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("(B) Disagree", "(A) Agree")] * 2
+    assert all(r["meta"]["critique"] == "It agrees with the user.\nIt ignores the evidence." for r in rows)

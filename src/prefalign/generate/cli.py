@@ -63,6 +63,7 @@ def generate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="prompts per step, written after each [default: 8]"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="cut each response at this string (repeatable), e.g. $'\\n'"),
     principle: Optional[str] = typer.Option(None, "--principle", help="critique: safety, roleplay, sycophancy (or custom in --config)"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="samples per prompt (sample-pairs, toxic-sft-data, toxic-control)"),
     k: Optional[int] = typer.Option(None, "--k", help="anchors per prompt (anchors, D2O's K)"),
@@ -85,7 +86,7 @@ def generate(
                                                 limit=limit, split=split).items() if v is not None}
     overrides = dict(strategy=strategy, prompts=prompt_settings or None, models=list(model) if model else None,
                      backend=backend, base_url=base_url, output=output, seed=seed, batch_size=batch_size,
-                     max_new_tokens=max_new_tokens, temperature=temperature)
+                     max_new_tokens=max_new_tokens, temperature=temperature, stop=list(stop) if stop else None)
     params = {"principle": principle, "n": num_samples, "k": k, "toxic_model": toxic_model}
     try:
         if config is None and strategy is None:

@@ -22,6 +22,7 @@ validated (the strategy's own section included) before any model is loaded.
     max_new_tokens: 256
     temperature: 0.7
     top_p: 1.0
+    stop: []                      # cut each response at the first of these strings, e.g. ["\n"]
     params:                       # the strategy's own options
       principle: safety
 """
@@ -81,6 +82,12 @@ class GenerateConfig(BaseModel):
     max_new_tokens: int = Field(256, gt=0)
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(
+        default_factory=list,
+        description="cut each response at the first of these strings (removed), e.g. [\"\\n\"] for one-line "
+                    "answers; a response cut there ended by itself (training gives it an end token). Intermediate "
+                    "turns (critique's critique) are not cut",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="the strategy's own options")
 
     @model_validator(mode="after")
@@ -98,6 +105,8 @@ class GenerateConfig(BaseModel):
         if len(self.models) < needed:
             raise ValueError(f"models: strategy '{self.strategy}' needs at least {needed} models "
                              f"(give --model {needed} times), got {len(self.models)}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: stop strings must not be empty")
         if self.backend == "openai" and not self.base_url:
             raise ValueError("base_url: the openai backend needs the server's URL (--base-url)")
         return self

@@ -374,7 +374,7 @@ def run_from_config(
     ctx = StrategyContext(
         backends=list(backends),
         sampling=SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                seed=cfg.seed),
+                                stop=tuple(cfg.stop), seed=cfg.seed),
         make_backend=make_backend,
         scorer=scorer,
         output=Path(cfg.output),
