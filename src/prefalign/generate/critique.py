@@ -209,9 +209,8 @@ class CritiqueStrategy(Strategy):
 
         # The critique is a step on the way, not a response: the responses' stop strings (e.g. one
         # line for an answer option) would cut it short.
-        critique_params = self.ctx.params(seed, "critique", stop=())
-        if cfg.critique_max_new_tokens:
-            critique_params = self.ctx.params(seed, "critique", stop=(), max_new_tokens=cfg.critique_max_new_tokens)
+        limit = {"max_new_tokens": cfg.critique_max_new_tokens} if cfg.critique_max_new_tokens else {}
+        critique_params = self.ctx.params(seed, "critique", stop=(), **limit)
         critiques = complete_one(
             self.backend, [critique_conversation(turns[i], answers[i], principle) for i in todo], critique_params,
         )
