@@ -120,6 +120,31 @@ def test_merge_stage_concatenates_record_files_in_order(tmp_path):
     assert not list((tmp_path / "run" / "pairs").glob("*.tmp"))
 
 
+def test_a_split_of_a_split_needs_its_own_salt(tmp_path):
+    # A dev split of the train side: with the first split's salt every record would land on the side
+    # the first split chose (an empty dev side), so that is an error naming the fix; with its own salt
+    # the two sides partition the train side.
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{**row, "prompt": f"question {i}"} for i, row in enumerate(pair_rows(60))])
+
+    def recipe(**dev):
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump({"name": "s", "output_dir": str(tmp_path / "run"), "stages": {
+            "pairs": {"kind": "split", "input": str(data), "eval_fraction": 0.4},
+            "dev": {"kind": "split", "input": "${pairs.train}", "eval_fraction": 0.3, **dev}}}, sort_keys=False))
+        return path
+
+    with pytest.raises(ValueError, match=r"the eval side is empty .*needs its own salt"):
+        run_recipe(recipe(), show_progress=False, echo=lambda s: None)
+    run_recipe(recipe(salt="dev"), show_progress=False, echo=lambda s: None)
+
+    def prompts(name):
+        return [json.loads(line)["prompt"] for line in (tmp_path / "run" / name).read_text().splitlines()]
+
+    train, dev_train, dev_eval = prompts("pairs/train.jsonl"), prompts("dev/train.jsonl"), prompts("dev/eval.jsonl")
+    assert dev_train and dev_eval and not set(dev_train) & set(dev_eval)
+    assert sorted(dev_train + dev_eval) == sorted(train) and not set(train) & set(prompts("pairs/eval.jsonl"))
+
+
 def run_select(tmp_path, rows, **select):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(tmp_path / "scored.jsonl", rows)

