@@ -120,6 +120,28 @@ def test_merge_stage_concatenates_record_files_in_order(tmp_path):
     assert not list((tmp_path / "run" / "pairs").glob("*.tmp"))
 
 
+def test_merge_weights_multiply_each_files_record_weights(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{**row, "weight": 2.0} if i == 0 else row for i, row in enumerate(pair_rows(2))])
+    b = write_jsonl(tmp_path / "b.jsonl", pair_rows(3))
+
+    def merge(**stage):
+        path = tmp_path / "m.yaml"
+        path.write_text(yaml.safe_dump({"name": "m", "output_dir": str(tmp_path / "run"), "stages": {
+            "pairs": {"kind": "merge", "inputs": [str(a), str(b)], **stage}}}))
+        run_recipe(path, show_progress=False, echo=lambda s: None)
+        return [json.loads(line) for line in (tmp_path / "run" / "pairs" / "data.jsonl").read_text().splitlines()]
+
+    merged = merge(weights=[0.25, 1.0])
+    assert [row.get("weight") for row in merged] == [0.5, 0.25, None, None, None]
+    originals = [json.loads(line) for line in a.read_text().splitlines() + b.read_text().splitlines()]
+    assert [{k: v for k, v in row.items() if k != "weight"} for row in merged] == \
+        [{k: v for k, v in row.items() if k != "weight"} for row in originals]
+    with pytest.raises(RecipeError, match=r"field 'stages.pairs.weights': 1 given for 2 inputs"):
+        merge(weights=[0.5])
+    with pytest.raises(RecipeError, match=r"stages.pairs.weights"):
+        merge(weights=[-1.0, 1.0])
+
+
 def test_a_split_of_a_split_needs_its_own_salt(tmp_path):
     # A dev split of the train side: with the first split's salt every record would land on the side
     # the first split chose (an empty dev side), so that is an error naming the fix; with its own salt

@@ -30,7 +30,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -116,18 +116,40 @@ def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
 
 class MergeStage(BaseModel):
     """Concatenate record files (e.g. harmful-prompt pairs and benign-prompt pairs) into one, in
-    the order given, each line unchanged."""
+    the order given, each line unchanged; with ``weights`` (one per input), each record's loss
+    weight is multiplied by its file's (the record field ``weight``, 1 when absent)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "merge"
     inputs: list[Path] = Field(..., min_length=1)
+    weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     output: Path
+
+    def model_post_init(self, _):
+        if self.weights is not None and len(self.weights) != len(self.inputs):
+            raise ValueError(f"weights: {len(self.weights)} given for {len(self.inputs)} inputs (one per input)")
+
+
+def _weighted_lines(path: Path, weight: float) -> list[str]:
+    """The records of ``path`` as JSON lines, each ``weight`` field multiplied by ``weight``."""
+    from prefalign.data.io import read_rows
+
+    lines = []
+    for number, row in read_rows(path):
+        before = row.get("weight", 1.0)
+        if isinstance(before, bool) or not isinstance(before, (int, float)):
+            raise DataError(f"expected a number, found {type(before).__name__}", path=path, line=number, field="weight")
+        lines.append(json.dumps({**row, "weight": before * weight}, ensure_ascii=False))
+    return lines
 
 
 def _run_merge(cfg: MergeStage, stage_dir: Path, show_progress: bool) -> None:
     lines = []
-    for path in cfg.inputs:
-        lines += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, path in enumerate(cfg.inputs):
+        if cfg.weights is None or cfg.weights[i] == 1.0:
+            lines += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            lines += _weighted_lines(Path(path), cfg.weights[i])
     write_text_atomic(cfg.output, "".join(line + "\n" for line in lines))
     print(f"merged {len(lines)} records from {len(cfg.inputs)} files into {cfg.output}")
 

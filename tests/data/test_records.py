@@ -111,3 +111,16 @@ def test_a_strategy_record_with_an_unknown_field_is_refused_not_dropped():
     assert set(kept.record) == {"prompt", "chosen", "rejected", "reward_chosen"}
     with pytest.raises(ValueError, match=r"\['revision'\] are not in the record schema"):
         Candidate.keep("s", None, prompt="p", chosen="a", revision="c")
+
+
+def test_weight_is_a_number_at_least_zero_and_round_trips(tmp_path):
+    rows = [GOOD, {**GOOD, "weight": 0.25}, {**GOOD, "weight": 0}]
+    records = load_records(write_rows(tmp_path / "ok.jsonl", rows), DPO).records
+    assert [r.weight for r in records] == [None, 0.25, 0.0] and [r.loss_weight for r in records] == [1.0, 0.25, 0.0]
+    write_jsonl(tmp_path / "out.jsonl", records)
+    assert [r.weight for r in load_records(tmp_path / "out.jsonl", DPO).records] == [None, 0.25, 0.0]
+    for i, bad in enumerate(["1", -0.5, float("inf"), True]):
+        path = write_rows(tmp_path / f"bad{i}.jsonl", [GOOD, {**GOOD, "weight": bad}])
+        with pytest.raises(DataError) as info:
+            load_records(path, DPO)
+        assert (info.value.line, info.value.field) == (2, "weight") and f"{path}:2:" in str(info.value), bad

@@ -130,3 +130,34 @@ def test_cli_lists_the_registry_and_mixes(tmp_path, tiny_model):
     bad = runner.invoke(app, ["train", "--data", str(data), "-o", str(tmp_path / "o2"), "--loss", "dpo,sft",
                               "--loss-weights", "1,x"])
     assert bad.exit_code == 2 and "--loss-weights: expected numbers" in bad.output
+
+
+def test_record_weight_multiplies_its_loss_and_its_gradient(tmp_path, tiny_model):
+    """A record's ``weight`` is the factor on its loss: the weighted losses equal the unweighted ones
+    times the weights (an independent pass over the same examples), and a weight-0 record adds
+    nothing to the gradient."""
+    rows = pair_rows(4)
+    weights = [0.0, 0.5, 1.0, 2.5]
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    weighted = write_jsonl(tmp_path / "weighted.jsonl", [{**row, "weight": w} for row, w in zip(rows, weights)])
+
+    def trainer_for(data, name):
+        trainer = Trainer(config_for(tmp_path / name, tiny_model, data, loss="dpo"), show_progress=False)
+        trainer.setup()
+        assert [ex.weight for ex in trainer.train_examples] == ([1.0] * 4 if data == plain else weights)
+        return trainer
+
+    a, b = trainer_for(plain, "a"), trainer_for(weighted, "b")
+    with torch.no_grad():
+        unweighted, *_ = a.loss_on(a.train_examples, train=False)
+        scaled, *_ = b.loss_on(b.train_examples, train=False)
+    assert torch.allclose(scaled, unweighted * torch.tensor(weights), atol=1e-6)
+
+    def grads(trainer, examples):
+        trainer.model.zero_grad()
+        losses, *_ = trainer.loss_on(examples, train=True)
+        losses.sum().backward()
+        return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+
+    # Records 1-3 alone (weights 0.5, 1, 2.5) give the gradient of all four: record 0 weighs nothing.
+    assert torch.allclose(grads(b, b.train_examples), grads(b, b.train_examples[1:]), atol=1e-6)

@@ -317,3 +317,21 @@ def test_shared_prompt_scores_equal_each_exchange_scored_alone(classifier_folder
     too_long = [i for i, n in enumerate(lengths) if n > width]
     assert too_long and built[-1][3] == too_long and len(built[-1][1]) == 6 - len(too_long)
     assert torch.allclose(cut, expected, atol=1e-5)
+
+
+def test_train_rm_weights_each_pairs_loss(tiny_model, tmp_path):
+    """A record's ``weight`` multiplies its Bradley-Terry loss: at step 1 (the same model and batch),
+    weights of 0.5 give half the loss of unweighted pairs, and weights of 0 a loss of 0 at every step."""
+    from prefalign.train_rm import load_rm_config, train_reward_model
+
+    def first_losses(weight, name):
+        rows = [row if weight is None else {**row, "weight": weight} for row in separable_pairs()]
+        data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        out = tmp_path / name
+        train_reward_model(load_rm_config(None, {"model": tiny_model, "data": data, "output_dir": out, "eval_fraction": 0.25,
+                                                 "batch_size": 8, "max_length": 64, "max_steps": 3}), show_progress=False)
+        return [json.loads(line)["loss"] for line in (out / "train_rm_log.jsonl").read_text().splitlines()]
+
+    plain, half, zero = first_losses(None, "plain"), first_losses(0.5, "half"), first_losses(0.0, "zero")
+    assert half[0] == pytest.approx(0.5 * plain[0], rel=1e-4)
+    assert zero == [0.0, 0.0, 0.0]

@@ -41,6 +41,7 @@ class RecordSchema(BaseModel):
 
     groups: tuple[ResponseGroup, ...]
     prompt: str = "prompt"
+    weight: str = "weight"
     meta: str = "meta"
 
     @property
@@ -54,7 +55,7 @@ class RecordSchema(BaseModel):
     @property
     def fields(self) -> tuple[str, ...]:
         """Every top-level key a record row may have; anything else goes to ``meta``."""
-        return (self.prompt, *self.group_names, *self.reward_fields, self.meta)
+        return (self.prompt, *self.group_names, *self.reward_fields, self.weight, self.meta)
 
     def group(self, name: str) -> ResponseGroup:
         for g in self.groups:
@@ -125,8 +126,15 @@ class PreferenceRecord:
     toxic: str | None = None  # ADPO: a toxic response
     reward_chosen: float | None = None
     reward_rejected: float | None = None
+    # How much the record counts in training: its loss is multiplied by it (None: 1). A recipe
+    # lowers one source against another with it, e.g. D2O's human-written negatives (merge ``weights``).
+    weight: float | None = None
     meta: dict = field(default_factory=dict)
     source: str = ""  # "file:line" the record came from, for error messages
+
+    @property
+    def loss_weight(self) -> float:
+        return 1.0 if self.weight is None else self.weight
 
     @property
     def is_chat(self) -> bool:

@@ -42,6 +42,7 @@ class TokenizedExample:
     responses: dict[str, list[list[int]]]  # group -> one id list per response ("anchors": K of them)
     toxic_prompt_ids: list[int] | None = None  # prompt with the [TOXIC] control token (ADPO)
     rewards: dict[str, float] = field(default_factory=dict)
+    weight: float = 1.0  # the record's loss weight
     # What the length limits cut: prompt tokens dropped from the left, and the responses (their
     # meta.truncated names, e.g. "anchors.2") that lost tokens on the right.
     prompt_tokens_cut: int = 0
@@ -100,5 +101,5 @@ def tokenize_record(
         for name in RECORD_SCHEMA.reward_fields
         if (value := getattr(record, name)) is not None
     }
-    return TokenizedExample(index, truncated_prompt, responses, toxic_prompt_ids, rewards,
+    return TokenizedExample(index, truncated_prompt, responses, toxic_prompt_ids, rewards, record.loss_weight,
                             prompt_tokens_cut=len(prompt_ids) - len(truncated_prompt), responses_cut=responses_cut)

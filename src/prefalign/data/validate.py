@@ -9,6 +9,7 @@ Field names follow TRL's preference format, so existing datasets load unchanged:
   assistant message.
 * ``anchors``: a non-empty list of responses (D2O's K self-sampled responses).
 * ``reward_chosen`` / ``reward_rejected``: finite numbers.
+* ``weight``: a finite number >= 0, the factor on the record's loss in training (absent: 1).
 * ``meta``: an object. Unknown fields (``id``, ...) are kept in ``meta`` (or, with
   ``unknown_fields="error"``, refused); a key given both at the top level and in ``meta`` with
   different values is an error, never a silent choice.
@@ -177,6 +178,15 @@ def _reward(value: Any, fld: str) -> float:
     return value
 
 
+def _weight(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _RowError("weight", f"expected a number, found {type_name(value)}", "type")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise _RowError("weight", f"expected a finite number >= 0, found {value}", "value")
+    return value
+
+
 def _missing(name: str, row: dict) -> _RowError:
     """A missing required field; names an unknown key of the row that looks like a misspelling of it."""
     near = difflib.get_close_matches(name, RECORD_SCHEMA.unknown_keys(row), n=1, cutoff=0.75)
@@ -247,6 +257,8 @@ def _validate_row(row: dict, required: frozenset[str], unknown_fields: UnknownFi
                 raise _RowError(name, _REWARD_MISSING, "reward_missing")
             continue
         out[name] = _reward(row[name], name)
+    if not _is_missing(row, "weight"):
+        out["weight"] = _weight(row["weight"])
 
     meta: dict = {}
     if not _is_missing(row, "meta"):

@@ -550,6 +550,9 @@ class Trainer:
         inputs, num_tokens = self.loss_inputs(examples, train=train)
         self.last_inputs = inputs
         losses = self.spec(inputs, **self.params)
+        weights = [ex.weight for ex in examples]
+        if any(w != 1.0 for w in weights):
+            losses = losses * torch.tensor(weights, dtype=losses.dtype, device=losses.device)
         return losses, dict(inputs.policy), dict(inputs.reference), num_tokens
 
     def term_metrics(self, prefix: str = "") -> dict[str, float]:

@@ -222,7 +222,8 @@ def train_reward_model(config: RewardTrainConfig, *, show_progress: bool = True)
             margin = torch.tensor([train_margins[i] for i in idx], device=device)
             rc, rr = pair_rewards(model, tokenizer, batch, config, device)
             diff = rc - rr
-            loss = -torch.nn.functional.logsigmoid(diff - margin).mean()
+            weight = torch.tensor([r.loss_weight for r in batch], device=device)
+            loss = -(torch.nn.functional.logsigmoid(diff - margin) * weight).mean()
             if not torch.isfinite(loss):
                 from prefalign.train.loop import TrainingDiverged
 
