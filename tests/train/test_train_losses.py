@@ -148,6 +148,8 @@ def test_record_weight_multiplies_its_loss_and_its_gradient(tmp_path, tiny_model
         return trainer
 
     a, b = trainer_for(plain, "a"), trainer_for(weighted, "b")
+    assert "train_weight_sum" not in a.data_summary
+    assert (b.data_summary["train_weighted_examples"], b.data_summary["train_weight_sum"]) == (3, sum(weights))
     with torch.no_grad():
         unweighted, *_ = a.loss_on(a.train_examples, train=False)
         scaled, *_ = b.loss_on(b.train_examples, train=False)
