@@ -16,23 +16,15 @@ both, a letter prior gains on one and loses on the other.
 from __future__ import annotations
 
 import argparse
-import re
 
 import torch
 
 from prefalign.data.tokenize import TokenizeSettings
 from prefalign.data.validate import load_records
 from prefalign.evaluate.preference import pair_logps
+from prefalign.evaluate.runner import option_groups
 from prefalign.models.loading import load_model, load_tokenizer
 from prefalign.models.registry import resolve_model
-
-OPTION = re.compile(r"^\s*\(([A-Z])\)")
-
-
-def option_of(text: str) -> str | None:
-    match = OPTION.match(text)
-    return match.group(1) if match else None
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,27 +35,26 @@ def main() -> None:
     args = parser.parse_args()
 
     records = load_records(args.pairs, ("prompt", "chosen", "rejected")).records
-    options = [(option_of(r.chosen), option_of(r.rejected)) for r in records]
-    kept = [(r, o) for r, o in zip(records, options) if o[0] and o[1] and o[0] != o[1]]
-    if not kept:
-        raise SystemExit(f"{args.pairs}: no pair whose two answers open with different option letters")
-    letters = sorted({o[0] for _, o in kept} | {o[1] for _, o in kept})
+    by_truth = option_groups(records)  # the eval's own grouping: pair indices by the chosen answer's letter
+    if not by_truth:
+        raise SystemExit(f"{args.pairs}: not multiple-choice pairs (every answer opening with its own option letter)")
+    letters = list(by_truth)
     first = letters[0]
+    chosen_letter = {i: letter for letter, rows in by_truth.items() for i in rows}
     settings = TokenizeSettings(args.max_length, args.max_prompt_length, "auto", "[TOXIC]")
     labelled = [spec.split("=", 1) for spec in args.model]
     tokenizer = load_tokenizer(resolve_model(labelled[0][1]))
-    by_truth = {letter: [i for i, (_, o) in enumerate(kept) if o[0] == letter] for letter in letters}
-    print(f"{args.pairs}: {len(kept)} pairs; truthful answer by option: "
+    print(f"{args.pairs}: {len(records)} pairs; truthful answer by option: "
           + ", ".join(f"({k}) {len(v)}" for k, v in by_truth.items()))
     header = ["model", f"prefers ({first})", "accuracy"] + [f"accuracy, truthful ({k})" for k in letters]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for label, name in labelled:
         model = load_model(resolve_model(name)).eval()
         with torch.no_grad():
-            chosen, rejected = pair_logps(model, tokenizer, [r for r, _ in kept], settings)
+            chosen, rejected = pair_logps(model, tokenizer, records, settings)
         wins = (chosen > rejected).tolist()
-        prefers_first = sum(win == (o[0] == first) for win, (_, o) in zip(wins, kept))
-        cells = [label, f"{prefers_first}/{len(kept)}", f"{sum(wins) / len(kept):.3f}"]
+        prefers_first = sum(win == (chosen_letter[i] == first) for i, win in enumerate(wins))
+        cells = [label, f"{prefers_first}/{len(records)}", f"{sum(wins) / len(records):.3f}"]
         cells += [f"{sum(wins[i] for i in idx)}/{len(idx)}" for idx in by_truth.values()]
         print("| " + " | ".join(cells) + " |", flush=True)
 
