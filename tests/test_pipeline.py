@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from conftest import pair_rows, write_jsonl
+from prefalign.data.errors import DataError
 from prefalign.pipeline import RecipeError, plan_recipe, run_recipe, stage_state
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -121,7 +122,7 @@ def test_merge_stage_concatenates_record_files_in_order(tmp_path):
 
 
 def test_merge_weights_multiply_each_files_record_weights(tmp_path):
-    a = write_jsonl(tmp_path / "a.jsonl", [{**row, "weight": 2.0} if i == 0 else row for i, row in enumerate(pair_rows(2))])
+    a = write_jsonl(tmp_path / "a.jsonl", [{**row, "weight": 2.0} if i == 0 else {**row, "weight": None} for i, row in enumerate(pair_rows(2))])
     b = write_jsonl(tmp_path / "b.jsonl", pair_rows(3))
 
     def merge(**stage):
@@ -140,6 +141,9 @@ def test_merge_weights_multiply_each_files_record_weights(tmp_path):
         merge(weights=[0.5])
     with pytest.raises(RecipeError, match=r"stages.pairs.weights"):
         merge(weights=[-1.0, 1.0])
+    write_jsonl(a, [{**pair_rows(1)[0], "weight": "heavy"}])
+    with pytest.raises(DataError, match=r"a.jsonl:1: field 'weight': expected a number"):
+        merge(weights=[0.5, 1.0])
 
 
 def test_a_split_of_a_split_needs_its_own_salt(tmp_path):

@@ -132,13 +132,13 @@ class MergeStage(BaseModel):
 
 def _weighted_lines(path: Path, weight: float) -> list[str]:
     """The records of ``path`` as JSON lines, each ``weight`` field multiplied by ``weight``."""
-    from prefalign.data.io import read_rows
+    from prefalign.data.io import read_rows, type_name
 
     lines = []
     for number, row in read_rows(path):
-        before = row.get("weight", 1.0)
+        before = 1.0 if row.get("weight") is None else row["weight"]  # absent or null: 1, as validation reads it
         if isinstance(before, bool) or not isinstance(before, (int, float)):
-            raise DataError(f"expected a number, found {type(before).__name__}", path=path, line=number, field="weight")
+            raise DataError(f"expected a number, found {type_name(before)}", path=path, line=number, field="weight")
         lines.append(json.dumps({**row, "weight": before * weight}, ensure_ascii=False))
     return lines
 
