@@ -169,19 +169,21 @@ def _prompt(value: Any) -> str | list[dict]:
     )
 
 
-def _reward(value: Any, fld: str) -> float:
+def _number(value: Any, fld: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _RowError(fld, f"expected a number, found {type_name(value)}", "type")
-    value = float(value)
+    return float(value)
+
+
+def _reward(value: Any, fld: str) -> float:
+    value = _number(value, fld)
     if not math.isfinite(value):
         raise _RowError(fld, f"reward is not finite (found {value})", "non_finite")
     return value
 
 
 def _weight(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _RowError("weight", f"expected a number, found {type_name(value)}", "type")
-    value = float(value)
+    value = _number(value, "weight")
     if not math.isfinite(value) or value < 0:
         raise _RowError("weight", f"expected a finite number >= 0, found {value}", "value")
     return value

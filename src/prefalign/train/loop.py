@@ -123,11 +123,11 @@ def prepare_examples(config: TrainConfig, spec: AnyLoss, tokenizer) -> tuple[lis
     train = tokenize(train_records, 0, "train")
     evaluation = tokenize(eval_records, len(train), "eval")
     summary.update(train_examples=len(train), eval_examples=len(evaluation))
-    weighted = [ex.weight for ex in train if ex.weight != 1.0]
+    weighted = sum(ex.weight != 1.0 for ex in train)
     if weighted:  # the summary says how much of the data counts less (or more) than one record each
-        summary.update(train_weighted_examples=len(weighted), train_weight_sum=sum(ex.weight for ex in train))
+        summary.update(train_weighted_examples=weighted, train_weight_sum=sum(ex.weight for ex in train))
         log.info("train data: %d of %d records carry a loss weight other than 1 (weights sum to %.1f)",
-                 len(weighted), len(train), summary["train_weight_sum"])
+                 weighted, len(train), summary["train_weight_sum"])
     return train, evaluation, summary
 
 
