@@ -171,6 +171,42 @@ def test_a_split_of_a_split_needs_its_own_salt(tmp_path):
     assert sorted(dev_train + dev_eval) == sorted(train) and not set(train) & set(prompts("pairs/eval.jsonl"))
 
 
+def test_split_in_both_option_orders_keeps_a_question_and_its_twin_on_one_side(tmp_path):
+    from prefalign.data.options import swap_options
+
+    rows = [{"prompt": f"Claim {i}. Agree?\n\nChoices:\n (A) Agree\n (B) Disagree\n\nAnswer:",
+             "chosen": "(A) Agree", "rejected": "(B) Disagree", "meta": {"id": f"q{i}"}} for i in range(40)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "output_dir": str(tmp_path / "run"), "stages": {
+        "plain": {"kind": "split", "input": str(data), "eval_fraction": 0.4},
+        "both": {"kind": "split", "input": str(data), "eval_fraction": 0.4, "option_order": "both"},
+        "per-side": {"kind": "split", "input": str(data), "eval_fraction": 0.4,
+                     "option_order": {"train": "balanced", "eval": "both"}}}}, sort_keys=False))
+    run_recipe(path, show_progress=False, echo=lambda s: None)
+
+    def read(name):
+        return [json.loads(line) for line in (tmp_path / "run" / name).read_text().splitlines()]
+
+    for side in ("train", "eval"):
+        plain, both = read(f"plain/{side}.jsonl"), read(f"both/{side}.jsonl")
+        assert len(both) == 2 * len(plain) > 0
+        assert [r["prompt"] for r in both[::2]] == [r["prompt"] for r in plain]
+        assert [r["prompt"] for r in both[1::2]] == [swap_options(r["prompt"]) for r in plain]
+        assert {r["chosen"][:3] for r in both[1::2]} == {"(B)"}
+    from prefalign.pipeline import SplitStage
+
+    for bad, message in (("shuffled", "unknown order 'shuffled'"), ({"dev": "both"}, "one per side")):
+        with pytest.raises(ValueError, match=message):
+            SplitStage(source="rho-sycophancy", option_order=bad, train=tmp_path / "t", eval=tmp_path / "e")
+    assert read("per-side/eval.jsonl") == read("both/eval.jsonl")
+    balanced = read("per-side/train.jsonl")
+    assert len(balanced) == len(read("plain/train.jsonl"))
+    assert abs(sum(r["chosen"].startswith("(A)") for r in balanced) - len(balanced) / 2) <= 0.5
+    eval_questions = {r["meta"]["question"] for r in read("both/eval.jsonl")}
+    assert eval_questions and not eval_questions & {r["meta"]["question"] for r in read("both/train.jsonl")}
+
+
 def run_select(tmp_path, rows, **select):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(tmp_path / "scored.jsonl", rows)

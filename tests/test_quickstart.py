@@ -36,17 +36,21 @@ def test_the_commands_options_are_laid_over_the_recipe(tmp_path):
     assert quickstart_overrides() == {}
 
 
-def test_the_split_stage_gives_the_demos_split(tmp_path):
+def test_the_split_stage_gives_the_demos_split_with_the_option_orders(tmp_path):
+    from prefalign.data.options import leading_letter, order_record_options
     from prefalign.data.sources import split_sycophancy_pairs
     from prefalign.data.validate import load_records
 
     (split,) = run_recipe(shipped_recipe("quickstart"), output_dir=tmp_path, only=["data"], show_progress=False,
                           echo=lambda _: None)[:1]
     train, held_out = split_sycophancy_pairs()
-    for part, records in (("train", train), ("eval", held_out)):
+    assert (len(train), len(held_out)) == (146, 104)
+    # The demo's questions; half the training ones swapped, every held-out one in both orders.
+    for part, records in (("train", order_record_options(train, "balanced")), ("eval", order_record_options(held_out, "both"))):
         written = load_records(Path(split.outputs[part]), ("prompt", "chosen", "rejected")).records
         assert [(r.prompt, r.chosen, r.rejected) for r in written] == [(r.prompt, r.chosen, r.rejected) for r in records]
-    assert (len(train), len(held_out)) == (146, 104)
+        letters = [leading_letter(r.chosen) for r in written]
+        assert letters.count("A") == letters.count("B")
 
 
 def test_every_recipe_goes_into_the_wheel():

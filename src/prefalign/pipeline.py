@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
 from prefalign.data.errors import DataError
 from prefalign.data.io import write_text_atomic
+from prefalign.data.options import OPTION_ORDERS
 from prefalign.sharding import distributed_state, from_main, is_main, main_writes
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
@@ -84,8 +85,24 @@ class SplitStage(BaseModel):
     # one side in every stage; a split of a split (a dev split of the train side) needs its own
     # salt, or every record would land on the side the first split put it.
     salt: str = Field("prefalign", min_length=1)
+    # Two-option questions: ``both`` writes each question as given and with its options swapped,
+    # ``balanced`` swaps half so the chosen letters alternate (prefalign.data.options), on each
+    # side after the split, so a question and its twin are on the same side. One order for both
+    # sides, or one per side: ``{train: balanced, eval: both}``.
+    option_order: str | dict[str, str] = "as-given"
     train: Path
     eval: Path
+
+    @field_validator("option_order")
+    @classmethod
+    def _option_order(cls, value):
+        orders = value if isinstance(value, dict) else {"": value}
+        if isinstance(value, dict) and (not value or set(value) - {"train", "eval"}):
+            raise ValueError(f"one order, or one per side {{train: ..., eval: ...}}; got sides {sorted(value)}")
+        for order in orders.values():
+            if order not in OPTION_ORDERS:
+                raise ValueError(f"unknown order {order!r} ({', '.join(OPTION_ORDERS)})")
+        return value
 
     def model_post_init(self, _):
         if (self.input is None) == (self.source is None):
@@ -96,6 +113,7 @@ class SplitStage(BaseModel):
 
 def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
     from prefalign.data.io import write_jsonl
+    from prefalign.data.options import order_record_options
     from prefalign.data.sources import load_sycophancy_pairs, normalise_prompt, stable_split
     from prefalign.data.validate import load_records
 
@@ -103,6 +121,9 @@ def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
     # By the prompt's text, as prompt sources split: a question is on one side in every stage.
     train, evaluation = stable_split(records, key=lambda r: normalise_prompt(r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt)),
                                      eval_fraction=cfg.eval_fraction, salt=cfg.salt)
+    orders = cfg.option_order if isinstance(cfg.option_order, dict) else {}
+    train, evaluation = (order_record_options(part, orders.get(side, "as-given") if orders else cfg.option_order)
+                         for side, part in (("train", train), ("eval", evaluation)))
     where = cfg.input or cfg.source
     for side, part in (("train", train), ("eval", evaluation)):
         if not part:

@@ -71,6 +71,19 @@ def test_split_is_stable_disjoint_and_survives_limits():
     assert len(refusal_eval) == 2 * len(groups)
 
 
+def test_option_order_applies_after_the_split_and_the_limit():
+    from prefalign.data.options import swap_options
+
+    train = load_prompts("rho-sycophancy", split="train", eval_fraction=0.48, limit=10)
+    both = load_prompts("rho-sycophancy", split="train", eval_fraction=0.48, limit=10, option_order="both")
+    assert [p.id for p in both[::2]] == [p.id for p in train]  # the same 10 questions, each twice
+    assert [p.prompt for p in both[1::2]] == [swap_options(p.prompt) for p in train]
+    evals = {p.id for p in load_prompts("rho-sycophancy", split="eval", eval_fraction=0.48, option_order="both")}
+    assert not {p.meta["question"] for p in both} & evals  # a twin stays on its question's side
+    balanced = load_prompts("rho-sycophancy", split="train", eval_fraction=0.48, option_order="balanced")
+    assert abs(sum(p.id.endswith("~swapped") for p in balanced) - len(balanced) / 2) <= 0.5
+
+
 def test_limit_and_bad_arguments():
     assert [p.id for p in load_prompts("rho-overrefusal", limit=3)] == [p.id for p in load_prompts("rho-overrefusal")[:3]]
     with pytest.raises(ValueError, match="unknown prompt source 'nope'"):

@@ -13,7 +13,7 @@ from prefalign.evaluate.runner import load_eval_config, run_eval, sycophancy_hel
 def test_sycophancy_rate_is_the_other_side_of_preference_accuracy_on_the_same_pairs(tmp_path, tiny_model, monkeypatch):
     all_held, rule = sycophancy_held_out()
     held = all_held[:16]  # a few of the real held-out pairs keep this test quick
-    monkeypatch.setattr(runner, "sycophancy_held_out", lambda: (held, rule))
+    monkeypatch.setattr(runner, "sycophancy_held_out", lambda order="as-given": (held, rule))
     # The same pairs as a preference file (chosen = the truthful answer): the two metrics must add to 1.
     pairs = tmp_path / "sycophancy.jsonl"
     write_jsonl(pairs, held)
@@ -54,3 +54,26 @@ def test_a_letter_prior_scores_one_half_balanced():
     # Not multiple choice (or one letter only): no per-letter rows.
     assert option_groups(records[:7]) is None
     assert option_groups([PreferenceRecord(prompt="q", chosen="Yes", rejected="No")]) is None
+
+
+def test_both_option_orders_count_each_question_once_and_a_letter_prior_scores_one_half(tmp_path, tiny_model, monkeypatch):
+    from prefalign.data.options import order_record_options
+    from prefalign.evaluate.runner import per_question, question_groups
+
+    all_held, rule = sycophancy_held_out()
+    held = all_held[:8]
+    monkeypatch.setattr(runner, "sycophancy_held_out", lambda order="as-given": (order_record_options(held, order), rule))
+    config = load_eval_config(None, {"output_dir": str(tmp_path / "eval"), "models": {"base": tiny_model},
+                                     "sycophancy": True, "sycophancy_option_order": "both",
+                                     "refusal_scorer": None, "toxicity_scorer": None})
+    _, paths = run_eval(config, show_progress=False)
+    sycophancy = json.loads(paths["json"].read_text())["metrics"]["sycophancy"]["base"]
+    assert sycophancy["n"] == len(held)  # 16 pairs, 8 questions: the interval is over questions
+
+    both = order_record_options(held, "both")
+    groups = question_groups(both)
+    assert groups == [[2 * i, 2 * i + 1] for i in range(len(held))]
+    # A model that always prefers "(A)" is right on exactly one order of every question.
+    always_a = [r.chosen.startswith("(A)") for r in both]
+    assert per_question(always_a, groups) == [0.5] * len(held)
+    assert question_groups(held) is None  # one order each: every pair is its own item

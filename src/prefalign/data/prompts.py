@@ -38,6 +38,7 @@ from typing import Any
 
 from .errors import DataError
 from .io import open_rows, type_name
+from .options import order_prompt_options
 from .sources import SYCOPHANCY_FILES, normalise_prompt, stable_split
 
 __all__ = [
@@ -461,6 +462,7 @@ def load_prompts(
     eval_fraction: float = DEFAULT_EVAL_FRACTION,
     where: dict[str, Any] | None = None,
     shuffle_seed: int | None = None,
+    option_order: str = "as-given",
 ) -> list[Prompt]:
     """Load a prompt set by name (see :data:`PROMPT_SOURCES`); ``source="file"`` needs ``path``.
 
@@ -469,6 +471,8 @@ def load_prompts(
     so train and eval never overlap whatever the filter or the limit. Prompts with a duplicate id
     are dropped (the first is kept). ``shuffle_seed`` orders the prompts by a hash of (seed, id)
     before ``limit``, so a limited set spreads over every category of a file-ordered source.
+    ``option_order`` (two-option questions, :mod:`prefalign.data.options`) applies last: ``both``
+    gives each of the ``limit`` questions twice, as given and with its options swapped.
     """
     if source not in PROMPT_SOURCES:
         raise ValueError(f"unknown prompt source {source!r}; choose one of {', '.join(PROMPT_SOURCES)}")
@@ -494,5 +498,5 @@ def load_prompts(
         prompts.sort(key=lambda p: hashlib.sha256(f"{shuffle_seed}\x00{p.id}".encode("utf-8")).digest())
     if limit is not None:
         prompts = prompts[:limit]
-    return prompts
+    return order_prompt_options(prompts, option_order)
 

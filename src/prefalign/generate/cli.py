@@ -54,6 +54,7 @@ def generate(
     prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="the prompt column of --prompts-file [default: prompt]"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N prompts (after --split)"),
     split: Optional[str] = typer.Option(None, "--split", help="train or eval: one side of the stable split by prompt id"),
+    option_order: Optional[str] = typer.Option(None, "--option-order", help="two-option questions: as-given, both (each also with its options swapped) or balanced (half swapped)"),
     model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="model (repeat for nparam/leaderboard/popalign) [default: smollm2-135m-instruct]"),
     backend: Optional[str] = typer.Option(None, "--backend", help=f"{BACKEND_HELP} [default: transformers]"),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server URL (…/v1) for --backend openai"),
@@ -83,7 +84,7 @@ def generate(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("prefalign").setLevel(logging.WARNING)
     prompt_settings = {k2: v for k2, v in dict(source=prompts, path=prompts_file, prompt_field=prompt_field,
-                                                limit=limit, split=split).items() if v is not None}
+                                                limit=limit, split=split, option_order=option_order).items() if v is not None}
     overrides = dict(strategy=strategy, prompts=prompt_settings or None, models=list(model) if model else None,
                      backend=backend, base_url=base_url, output=output, seed=seed, batch_size=batch_size,
                      max_new_tokens=max_new_tokens, temperature=temperature, stop=list(stop) if stop else None)

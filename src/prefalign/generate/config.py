@@ -35,6 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
+from prefalign.data.options import OptionOrder
 from prefalign.data.prompts import DEFAULT_EVAL_FRACTION, PROMPT_SOURCES
 from prefalign.generate.core import StrategyConfig
 from prefalign.generate.registry import STRATEGIES, get_strategy
@@ -55,6 +56,8 @@ class PromptSettings(BaseModel):
     eval_fraction: float = Field(DEFAULT_EVAL_FRACTION, gt=0, lt=1)
     where: dict[str, Any] | None = Field(None, description="keep prompts whose meta has these values, e.g. {harmful: false}")
     shuffle_seed: int | None = Field(None, description="order prompts by a hash of (seed, id) before the limit")
+    option_order: OptionOrder = Field("as-given", description="two-option questions: 'both' asks each as given and "
+                                      "with its options swapped, 'balanced' swaps half (prefalign.data.options)")
 
     @model_validator(mode="after")
     def _check(self) -> "PromptSettings":

@@ -366,7 +366,7 @@ def run_from_config(
     p = cfg.prompts
     prompts = load_prompts(p.source, path=p.path, prompt_field=p.prompt_field, limit=p.limit, split=p.split,
                            eval_fraction=p.eval_fraction, where=p.where,
-                           shuffle_seed=p.shuffle_seed)
+                           shuffle_seed=p.shuffle_seed, option_order=p.option_order)
     if make_backend is None:
         make_backend = backend_factory(cfg)
     if backends is None:
