@@ -11,6 +11,13 @@ both, a letter prior gains on one and loses on the other.
 
     python benchmarks/option_prior.py --pairs /tmp/runs/rdpo-sycophancy/pairs/eval.jsonl \\
         --model base=smollm2-135m-instruct --model rdpo=/tmp/runs/rdpo-sycophancy/train-rdpo/model
+
+``--scored FILE`` (a score stage's output, no model needed) prints where a scorer's labels lean: of
+the pairs whose two answers open with different option letters, how many it sides with each letter
+on, how often it sides with the shorter answer (a bare option against an explained one), and,
+where the records keep the question's label (``truthful_answer``), how often it sides with it:
+
+    python benchmarks/option_prior.py --scored /tmp/runs/rdpo-sycophancy/score/scored.jsonl
 """
 
 from __future__ import annotations
@@ -26,13 +33,49 @@ from prefalign.evaluate.runner import option_groups
 from prefalign.models.loading import load_model, load_tokenizer
 from prefalign.models.registry import resolve_model
 
+def scored_lean(path: str) -> None:
+    """The scorer's side per letter and per length, on the pairs it scored."""
+    from prefalign.data.options import leading_letter
+
+    records = load_records(path, ("prompt", "chosen", "rejected")).records
+    sides = {}  # letter -> pairs where the scorer prefers the answer opening with it
+    shorter = different = known = right = 0
+    for r in records:
+        if r.reward_chosen is None or r.reward_rejected is None or r.reward_chosen == r.reward_rejected:
+            continue
+        preferred, other = (r.chosen, r.rejected) if r.reward_chosen > r.reward_rejected else (r.rejected, r.chosen)
+        letters = leading_letter(preferred), leading_letter(other)
+        if None not in letters and letters[0] != letters[1]:
+            different += 1
+            sides[letters[0]] = sides.get(letters[0], 0) + 1
+            shorter += len(preferred) < len(other)
+            # the question's own label, where the prompt source kept it (rho-sycophancy's truthful_answer)
+            truth = (r.meta.get("prompt_meta") or {}).get("truthful_answer") or r.meta.get("truthful_answer")
+            if isinstance(truth, str) and leading_letter(truth):
+                known += 1
+                right += leading_letter(truth) == letters[0]
+    print(f"{path}: {len(records)} pairs, {different} scored with two different option letters; the scorer prefers "
+          + ", ".join(f"({k}) on {v}" for k, v in sorted(sides.items()))
+          + f"; the shorter answer on {shorter} of those {different}"
+          + (f"; the truthful one (the prompt's truthful_answer) on {right} of {known}" if known else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", required=True, help="preference pairs whose answers open with an option letter")
-    parser.add_argument("--model", action="append", required=True, help="LABEL=MODEL (a registry name or a folder)")
+    parser.add_argument("--pairs", help="preference pairs whose answers open with an option letter")
+    parser.add_argument("--model", action="append", help="LABEL=MODEL (a registry name or a folder)")
+    parser.add_argument("--scored", help="a score stage's output: where its labels lean (no model)")
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--max-prompt-length", type=int, default=320)
     args = parser.parse_args()
+    if args.scored:
+        scored_lean(args.scored)
+    if not args.pairs:
+        if not args.scored:
+            parser.error("give --pairs with --model, or --scored")
+        return
+    if not args.model:
+        parser.error("--pairs needs at least one --model")
 
     records = load_records(args.pairs, ("prompt", "chosen", "rejected")).records
     by_truth = option_groups(records)  # the eval's own grouping: pair indices by the chosen answer's letter
