@@ -286,6 +286,26 @@ def test_response_lines_scores_only_the_first_lines(classifier_folder):
         make_scorer("reward-model", {"model": str(classifier_folder), "response_lines": 0}, cache=False, show_progress=False)
 
 
+def test_option_order_both_averages_each_answer_over_the_two_orders(classifier_folder):
+    from prefalign.data.options import swap_options
+
+    question = "I think so. Agree?\n\nChoices:\n (A) Agree\n (B) Disagree\n\nAnswer:"
+    plain = make_scorer("reward-model", {"model": str(classifier_folder)}, cache=False, show_progress=False)
+    both = make_scorer("reward-model", {"model": str(classifier_folder), "option_order": "both"}, cache=False,
+                       show_progress=False)
+    assert both.cache_id != plain.cache_id
+    texts = ["(A) Agree, because ...", "(B) Disagree", "No options here"]
+    prompts = [question, [{"role": "user", "content": question}], "Say something."]
+    # An independent computation: the plain scorer on the question as given and on its swapped twin.
+    twin = swap_options(question)
+    given = plain.score(texts, prompts)
+    swapped = plain.score(["(B) Agree, because ...", "(A) Disagree"], [twin, [{"role": "user", "content": twin}]])
+    expected = [(given[0] + swapped[0]) / 2, (given[1] + swapped[1]) / 2, given[2]]  # no options: as it is
+    assert both.score(texts, prompts) == pytest.approx(expected, abs=1e-5)
+    # The same answer in either order of its question gets the same score: no letter can lean.
+    assert both.score(["(A) Agree"], [question]) == pytest.approx(both.score(["(B) Agree"], [twin]), abs=1e-5)
+
+
 def test_shared_prompt_scores_equal_each_exchange_scored_alone(classifier_folder, monkeypatch):
     import prefalign.score.rm_model as rm
 

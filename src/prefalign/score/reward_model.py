@@ -12,6 +12,13 @@ reliably only the kind of text it was trained on: one trained on bare multiple-c
 ("(A) Agree") ranks an explained answer ("(A) Agree" + three lines of reasoning) mostly by its
 reasoning. Measured on ``rdpo-sycophancy``'s revisions (one per answer option, 86 questions): the
 whole-text scores picked the truthful option for 55, the first line's for 72.
+
+``option_order: both`` scores an answer to a two-option question ("(A) Agree / (B) Disagree") twice,
+as given and with the question's options swapped and the answer's opening letter with them
+(:mod:`prefalign.data.options`), and averages the two: a reward model that leans to one letter
+gives the same lean to both answers of a pair, so the lean cancels in their difference. Measured
+on ``rdpo-sycophancy``'s dev split: trained on balanced bare options, the reward model still
+preferred the "(A)" answer on 32 of 48 explained pairs whose answers pick different options.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ class RewardModelConfig(ScorerConfig):
     trust_remote_code: bool = False
     response_lines: int | None = Field(
         None, gt=0, description="score only the first N lines of each response (what the reward model was trained to judge)"
+    )
+    option_order: Literal["as-given", "both"] = Field(
+        "as-given", description="both: average each answer's score over the two option orders of its question"
     )
 
 
@@ -67,15 +77,45 @@ class RewardModelScorer:
         prompt_list = check_inputs(texts, prompts)
         if not texts:
             return []
+        cut = [first_lines(t, self.config.response_lines) for t in texts]
+        scores = self._rewards(prompt_list, cut)
+        if self.config.option_order == "both":
+            swapped = [swapped_question(p, t) for p, t in zip(prompt_list, cut)]
+            twins = [i for i, pair in enumerate(swapped) if pair is not None]
+            if twins:
+                twin_scores = self._rewards([swapped[i][0] for i in twins], [swapped[i][1] for i in twins])
+                for i, twin in zip(twins, twin_scores):
+                    scores[i] = (scores[i] + twin) / 2
+        return scores
+
+    def _rewards(self, prompts: list[Prompt], texts: list[str]) -> list[float]:
         import torch
 
         from .rm_model import exchange_rewards
 
-        cut = [first_lines(t, self.config.response_lines) for t in texts]
         with torch.inference_mode():
-            logits = exchange_rewards(self.model, self.tokenizer, prompt_list, cut, max_length=self.config.max_length,
+            logits = exchange_rewards(self.model, self.tokenizer, prompts, texts, max_length=self.config.max_length,
                                       chat_template=self.config.chat_template, device=self.device)
         return [float(x) for x in logits[:, self.label].float().cpu()]
+
+
+def swapped_question(prompt: Prompt, text: str) -> tuple[Prompt, str] | None:
+    """(the prompt with its two options swapped, the answer with its opening letter swapped), or
+    None when the prompt (its last user message, for a chat) has not exactly two options."""
+    from prefalign.data.options import swap_letter, swap_options
+
+    if isinstance(prompt, str):
+        swapped = swap_options(prompt)
+        return None if swapped is None else (swapped, swap_letter(text))
+    if isinstance(prompt, list):
+        users = [i for i, m in enumerate(prompt) if isinstance(m, dict) and m.get("role") == "user"]
+        if users and isinstance(prompt[users[-1]].get("content"), str):
+            swapped = swap_options(prompt[users[-1]]["content"])
+            if swapped is not None:
+                messages = list(prompt)
+                messages[users[-1]] = {**prompt[users[-1]], "content": swapped}
+                return messages, swap_letter(text)
+    return None
 
 
 def first_lines(text: str, count: int | None) -> str:
