@@ -18,7 +18,9 @@ as given and with the question's options swapped and the answer's opening letter
 (:mod:`prefalign.data.options`), and averages the two: a reward model that leans to one letter
 gives the same lean to both answers of a pair, so the lean cancels in their difference. Measured
 on ``rdpo-sycophancy``'s dev split: trained on balanced bare options, the reward model still
-preferred the "(A)" answer on 32 of 48 explained pairs whose answers pick different options.
+preferred the "(A)" answer on 32 of 48 explained pairs whose answers pick different options; in
+both orders, 11 of 20 against 13 of 20 as given (round five of
+``benchmarks/recipes/rdpo-sycophancy-dev.yaml``, where rDPO's dev accuracy stayed the same).
 """
 
 from __future__ import annotations
