@@ -104,6 +104,10 @@ class SplitStage(BaseModel):
                 raise ValueError(f"unknown order {order!r} ({', '.join(OPTION_ORDERS)})")
         return value
 
+    def order_of(self, side: str) -> str:
+        """The option order of one side ("train" or "eval")."""
+        return self.option_order.get(side, "as-given") if isinstance(self.option_order, dict) else self.option_order
+
     def model_post_init(self, _):
         if (self.input is None) == (self.source is None):
             raise ValueError("give exactly one of input (a preference file) or source (rho-sycophancy)")
@@ -121,9 +125,7 @@ def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
     # By the prompt's text, as prompt sources split: a question is on one side in every stage.
     train, evaluation = stable_split(records, key=lambda r: normalise_prompt(r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt)),
                                      eval_fraction=cfg.eval_fraction, salt=cfg.salt)
-    orders = cfg.option_order if isinstance(cfg.option_order, dict) else {}
-    train, evaluation = (order_record_options(part, orders.get(side, "as-given") if orders else cfg.option_order)
-                         for side, part in (("train", train), ("eval", evaluation)))
+    train, evaluation = (order_record_options(part, cfg.order_of(side)) for side, part in (("train", train), ("eval", evaluation)))
     where = cfg.input or cfg.source
     for side, part in (("train", train), ("eval", evaluation)):
         if not part:

@@ -31,6 +31,7 @@ OPTION_ORDERS: tuple[str, ...] = ("as-given", "both", "balanced")
 
 _OPTION_LINE = re.compile(r"^(\s*\()([AB])(\)\s*)(\S.*?)(\s*)$")
 _LEADING_LETTER = re.compile(r"^(\s*\()([AB])(\))")
+_ANY_LEADING_LETTER = re.compile(r"^\s*\(([A-Z])\)")
 _ONLY_LETTER = re.compile(r"^\s*\(([AB])\)\s*$")
 _OTHER = {"A": "B", "B": "A"}
 
@@ -71,9 +72,10 @@ def swap_letter(answer: str) -> str:
     return _LEADING_LETTER.sub(lambda m: m.group(1) + _OTHER[m.group(2)] + m.group(3), answer, count=1)
 
 
-def leading_letter(answer: str) -> str | None:
-    m = _LEADING_LETTER.match(answer or "")
-    return m.group(2) if m else None
+def leading_letter(answer: str | None) -> str | None:
+    """The option letter an answer opens with ("(C) Maybe" -> "C"), or None."""
+    m = _ANY_LEADING_LETTER.match(answer or "")
+    return m.group(1) if m else None
 
 
 def _swap_meta(meta: dict) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -36,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
 from prefalign.data.io import open_rows, write_jsonl, write_text_atomic
-from prefalign.data.options import OptionOrder
+from prefalign.data.options import OptionOrder, leading_letter
 from prefalign.data.prompts import DEFAULT_EVAL_FRACTION
 from prefalign.data.tokenize import TokenizeSettings
 from prefalign.evaluate.heldout import RULE, TrainingPrompts, user_texts
@@ -210,19 +209,16 @@ METRICS = {
 }
 
 
-_OPTION_LETTER = re.compile(r"^\s*\(([A-Z])\)")
-
-
 def option_groups(records) -> dict[str, list[int]] | None:
     """Multiple-choice pairs (every chosen and rejected answer opens with a different option letter,
     "(A) Agree" against "(B) Disagree"): the pair indices by the chosen answer's letter, in letter
     order. None for other pairs, or when every chosen answer has the same letter."""
     groups: dict[str, list[int]] = {}
     for i, record in enumerate(records):
-        chosen, rejected = (_OPTION_LETTER.match(text or "") for text in (record.chosen, record.rejected))
-        if not chosen or not rejected or chosen.group(1) == rejected.group(1):
+        chosen, rejected = leading_letter(record.chosen), leading_letter(record.rejected)
+        if not chosen or not rejected or chosen == rejected:
             return None
-        groups.setdefault(chosen.group(1), []).append(i)
+        groups.setdefault(chosen, []).append(i)
     return dict(sorted(groups.items())) if len(groups) > 1 else None
 
 
