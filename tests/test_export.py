@@ -12,7 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import require_llama_cpp
 from prefalign.cli import app
+from prefalign.generate.backends.llamacpp_backend import llama_cpp_problem
 from prefalign.models.card import ModelCard, write_card
 from prefalign.models import export as export_module
 from prefalign.models.export import export_gguf, permute_for_llama_cpp_rope
@@ -170,7 +172,9 @@ def test_metadata_matches_config_and_tokenizer(exported, peaky_model):
 
 
 def _llama(path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (make test builds it)", exc_type=ImportError)
+    llama_cpp = require_llama_cpp()
+    problem = llama_cpp_problem(path)  # a crash here is a GGUF llama.cpp cannot run: a failure, not a kill
+    assert problem is None, problem
     return llama_cpp.Llama(model_path=str(path), logits_all=True, vocab_only=False, n_ctx=256, n_threads=1, verbose=False)
 
 

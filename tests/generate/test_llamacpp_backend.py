@@ -4,6 +4,8 @@ samples for the same seed. Skips without llama-cpp-python (`make test` builds it
 
 import pytest
 
+from conftest import require_llama_cpp
+
 from prefalign.generate.backends import BACKENDS, LlamaCppBackend, SamplingParams, TransformersBackend
 
 CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -18,7 +20,7 @@ def test_registered_and_refuses_a_non_gguf_model(tiny_model):
 
 @pytest.fixture(scope="module")
 def backend(tiny_model, tmp_path_factory):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (make test builds it)", exc_type=ImportError)
+    require_llama_cpp()
     from prefalign.models.export import export_gguf
 
     path = export_gguf(tiny_model, tmp_path_factory.mktemp("gguf") / "tiny.gguf", gguf_type="f32")

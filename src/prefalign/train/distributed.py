@@ -151,7 +151,7 @@ def record_trained_rows(process_index: int, row: dict, kind: str = "rank") -> No
         f.write(json.dumps(row) + "\n")
 
 
-def check_engine_supported(accelerator, *, grad_accum: int, reference_mode: str | None) -> None:
+def check_engine_supported(accelerator, *, grad_accum: int, reference_mode: str | None, retain: bool = False) -> None:
     """Refuse, in one line, what prefalign does not yet do right on a sharded engine."""
     from accelerate.utils import DistributedType
 
@@ -160,6 +160,10 @@ def check_engine_supported(accelerator, *, grad_accum: int, reference_mode: str 
         # DeepSpeed accumulates and steps inside its engine; the trainer's own accumulation would
         # scale the loss twice.
         raise ConfigError("--grad-accum above 1 is not supported with DeepSpeed yet: use a larger --batch-size, or DDP/FSDP")
+    if engine == DistributedType.DEEPSPEED and retain:
+        # The retain term is a second backward pass per micro-batch; DeepSpeed's engine counts each
+        # backward as a micro-step of its own accumulation.
+        raise ConfigError("retain_data is not supported with DeepSpeed yet: use DDP or FSDP")
     if is_sharded_engine(accelerator) and reference_mode is not None and reference_kind(reference_mode).on_lora_policy:
         # The policy's weights exist only as shards outside the engine's forward pass.
         raise ConfigError(f"--reference {reference_mode} is not supported with {engine.value} yet: use --reference precompute or copy")

@@ -38,6 +38,7 @@ from prefalign.train.memory import PeakMemory
 from prefalign.train.online_anchors import refresh_anchors
 from prefalign.train.precision import resolve_dtype
 from prefalign.train.reference import TOXIC_REF, ReferenceSetup, build_reference
+from prefalign.train.retain import load_retain_examples, retain_term
 from prefalign.train.sequences import (collate, sequence_logps, sequence_token_logps, split_groups, supports_packing,
                                        supports_shared_prompt)
 
@@ -261,13 +262,17 @@ class Trainer:
         self.dtype = resolve_dtype(config.dtype)
         self.accelerator = make_accelerator(self.dtype)
         check_engine_supported(self.accelerator, grad_accum=config.grad_accum,
-                               reference_mode=config.reference_mode() if self.spec.needs_reference else None)
+                               reference_mode=config.reference_mode() if self.spec.needs_reference else None,
+                               retain=config.retain_data is not None)
         # The output dir's state, then the data: a conflict or a bad file fails in seconds,
         # before any model is loaded.
         self._check_output_dir()
         self._check_resume_compatible()
         self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self.train_examples, self.eval_examples, self.data_summary = prepare_examples(config, self.spec, self.tokenizer)
+        self.retain_examples = load_retain_examples(config, self.tokenizer) if config.retain_data else []
+        if self.retain_examples:
+            self.data_summary["retain_examples"] = len(self.retain_examples)
         self.pad_id = self.tokenizer.pad_token_id
 
         self.accelerator.wait_for_everyone()  # every process has checked the output dir before it changes
@@ -636,6 +641,16 @@ class Trainer:
                                                             "rows": [] if share.is_stand_in else share.indices})
             sync = micro == config.grad_accum - 1
             ctx = accelerator.no_sync(self.model) if not sync else _null()
+            retain_nll = None
+            if self.retain_examples:
+                # Its own backward, never synced (the main loss's backward below all-reduces the
+                # accumulated gradients), so its graph is freed before the main forward.
+                with accelerator.no_sync(self.model):
+                    term = retain_term(self, self.retain_examples, self.step * config.grad_accum + micro)
+                    accelerator.backward(term.backward / config.grad_accum)
+                retain_nll = term.nll_per_token
+                if not math.isfinite(retain_nll):
+                    self._diverged(f"the retain term's NLL is {retain_nll}")
             with ctx:
                 losses, policy, reference, n_tokens = self.loss_on(examples, train=True)
                 loss = self._global_mean_loss(losses, share)
@@ -650,6 +665,9 @@ class Trainer:
             metrics = {**batch_metrics(self.spec, policy, reference, self.metric_beta), **self.term_metrics()}
             for k, v in self._global_means(metrics, share).items():
                 totals[k] = totals.get(k, 0.0) + v / config.grad_accum
+            if retain_nll is not None:  # already a global mean; the step's loss counts it weighted
+                totals["loss/retain"] = totals.get("loss/retain", 0.0) + retain_nll / config.grad_accum
+                loss_sum += config.retain_weight * retain_nll / config.grad_accum
             tokens += int(sum_over_processes(accelerator, {"tokens": n_tokens})["tokens"])
         grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or float("inf")))
         self._check_gradients(grad_norm)

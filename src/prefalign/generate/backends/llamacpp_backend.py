@@ -8,7 +8,11 @@ llama.cpp itself, so the ids are the ones the GGUF's vocabulary gives.
 
 from __future__ import annotations
 
+import functools
 import logging
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +29,39 @@ from prefalign.generate.backends.base import (
 log = logging.getLogger("prefalign.generate")
 
 LLAMA_CPP_INSTALL = "pip install llama-cpp-python (compiles llama.cpp; `make test` builds it)"
+# llama.cpp built with -march=native on a CPU with AMX (Intel Sapphire Rapids and later) runs its
+# quantized matmuls on AMX tiles, which crashed (SIGSEGV in ggml_backend_amx_mul_mat) on the
+# machines this was measured on; the Makefile builds it with these flags.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+LLAMA_CPP_REBUILD = (f'CFLAGS="{NO_AMX_FLAGS}" CXXFLAGS="{NO_AMX_FLAGS}" pip install --force-reinstall --no-cache-dir '
+                     "--no-deps llama-cpp-python")
+
+_PROBE = ("import sys, llama_cpp; m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False); "
+          "m.eval(m.tokenize(b'Hello there, how are you?', add_bos=True)); print('ok')")
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(path: str, mtime: float) -> str | None:
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return f"llama.cpp did not decode a few tokens of {path} within 300 s (in a probe process)"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        how = f"crashed ({signal.Signals(-proc.returncode).name})"
+    else:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        how = f"failed (exit {proc.returncode}: {last})"
+    return (f"llama.cpp {how} decoding a few tokens of {path} in a probe process; if llama-cpp-python was "
+            f"built on a CPU with AMX, rebuild it without: {LLAMA_CPP_REBUILD}")
+
+
+def llama_cpp_problem(gguf: str | Path) -> str | None:
+    """Why llama.cpp cannot run ``gguf`` here (``None`` when it decodes a few tokens). It runs in a
+    child process: a crash inside llama.cpp kills the process it runs in, and must not kill ours."""
+    path = Path(gguf).resolve()
+    return _probe(str(path), path.stat().st_mtime)
 
 
 def _llama_class():
@@ -45,6 +82,9 @@ class LlamaCppBackend:
             raise ValueError(f"llamacpp backend: model must be a .gguf file, got {model!r} "
                              "(write one with: prefalign export MODEL_DIR --gguf out.gguf)")
         Llama = _llama_class()
+        problem = llama_cpp_problem(path)
+        if problem:
+            raise RuntimeError(problem)
         from transformers import AutoTokenizer
 
         self.model_id = str(path.resolve())
