@@ -46,3 +46,31 @@ def test_n_samples_within_the_limit_and_repeatable_by_seed(backend):
     assert 5 * cut <= backend.last_stats.new_tokens <= 5 * cut + 4 * (6 - cut)
     assert backend.generate(CHATS, params) == first  # same seed, same samples
     assert len({s for samples in first for s in samples}) > 1  # seed + j: samples differ
+
+
+def test_a_llama_cpp_that_crashes_stops_the_backend_in_one_line(tmp_path, monkeypatch):
+    """A crash inside llama.cpp (its AMX kernels on some CPUs) happens in a probe process: the
+    backend refuses in one line naming the file and the rebuild, and the caller survives."""
+    import subprocess
+
+    from prefalign.generate.backends import llamacpp_backend as lb
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    calls = []
+
+    def crashed(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, -11, "", "")
+
+    monkeypatch.setattr(lb.subprocess, "run", crashed)
+    monkeypatch.setattr(lb, "_llama_class", lambda: object)  # no llama-cpp-python needed
+    with pytest.raises(RuntimeError) as err:
+        LlamaCppBackend(str(gguf))
+    message = str(err.value)
+    assert "crashed (SIGSEGV)" in message and str(gguf.resolve()) in message and "-mno-amx-int8" in message
+    assert "\n" not in message and calls[0][-1] == str(gguf.resolve())
+    lb._probe.cache_clear()
+    monkeypatch.setattr(lb.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "ok\n", ""))
+    assert lb.llama_cpp_problem(gguf) is None
+    lb._probe.cache_clear()
