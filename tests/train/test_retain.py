@@ -99,6 +99,8 @@ def test_retain_runs_log_the_term_and_repeat_exactly(tmp_path, tiny_model, pairs
         result = run_training(config_for(tmp_path, tiny_model, pairs_file, output_dir=tmp_path / name, max_steps=3,
                                          loss=["d2o", "anchor-sft"], loss_weights=[1.0, 0.1], retain_data=retain,
                                          retain_weight=1.0), show_progress=False)
+        card = (result.model_dir / "README.md").read_text()
+        assert "retain term: token NLL of" in card and "retain: `" in card  # the card names the retain file
         return [json.loads(line) for line in (result.output_dir / "train_log.jsonl").read_text().splitlines()]
 
     first, second = run("a"), run("b")

@@ -163,6 +163,8 @@ def _method_lines(config) -> list[str]:
     lines += _bullets({
         "loss parameters": ", ".join(f"{k}={v:g}" for k, v in config.resolved_loss_params().items()) or "none",
         "reference": config.reference_mode(),
+        "retain term": (f"token NLL of `{config.retain_data}`'s answers × {config.retain_weight:g}"
+                        if getattr(config, "retain_data", None) else None),
         "weights": "full fine-tuning" if config.lora is None else
         f"LoRA r={config.lora.r}, alpha={config.lora.alpha}, dropout={config.lora.dropout:g}, target_modules={config.lora.target_modules}",
     })
@@ -202,7 +204,8 @@ def training_card(config, result, *, adapter: bool) -> ModelCard:
     sections = [
         ("Method", _method_lines(config)),
         ("Training", _training_lines(config, result, base)),
-        ("Data", data_lines({"train": config.data, "eval": config.eval_data})),
+        ("Data", data_lines({"train": config.data, "eval": config.eval_data,
+                             "retain": getattr(config, "retain_data", None)})),
         ("Use", [f"- this folder holds the {what}; load with {load}",
                  "- as GGUF for llama.cpp or Ollama: `prefalign export FOLDER --gguf model.gguf --type q8_0`"]),
     ]
