@@ -279,8 +279,12 @@ def test_two_processes_equal_one_with_a_live_reference_lora_and_grad_accum(tmp_p
 @pytest.mark.parametrize("loss, settings", [
     ("d2o", {"reference": "copy", "anchor_refresh_every": 3, "anchor_max_new_tokens": 4}),
     ("adpo", {}),
-], ids=["d2o-online-anchors", "adpo-toxic-reference"])
+    ("d2o", {"retain_data": "retain.jsonl", "retain_weight": 2.0}),
+], ids=["d2o-online-anchors", "adpo-toxic-reference", "d2o-retain-term"])
 def test_two_processes_equal_one_for_online_anchors_and_the_toxic_reference(tmp_path, tiny_model, data, loss, settings):
+    if "retain_data" in settings:  # 5 answers: retain batches of 4 (2 per process) wrap around the file
+        rows = [{"prompt": f"Question {i}?", "chosen": f"Answer number {i}, written out."} for i in range(5)]
+        settings = {**settings, "retain_data": str(write_jsonl(tmp_path / settings["retain_data"], rows))}
     config = tmp_path / "train.yaml"
     config.write_text(json.dumps({"loss": loss, **settings}))  # JSON is YAML
     one = train(1, tiny_model, data, tmp_path, "one", "--config", str(config))["out"]

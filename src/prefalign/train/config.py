@@ -82,7 +82,7 @@ class TrainConfig(BaseModel):
     # responses down does not push ordinary text down with them.
     retain_data: Path | None = None
     retain_weight: float = Field(1.0, gt=0)
-    retain_batch_size: int | None = Field(None, gt=0)  # default: batch_size
+    retain_batch_size: int | None = Field(None, gt=0)  # per process, as batch_size; default: batch_size
 
     eval_data: Path | None = None
     eval_fraction: float = Field(0.0, ge=0, lt=1)

@@ -69,8 +69,9 @@ def retain_term(trainer, examples: Sequence[TokenizedExample], micro_batch: int)
     from prefalign.train.sequences import collate, sequence_logps
 
     config, accelerator = trainer.config, trainer.accelerator
-    global_rows = retain_batch(len(examples), config.retain_batch_size or config.batch_size,
-                               config.seed, micro_batch)
+    # Per process, as batch_size is: N processes draw N times the rows, and each takes its slice.
+    per_process = config.retain_batch_size or config.batch_size
+    global_rows = retain_batch(len(examples), per_process * accelerator.num_processes, config.seed, micro_batch)
     share = rank_slice(global_rows, accelerator.process_index, accelerator.num_processes)
     batch_examples = [examples[i] for i in share.indices]
     batch = collate(batch_examples, ("chosen",), trainer.pad_id, share_prompt=trainer.share_prompt,
