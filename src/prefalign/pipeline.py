@@ -114,7 +114,7 @@ class SplitStage(BaseModel):
 
     def model_post_init(self, _):
         if (self.input is None) == (self.source is None):
-            raise ValueError("give exactly one of input (a preference file) or source (rho-sycophancy)")
+            raise ValueError("give exactly one of input (a preference file) or source (rho-sycophancy, or a prompt source's written answers)")
         if self.source is not None and self.source not in split_sources():
             raise ValueError(f"source: unknown source '{self.source}' ({', '.join(split_sources())})")
 

