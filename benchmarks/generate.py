@@ -229,12 +229,17 @@ def main() -> None:
         try:
             import llama_cpp  # noqa: F401
 
+            from prefalign.generate.backends.llamacpp_backend import llama_cpp_problem
+
+            problem = llama_cpp_problem(path)  # a llama.cpp that crashes here would end the benchmark
+            if problem:
+                raise ImportError(problem)
             token_prompts = [new_default.encode(c) for c in conversations]
             threads = llama_threads(path, token_prompts[0], max_threads)
             llama = LlamaCpp(path, threads, 512)
             llama.one_at_a_time(token_prompts[:1], 4, args.temperature, args.seed)
-        except ImportError:
-            print("llama-cpp-python is not installed: llama.cpp rows left out (pip install llama-cpp-python)")
+        except ImportError as exc:
+            print(f"llama.cpp rows left out: {exc} (pip install llama-cpp-python)")
 
     def run_backend(name: str, batch_size: int, engine: str, threads: int | None = None, **kwargs):
         b = TransformersBackend(model, tokenizer, batch_size=batch_size, show_progress=False, engine=engine, **kwargs)
