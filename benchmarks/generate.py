@@ -81,14 +81,11 @@ def read_bandwidth(threads: int, mib: int = 512, seconds: float = 1.0) -> float:
 # ------------------------------------------------------------------------------------ llama.cpp
 
 def gguf_path(model: str) -> Path | None:
-    from prefalign.models.registry import EMBEDDED, _package_dir
+    from prefalign.models.registry import EMBEDDED, embedded_gguf
 
     if model.endswith(".gguf"):
         return Path(model)
-    if model in EMBEDDED:
-        folder = _package_dir(EMBEDDED[model].package)
-        return folder / EMBEDDED[model].gguf_file if folder else None
-    return None
+    return embedded_gguf(model) if model in EMBEDDED else None
 
 
 class LlamaCpp:

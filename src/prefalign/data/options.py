@@ -33,6 +33,7 @@ _OPTION_LINE = re.compile(r"^(\s*\()([AB])(\)\s*)(\S.*?)(\s*)$")
 _LEADING_LETTER = re.compile(r"^(\s*\()([AB])(\))")
 _ANY_LEADING_LETTER = re.compile(r"^\s*\(([A-Z])\)")
 _ONLY_LETTER = re.compile(r"^\s*\(([AB])\)\s*$")
+_THIRD_OPTION = re.compile(r"^\s*\([C-Z]\)")
 _OTHER = {"A": "B", "B": "A"}
 
 T = TypeVar("T")
@@ -50,8 +51,8 @@ def _option_lines(text: str) -> dict[str, int] | None:
             if m.group(2) in found:
                 return None
             found[m.group(2)] = i
-    letters_elsewhere = [i for i in range(start, len(lines)) if re.match(r"^\s*\([C-Z]\)", lines[i])]
-    return found if set(found) == {"A", "B"} and not letters_elsewhere else None
+    third = any(_THIRD_OPTION.match(lines[i]) for i in range(start, len(lines)))
+    return found if set(found) == {"A", "B"} and not third else None
 
 
 def swap_options(text: str) -> str | None:

@@ -92,6 +92,15 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def embedded_gguf(name: str = SMOLLM2.name) -> Path | None:
+    """The GGUF file an embedded model ships in its package (None when the package or the file is
+    missing): what llama.cpp loads directly."""
+    model = EMBEDDED[name]
+    folder = _package_dir(model.package)
+    path = folder / model.gguf_file if folder else None
+    return path if path is not None and path.is_file() else None
+
+
 def _require_package(model: EmbeddedModel) -> Path:
     folder = _package_dir(model.package)
     if folder is None:
