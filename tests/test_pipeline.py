@@ -146,6 +146,39 @@ def test_merge_weights_multiply_each_files_record_weights(tmp_path):
         merge(weights=[0.5, 1.0])
 
 
+def test_merge_in_both_option_orders_follows_each_pair_with_its_mirror(tmp_path):
+    # The mirror of a pair: the question's options swapped, both answers' opening letters following
+    # their options, the rewards, weight and meta unchanged; a record without two options has no twin.
+    question = "I think so. Do you?\n\nChoices:\n (A) Agree\n (B) Disagree\n\nAnswer:"
+    rows = [{"prompt": question.replace("so", f"so {i}"), "chosen": "(A) Agree, because", "rejected": "(B) Disagree",
+             "reward_chosen": 0.5 + i, "reward_rejected": -0.25, "meta": {"id": f"q{i}"}} for i in range(3)]
+    rows.append({"prompt": "No options here", "chosen": "(A) x", "rejected": "y", "reward_chosen": 1.0,
+                 "reward_rejected": 0.0})
+    data = write_jsonl(tmp_path / "scored.jsonl", rows)
+
+    def merge(**stage):
+        path = tmp_path / "m.yaml"
+        path.write_text(yaml.safe_dump({"name": "m", "output_dir": str(tmp_path / "run"), "stages": {
+            "pairs": {"kind": "merge", "inputs": [str(data)], **stage}}}))
+        run_recipe(path, show_progress=False, echo=lambda s: None)
+        return [json.loads(line) for line in (tmp_path / "run" / "pairs" / "data.jsonl").read_text().splitlines()]
+
+    merged = merge(option_order="both", weights=[0.5])
+    assert len(merged) == 7
+    for i in range(3):
+        given, mirror = merged[2 * i], merged[2 * i + 1]
+        assert (given["prompt"], given["chosen"], given["rejected"]) == (rows[i]["prompt"], rows[i]["chosen"], rows[i]["rejected"])
+        assert mirror["prompt"] == rows[i]["prompt"].replace("(A) Agree\n (B) Disagree", "(A) Disagree\n (B) Agree")
+        assert (mirror["chosen"], mirror["rejected"]) == ("(B) Agree, because", "(A) Disagree")
+        for row in (given, mirror):
+            assert (row["reward_chosen"], row["reward_rejected"], row["weight"]) == (0.5 + i, -0.25, 0.5)
+            assert row["meta"]["question"] == f"q{i}"
+        assert (given["meta"]["option_order"], mirror["meta"]["option_order"]) == ("as given", "swapped")
+    assert merged[6]["prompt"] == "No options here" and merged[6]["chosen"] == "(A) x"
+    with pytest.raises(RecipeError, match=r"stages.pairs.option_order.*unknown order 'mirror'"):
+        merge(option_order="mirror")
+
+
 def test_a_split_of_a_split_needs_its_own_salt(tmp_path):
     # A dev split of the train side: with the first split's salt every record would land on the side
     # the first split chose (an empty dev side), so that is an error naming the fix; with its own salt

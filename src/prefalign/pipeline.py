@@ -160,13 +160,30 @@ def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
 class MergeStage(BaseModel):
     """Concatenate record files (e.g. harmful-prompt pairs and benign-prompt pairs) into one, in
     the order given, each line unchanged; with ``weights`` (one per input), each record's loss
-    weight is multiplied by its file's (the record field ``weight``, 1 when absent)."""
+    weight is multiplied by its file's (the record field ``weight``, 1 when absent). With
+    ``option_order: both``, every record of a two-option question ("(A) Agree / (B) Disagree") is
+    followed by its mirror: the question with its options swapped, every response's opening
+    letter following its option, rewards, weight and the rest unchanged
+    (:mod:`prefalign.data.options`)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "merge"
     inputs: list[Path] = Field(..., min_length=1)
     weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    # Why mirror pairs: the letters of a pair's two answers carry a signal of their own when one
+    # side is generated unsteered (a small teacher's original answers open with its favourite
+    # letter, so "rejected = (B)" most of the time, however balanced the questions are), and a
+    # policy trained on them learns the letter. A pair and its mirror push the two letters
+    # equally; what is left is the answers' content. ``balanced`` swaps half instead (no twins).
+    option_order: str = "as-given"
     output: Path
+
+    @field_validator("option_order")
+    @classmethod
+    def _option_order(cls, value):
+        if value not in OPTION_ORDERS:
+            raise ValueError(f"unknown order {value!r} ({', '.join(OPTION_ORDERS)})")
+        return value
 
     def model_post_init(self, _):
         if self.weights is not None and len(self.weights) != len(self.inputs):
@@ -193,8 +210,24 @@ def _run_merge(cfg: MergeStage, stage_dir: Path, show_progress: bool) -> None:
             lines += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
             lines += _weighted_lines(Path(path), cfg.weights[i])
-    write_text_atomic(cfg.output, "".join(line + "\n" for line in lines))
-    print(f"merged {len(lines)} records from {len(cfg.inputs)} files into {cfg.output}")
+    if cfg.option_order == "as-given":
+        write_text_atomic(cfg.output, "".join(line + "\n" for line in lines))
+        print(f"merged {len(lines)} records from {len(cfg.inputs)} files into {cfg.output}")
+        return
+    from prefalign.data.io import write_jsonl
+    from prefalign.data.options import order_record_options
+    from prefalign.data.validate import load_records
+
+    # Read back through the one record reader (validation, errors naming file and line) from a
+    # file of the merged lines, kept in the stage folder.
+    merged = stage_dir / "merged-as-given.jsonl"
+    write_text_atomic(merged, "".join(line + "\n" for line in lines))
+    records = load_records(merged, ("prompt",)).records
+    ordered = order_record_options(records, cfg.option_order)
+    write_jsonl(cfg.output, ordered)
+    twins = sum(1 for r in ordered if r.meta.get("option_order") == "swapped")
+    print(f"merged {len(records)} records from {len(cfg.inputs)} files into {cfg.output}, option order "
+          f"{cfg.option_order}: {len(ordered)} records, {twins} with their options swapped")
 
 
 class SelectStage(BaseModel):

@@ -56,6 +56,14 @@ def test_both_orders_give_each_question_twice_with_its_answers_following_their_o
     assert records[0].meta == {"id": "q0", "truthful_answer": "(A)"}  # the inputs are not changed
 
 
+def test_every_response_group_follows_its_option():
+    record = PreferenceRecord(prompt=QUESTION, rejected="(A) y", anchors=["(A) a", "(B) b", "none"], toxic="(B) t",
+                              meta={"id": "q"})
+    _, swapped = order_record_options([record], "both")
+    assert (swapped.rejected, swapped.anchors, swapped.toxic, swapped.chosen) == ("(B) y", ["(B) a", "(A) b", "none"],
+                                                                                 "(A) t", None)
+
+
 @pytest.mark.parametrize("n", [1, 6, 7, 40])
 def test_balanced_swaps_so_the_chosen_letters_split_evenly_and_is_deterministic(n):
     records = _records(n)

@@ -122,13 +122,20 @@ def order_options(items: Sequence[T], order: OptionOrder, *, text: Callable[[T],
 
 
 def order_record_options(records: Sequence, order: OptionOrder, salt: str = "options") -> list:
-    """Preference records (chosen and rejected answers opening with an option letter follow it)."""
+    """Preference records (every response opening with an option letter follows it: chosen,
+    rejected, each anchor, the toxic one)."""
+    from .records import RESPONSE_GROUPS
     from .sources import normalise_prompt
 
     def swap(record, text):
-        return dataclasses.replace(record, prompt=text, chosen=record.chosen and swap_letter(record.chosen),
-                                   rejected=record.rejected and swap_letter(record.rejected),
-                                   meta=_swap_meta(record.meta))
+        responses = {}
+        for group in RESPONSE_GROUPS:
+            value = getattr(record, group)
+            if isinstance(value, list):
+                responses[group] = [swap_letter(v) for v in value]
+            elif value:
+                responses[group] = swap_letter(value)
+        return dataclasses.replace(record, prompt=text, meta=_swap_meta(record.meta), **responses)
 
     def question(record):
         return str(record.meta.get("id") or normalise_prompt(record.prompt))
