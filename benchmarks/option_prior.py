@@ -14,8 +14,9 @@ both, a letter prior gains on one and loses on the other.
 
 ``--scored FILE`` (a score stage's output, no model needed) prints where a scorer's labels lean: of
 the pairs whose two answers open with different option letters, how many it sides with each letter
-on, how often it sides with the shorter answer (a bare option against an explained one), and,
-where the records keep the question's label (``truthful_answer``), how often it sides with it:
+on, how often it sides with the shorter answer (a bare option against an explained one), the
+letters each side opens with, and, where the records keep the question's label
+(``truthful_answer``), how often it sides with it:
 
     python benchmarks/option_prior.py --scored /tmp/runs/rdpo-sycophancy/score/scored.jsonl
 """
@@ -54,6 +55,14 @@ def scored_lean(path: str) -> None:
             if isinstance(truth, str) and leading_letter(truth):
                 known += 1
                 right += leading_letter(truth) == letters[0]
+    # The letters each side opens with, labels aside: a side generated unsteered (the teacher's
+    # original answer) opens with the teacher's favourite letter, and DPO learns "not that letter".
+    from collections import Counter
+
+    for side in ("chosen", "rejected"):
+        opened = Counter(leading_letter(getattr(r, side)) or "no letter" for r in records)
+        print(f"{path}: {side} answers open with " + ", ".join(
+            f"({k}) {v}" if k != "no letter" else f"no letter {v}" for k, v in sorted(opened.items())))
     print(f"{path}: {len(records)} pairs, {different} scored with two different option letters; the scorer prefers "
           + ", ".join(f"({k}) on {v}" for k, v in sorted(sides.items()))
           + f"; the shorter answer on {shorter} of those {different}"

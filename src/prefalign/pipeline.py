@@ -170,11 +170,12 @@ class MergeStage(BaseModel):
     kind: str = "merge"
     inputs: list[Path] = Field(..., min_length=1)
     weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
-    # Why mirror pairs: the letters of a pair's two answers carry a signal of their own when one
-    # side is generated unsteered (a small teacher's original answers open with its favourite
-    # letter, so "rejected = (B)" most of the time, however balanced the questions are), and a
-    # policy trained on them learns the letter. A pair and its mirror push the two letters
-    # equally; what is left is the answers' content. ``balanced`` swaps half instead (no twins).
+    # Why mirror pairs: the letters a pair's two answers open with carry a signal of their own
+    # whenever they are not spread evenly over the two sides (a teacher's favourite letter on its
+    # unsteered answers, pairs dropped for identical answers, more (B) than (A) among the chosen
+    # ones however balanced the questions were), and a small policy learns the letter first. A
+    # pair and its mirror push the two letters equally; what is left is the answers' content.
+    # ``balanced`` swaps half instead (no twins).
     option_order: str = "as-given"
     output: Path
 
