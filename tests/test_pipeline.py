@@ -177,6 +177,9 @@ def test_merge_in_both_option_orders_follows_each_pair_with_its_mirror(tmp_path)
     assert merged[6]["prompt"] == "No options here" and merged[6]["chosen"] == "(A) x"
     with pytest.raises(RecipeError, match=r"stages.pairs.option_order.*unknown order 'mirror'"):
         merge(option_order="mirror")
+    write_jsonl(data, rows[:1] + [{**rows[1], "weight": "heavy"}])
+    with pytest.raises(DataError, match=r"scored.jsonl:2: field 'weight'"):
+        merge(option_order="both")
 
 
 def test_a_split_of_a_split_needs_its_own_salt(tmp_path):

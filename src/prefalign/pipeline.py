@@ -28,7 +28,7 @@ import re
 import shutil
 import sysconfig
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
@@ -205,25 +205,31 @@ def _weighted_lines(path: Path, weight: float) -> list[str]:
 
 
 def _run_merge(cfg: MergeStage, stage_dir: Path, show_progress: bool) -> None:
+    if cfg.option_order != "as-given":
+        _run_merge_ordered(cfg)
+        return
     lines = []
     for i, path in enumerate(cfg.inputs):
         if cfg.weights is None or cfg.weights[i] == 1.0:
             lines += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
             lines += _weighted_lines(Path(path), cfg.weights[i])
-    if cfg.option_order == "as-given":
-        write_text_atomic(cfg.output, "".join(line + "\n" for line in lines))
-        print(f"merged {len(lines)} records from {len(cfg.inputs)} files into {cfg.output}")
-        return
+    write_text_atomic(cfg.output, "".join(line + "\n" for line in lines))
+    print(f"merged {len(lines)} records from {len(cfg.inputs)} files into {cfg.output}")
+
+
+def _run_merge_ordered(cfg: MergeStage) -> None:
+    """The merge with an option order: records read through the one record reader (a bad row is an
+    error naming its input file, line and field), weighted, ordered, written."""
     from prefalign.data.io import write_jsonl
     from prefalign.data.options import order_record_options
     from prefalign.data.validate import load_records
 
-    # Read back through the one record reader (validation, errors naming file and line) from a
-    # file of the merged lines, kept in the stage folder.
-    merged = stage_dir / "merged-as-given.jsonl"
-    write_text_atomic(merged, "".join(line + "\n" for line in lines))
-    records = load_records(merged, ("prompt",)).records
+    records = []
+    for i, path in enumerate(cfg.inputs):
+        part = load_records(path, ("prompt",)).records
+        weight = 1.0 if cfg.weights is None else cfg.weights[i]
+        records += part if weight == 1.0 else [replace(r, weight=r.loss_weight * weight) for r in part]
     ordered = order_record_options(records, cfg.option_order)
     write_jsonl(cfg.output, ordered)
     twins = sum(1 for r in ordered if r.meta.get("option_order") == "swapped")
