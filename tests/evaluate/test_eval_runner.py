@@ -286,3 +286,16 @@ def test_bf16_logprob_passes_round_kl_and_perplexity_and_leave_pair_rows_fp32(co
         assert a != b and abs(a - b) <= 0.02 * max(1.0, abs(a)), (name, a, b)
     assert bf16["kl[harmful]"]["base"]["value"] == 0.0  # the reference's own pass, reused
     assert any("bf16 matmuls" in note for note in bf16_notes) and not any("bf16" in note for note in fp32_notes)
+
+
+@pytest.mark.slow
+def test_curve_comparison_of_a_model_with_itself_differs_by_exactly_zero(eval_config):
+    # "same" is the base model's weights under another label: the same samples and rewards per
+    # prompt, and KL 0 like the base. Its point is compared with the base at KL 0, and the paired
+    # difference is 0 with the interval [0, 0].
+    config = eval_config.model_copy(update={"compare_curves": {"a": ["same"], "b": ["base"]}})
+    result, _ = run_eval(config, show_progress=False)
+    (comparison,) = result.curve_comparisons
+    (point,) = comparison["points"]
+    assert (comparison["compared"], comparison["at_or_above"]) == (1, 1)
+    assert (point["difference"], point["difference_low"], point["difference_high"]) == (0.0, 0.0, 0.0)

@@ -70,3 +70,31 @@ def test_summary_and_json_carry_the_comparison():
     assert "odpo at or above dpo at 1 of 1 KL points" in text
     assert "| odpo β=0.1 (rtp) | 2.000 | 0.4500 | 0.4000 |" in text
     assert result.to_json()["curve_comparisons"][0]["at_or_above"] == 1
+
+
+def test_each_compared_point_gets_a_paired_interval_over_prompts():
+    # Per-prompt rewards: the second curve read at the first's KL is the same weighting of its
+    # neighbours' per-prompt rewards as of their means; the interval is that of the paired
+    # difference computed apart.
+    import numpy as np
+
+    from prefalign.evaluate.stats import paired_difference
+
+    rng = np.random.default_rng(0)
+    items = {label: rng.normal(mean, 0.3, size=40) for label, mean in (("odpo", 0.5), ("base", 0.1), ("dpo", 0.3))}
+    mean = {label: float(v.mean()) for label, v in items.items()}
+    first = [CurvePoint("odpo", 0.5, mean["odpo"]), CurvePoint("far", 9.0, 0.0)]
+    second = [CurvePoint("base", 0.0, mean["base"]), CurvePoint("dpo", 2.0, mean["dpo"])]
+    c = compare_curves(first, second, ("odpo", "dpo"), {**items, "far": items["odpo"]}, n_boot=500)
+    point, far = c.points
+    at_kl = 0.75 * items["base"] + 0.25 * items["dpo"]
+    expected = paired_difference(items["odpo"], at_kl, n_boot=500)
+    assert point.other_reward == pytest.approx(float(at_kl.mean()))
+    assert (point.difference, point.difference_low, point.difference_high) == pytest.approx(
+        (expected.value, expected.low, expected.high))
+    assert point.difference == pytest.approx(point.reward - point.other_reward)
+    assert point.difference_low < point.difference < point.difference_high
+    assert far.difference is None  # outside the second curve's range
+    assert compare_curves(first, second, ("odpo", "dpo")).points[0].difference is None  # no per-prompt rewards
+    text = markdown_summary(EvalResult("t", ["base"], {}, {}, curve_comparisons=[{"prompt_set": "rtp", **c.as_dict()}]))
+    assert f"{point.difference:+.3f} [{point.difference_low:+.3f}, {point.difference_high:+.3f}]" in text

@@ -319,10 +319,22 @@ def curve_comparison_lines(comparisons: list[dict]) -> list[str]:
         lines += [f"Reward vs KL [{c['prompt_set']}]: {c['first']} at or above {c['second']} at {c['at_or_above']} of "
                   f"{c['compared']} KL points" + (f" ({outside} outside {c['second']}'s KL range, not compared)" if outside else "")
                   + f" ({c['second']} interpolated linearly at {c['first']}'s KL)", "",
-                  f"| {c['first']} model | KL | reward | {c['second']} at that KL |", "|---|---|---|---|"]
+                  f"| {c['first']} model | KL | reward | {c['second']} at that KL | difference (95% paired bootstrap) |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {p['label']} | {p['kl']:.3f} | {p['reward']:.4f} | "
-                  + ("outside its range" if p["other_reward"] is None else f"{p['other_reward']:.4f}") + " |" for p in c["points"]]
+                  + ("outside its range" if p["other_reward"] is None else f"{p['other_reward']:.4f}") + " | "
+                  + _curve_difference_cell(p) + " |" for p in c["points"]]
     return lines
+
+
+def _curve_difference_cell(point: dict) -> str:
+    if point.get("difference") is None:
+        return "n/a"
+    low, high = point.get("difference_low"), point.get("difference_high")
+    if low is None or high is None or math.isnan(low):
+        return f"{point['difference']:+.3f}"
+    star = " *" if low > 0 or high < 0 else ""
+    return f"{point['difference']:+.3f} [{low:+.3f}, {high:+.3f}]{star}"
 
 
 def markdown_summary(result: EvalResult) -> str:

@@ -699,8 +699,13 @@ class Evaluator:
             in_set = [p for p in points if p["label"].endswith(f" ({prompt_set.name})")]
             curves = curves_from_points(in_set, self.config.compare_curves)
             (first, a), (second, b) = curves.items()
+            # per-prompt rewards of the same metric the points' means come from (points_for_kl)
+            name = prompt_set.name
+            per_prompt = self.items.get(f"reward[{name}]") or self.items.get(f"sentiment[{name}]") or {}
+            items = {f"{label} ({name})": values for label, values in per_prompt.items()}
             if a and b:
-                out.append({"prompt_set": prompt_set.name, **compare_curves(a, b, (first, second)).as_dict()})
+                out.append({"prompt_set": name, **compare_curves(a, b, (first, second), items, seed=self.config.bootstrap_seed,
+                                                                 n_boot=self.config.bootstrap_samples).as_dict()})
         return out
 
 
