@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from prefalign.configfile import read_yaml_mapping, validation_messages
 from prefalign.data.errors import DataError
 from prefalign.data.io import write_text_atomic
-from prefalign.data.options import OPTION_ORDERS
+from prefalign.data.options import check_option_order
 from prefalign.sharding import distributed_state, from_main, is_main, main_writes
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
@@ -104,8 +104,7 @@ class SplitStage(BaseModel):
         if isinstance(value, dict) and (not value or set(value) - {"train", "eval"}):
             raise ValueError(f"one order, or one per side {{train: ..., eval: ...}}; got sides {sorted(value)}")
         for order in orders.values():
-            if order not in OPTION_ORDERS:
-                raise ValueError(f"unknown order {order!r} ({', '.join(OPTION_ORDERS)})")
+            check_option_order(order)
         return value
 
     def order_of(self, side: str) -> str:
@@ -182,9 +181,7 @@ class MergeStage(BaseModel):
     @field_validator("option_order")
     @classmethod
     def _option_order(cls, value):
-        if value not in OPTION_ORDERS:
-            raise ValueError(f"unknown order {value!r} ({', '.join(OPTION_ORDERS)})")
-        return value
+        return check_option_order(value)
 
     def model_post_init(self, _):
         if self.weights is not None and len(self.weights) != len(self.inputs):

@@ -39,6 +39,13 @@ _OTHER = {"A": "B", "B": "A"}
 T = TypeVar("T")
 
 
+def check_option_order(order: str) -> str:
+    """``order`` if it is one of :data:`OPTION_ORDERS`, else a ValueError naming the known ones."""
+    if order not in OPTION_ORDERS:
+        raise ValueError(f"unknown order {order!r} ({', '.join(OPTION_ORDERS)})")
+    return order
+
+
 def _option_lines(text: str) -> dict[str, int] | None:
     """Line index of each of the options (A) and (B), in the last "Choices:" block if there is one;
     None unless there are exactly these two options, each once."""

@@ -242,9 +242,7 @@ def _rho_items(relative: str) -> tuple[Path, list[dict]]:
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
             raise DataError("expected an object with a string 'id'", path=path, line=number,
                             unit="row", field="id", kind="type")
-        if not isinstance(item.get("text"), str) or not item["text"].strip():
-            raise DataError("expected a non-empty string", path=path, line=number, unit="row",
-                            field="text", kind="type")
+        _require_text(item, ("text",), path, number)
     return path, items
 
 

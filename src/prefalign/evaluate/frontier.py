@@ -83,14 +83,17 @@ def interpolation_weights(points: Sequence[CurvePoint], kl: float) -> dict[str, 
     return {pts[0].label: 1.0}  # a single point, at exactly its KL
 
 
-def interpolate(points: Sequence[CurvePoint], kl: float) -> float | None:
-    """The curve's reward at ``kl``, linear between the neighbouring points sorted by KL; None
-    outside [min KL, max KL]."""
-    weights = interpolation_weights(points, kl)
+def _weighted_reward(points: Sequence[CurvePoint], weights: dict[str, float] | None) -> float | None:
     if weights is None:
         return None
     reward = {p.label: p.reward for p in points}
     return sum(w * reward[label] for label, w in weights.items())
+
+
+def interpolate(points: Sequence[CurvePoint], kl: float) -> float | None:
+    """The curve's reward at ``kl``, linear between the neighbouring points sorted by KL; None
+    outside [min KL, max KL]."""
+    return _weighted_reward(points, interpolation_weights(points, kl))
 
 
 def compare_curves(first: Sequence[CurvePoint], second: Sequence[CurvePoint], names: tuple[str, str],
@@ -101,9 +104,9 @@ def compare_curves(first: Sequence[CurvePoint], second: Sequence[CurvePoint], na
     also gets its paired difference and interval."""
     out = []
     for p in sorted(first, key=lambda q: q.kl):
-        other = interpolate(second, p.kl)
-        point = PointComparison(p.label, p.kl, p.reward, other, None if other is None else p.reward >= other)
         weights = interpolation_weights(second, p.kl)
+        other = _weighted_reward(second, weights)
+        point = PointComparison(p.label, p.kl, p.reward, other, None if other is None else p.reward >= other)
         if items is not None and weights is not None and p.label in items and all(label in items for label in weights):
             at_kl = sum(w * np.asarray(items[label], dtype=np.float64) for label, w in weights.items())
             d = paired_difference(items[p.label], at_kl, seed=seed, n_boot=n_boot)

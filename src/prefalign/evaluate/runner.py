@@ -680,13 +680,17 @@ class Evaluator:
         points = []
         for prompt_set in self.config.prompt_sets:
             kl = self.metrics.get(f"kl[{prompt_set.name}]", {})
-            reward = self.metrics.get(f"reward[{prompt_set.name}]") or self.metrics.get(f"sentiment[{prompt_set.name}]") or {}
+            reward = self.metrics.get(self._curve_reward(prompt_set.name)) or {}
             for label in labels:
                 if label in kl and label in reward:
                     points.append({"label": f"{label} ({prompt_set.name})", "kl": kl[label].value, "kl_stderr": kl[label].stderr,
                                    "reward": reward[label].value, "reward_stderr": reward[label].stderr})
         return points
 
+    def _curve_reward(self, prompt_set: str) -> str:
+        """The metric a prompt set's reward-vs-KL points read: the reward model's, else sentiment."""
+        reward = f"reward[{prompt_set}]"
+        return reward if self.metrics.get(reward) else f"sentiment[{prompt_set}]"
 
     def curve_comparisons(self, points: list[dict]) -> list[dict]:
         """``compare_curves``: per prompt set, the first curve against the second at its KL points."""
@@ -699,9 +703,9 @@ class Evaluator:
             in_set = [p for p in points if p["label"].endswith(f" ({prompt_set.name})")]
             curves = curves_from_points(in_set, self.config.compare_curves)
             (first, a), (second, b) = curves.items()
-            # per-prompt rewards of the same metric the points' means come from (points_for_kl)
+            # per-prompt rewards of the metric the points' means come from
             name = prompt_set.name
-            per_prompt = self.items.get(f"reward[{name}]") or self.items.get(f"sentiment[{name}]") or {}
+            per_prompt = self.items.get(self._curve_reward(name), {})
             items = {f"{label} ({name})": values for label, values in per_prompt.items()}
             if a and b:
                 out.append({"prompt_set": name, **compare_curves(a, b, (first, second), items, seed=self.config.bootstrap_seed,
