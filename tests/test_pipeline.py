@@ -453,3 +453,50 @@ def test_a_training_snapshot_is_a_stage_output(tmp_path, tiny_model):
     stages = {s.name: s for s in plan_recipe(path)}
     assert stages["train"].outputs["model_step1"] == str(tmp_path / "run" / "train" / "model-step1")
     assert str(stages["eval"].config.models["dpo step 1"]) == str(tmp_path / "run" / "train" / "model-step1")
+
+
+def test_seed_shifts_every_drawing_stage_and_gives_the_replicate_its_own_folder(tmp_path):
+    recipe = RECIPE_DIR / "odpo-sentiment.yaml"
+    plain = {s.name: s for s in plan_recipe(recipe)}
+    assert {s.name: s.key for s in plan_recipe(recipe, seed=0)} == {n: s.key for n, s in plain.items()}
+    replicate = {s.name: s for s in plan_recipe(recipe, seed=2)}
+    generate, evaluation = replicate["generate"].config, replicate["eval"].config
+    assert generate.seed == plain["generate"].config.seed + 2
+    assert [replicate[n].config.seed for n in ("odpo", "dpo")] == [plain[n].config.seed + 2 for n in ("odpo", "dpo")]
+    assert evaluation.sampling.seed == plain["eval"].config.sampling.seed + 2
+    # What is drawn changes; which prompts are used does not.
+    assert generate.prompts == plain["generate"].config.prompts
+    assert [p.model_dump() for p in evaluation.prompt_sets] == [p.model_dump() for p in plain["eval"].config.prompt_sets]
+    assert all(s.directory.parent.name == plain[s.name].directory.parent.name + "-seed2" for s in replicate.values())
+    assert all(s.directory.parent == tmp_path for s in plan_recipe(recipe, output_dir=tmp_path, seed=2))
+
+
+def test_seed_moves_a_stages_own_seed_so_stages_seeded_apart_stay_apart(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({"name": "two", "output_dir": str(tmp_path / "run"), "stages": {
+        "pairs": {"kind": "merge", "inputs": ["a.jsonl"]},
+        "one": {"kind": "train", "model": "m", "data": "${pairs.output}", "loss": "dpo"},
+        "other": {"kind": "train", "model": "m", "data": "${pairs.output}", "loss": "dpo", "seed": 5},
+        "eval": {"kind": "eval", "models": {"base": "m"}, "refusal_scorer": None, "toxicity_scorer": None,
+                 "sampling": {"seed": 7, "temperature": 1.0}}}}, sort_keys=False))
+    stages = {s.name: s for s in plan_recipe(path)}
+    shifted = {s.name: s for s in plan_recipe(path, seed=3)}
+    assert (shifted["one"].config.seed, shifted["other"].config.seed) == (stages["one"].config.seed + 3, 8)
+    assert (shifted["eval"].config.sampling.seed, shifted["eval"].config.sampling.temperature) == (10, 1.0)
+    assert shifted["one"].directory.parent == tmp_path / "run-seed3"
+    in_place = {s.name: s.key for s in plan_recipe(path, seed=3, output_dir=tmp_path / "run")}
+    assert in_place["pairs"] == stages["pairs"].key  # draws nothing: the same stage, cached in the same folder
+    assert in_place["one"] != stages["one"].key
+
+
+def test_run_seed_option_plans_the_replicate(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefalign.cli import app
+
+    result = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["run", str(RECIPE_DIR / "odpo-sentiment.yaml"), "--dry-run",
+                                                             "--seed", "1", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    planned = {s.name: s.key for s in plan_recipe(RECIPE_DIR / "odpo-sentiment.yaml", output_dir=tmp_path / "r", seed=1)}
+    rows = [line.split() for line in result.output.splitlines()]
+    assert {row[0]: row[3] for row in rows if row and row[0] in planned} == planned

@@ -299,6 +299,8 @@ def run_recipe_command(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: the recipe's output_dir"),
     stage: Optional[list[str]] = typer.Option(None, "--stage", help="run only these stages (repeatable)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and show the plan without running"),
+    seed: int = typer.Option(0, "--seed", help="a replicate: every stage's seed (generation and evaluation samples, "
+                             "training order) shifted by N; default folder: the recipe's + -seedN"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run a recipe's stages (generate, score, train, eval), skipping those already done."""
@@ -307,10 +309,10 @@ def run_recipe_command(
     _setup_logging(verbose=not quiet)
     with _errors(RecipeError):
         if dry_run:
-            for s in plan_recipe(recipe, output_dir=output_dir):
+            for s in plan_recipe(recipe, output_dir=output_dir, seed=seed):
                 console.print(f"{s.name:<16} {s.kind.name:<9} {stage_state(s):<12} {s.key}  -> {', '.join(s.outputs.values())}", highlight=False)
             return
-        run_recipe(recipe, output_dir=output_dir, only=stage, show_progress=not quiet)
+        run_recipe(recipe, output_dir=output_dir, only=stage, show_progress=not quiet, seed=seed)
 
 
 from prefalign.generate.cli import generate  # noqa: E402

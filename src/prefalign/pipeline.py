@@ -70,6 +70,9 @@ class StageKind:
     # neither sharded nor main_only (train-rm: minutes of training, the others would sit at a
     # barrier that can time out).
     main_only: bool = False
+    # Where the stage's seed lives in its values (generation samples, training order, evaluation
+    # samples); empty for stages that draw nothing. `prefalign run --seed N` shifts it by N.
+    seed_field: tuple[str, ...] = ()
 
 
 class SplitStage(BaseModel):
@@ -339,7 +342,7 @@ def _generate_kind() -> StageKind:
         run_from_config(cfg, show_progress=show_progress, echo=print)
 
     return StageKind("generate", lambda d: {"output": str(d / "data.jsonl")}, validate,
-                     lambda cfg, d: {"output": str(cfg.output)}, run, sharded=True)
+                     lambda cfg, d: {"output": str(cfg.output)}, run, sharded=True, seed_field=("seed",))
 
 
 def _train_kind() -> StageKind:
@@ -365,7 +368,8 @@ def _train_kind() -> StageKind:
 
         drop_checkpoints(cfg.output_dir)
 
-    return StageKind("train", lambda d: {"output_dir": str(d)}, validate, outputs, run, after_done, sharded=True)
+    return StageKind("train", lambda d: {"output_dir": str(d)}, validate, outputs, run, after_done, sharded=True,
+                     seed_field=("seed",))
 
 
 def _eval_kind() -> StageKind:
@@ -390,7 +394,7 @@ def _eval_kind() -> StageKind:
 
     return StageKind("eval", lambda d: {"output_dir": str(d)}, validate,
                      lambda cfg, d: {"report": str(cfg.output_dir / "report.html"), "metrics": str(cfg.output_dir / "metrics.json")}, run,
-                     sharded=True)
+                     sharded=True, seed_field=("sampling", "seed"))
 
 
 def _score_kind() -> StageKind:
@@ -421,7 +425,7 @@ def _train_rm_kind() -> StageKind:
         print(f"reward model: {result}")
 
     return StageKind("train-rm", lambda d: {"output_dir": str(d)}, validate,
-                     lambda cfg, d: {"model": str(cfg.output_dir / "model")}, run)
+                     lambda cfg, d: {"model": str(cfg.output_dir / "model")}, run, seed_field=("seed",))
 
 
 STAGE_KINDS: dict[str, StageKind] = {
@@ -576,9 +580,27 @@ def shipped_recipe(name: str) -> Path:
     raise FileNotFoundError(f"recipe '{name}': not in {' or '.join(str(f) for f in folders)}")
 
 
-def plan_recipe(path: Path, *, output_dir: Path | None = None, overrides: dict | None = None) -> list[PlannedStage]:
+def _with_value(values: dict, field: tuple[str, ...], value) -> dict:
+    head, *rest = field
+    inner = values.get(head) if rest else None
+    return {**values, head: _with_value(inner if isinstance(inner, dict) else {}, tuple(rest), value) if rest else value}
+
+
+def _shift_seed(config, kind: StageKind, resolved: dict, shift: int):
+    """The stage's config with its seed moved by ``shift`` (the recipe's own seed, or the default,
+    plus the shift: stages that draw with different seeds keep drawing differently)."""
+    current = config
+    for part in kind.seed_field:
+        current = getattr(current, part)
+    return kind.validate(_with_value(resolved, kind.seed_field, current + shift))
+
+
+def plan_recipe(path: Path, *, output_dir: Path | None = None, overrides: dict | None = None,
+                seed: int = 0) -> list[PlannedStage]:
     """Read and validate the whole recipe (every stage, references filled in) before any work.
-    ``overrides`` are laid over the recipe as a variant's values are (e.g. ``{"model": ...}``)."""
+    ``overrides`` are laid over the recipe as a variant's values are (e.g. ``{"model": ...}``).
+    ``seed`` ≠ 0 is a replicate: every stage's seed shifted by it, and, without ``output_dir``,
+    its own folder (the recipe's ``output_dir`` + ``-seedN``); prompt choices and splits stay."""
     source = str(path)
     recipe = deep_merge(read_recipe(path), overrides or {})
     if not isinstance(recipe.get("stages"), dict) or not recipe["stages"]:
@@ -587,6 +609,8 @@ def plan_recipe(path: Path, *, output_dir: Path | None = None, overrides: dict |
     if unknown:
         raise RecipeError(f"{source}: field '{sorted(unknown)[0]}': unknown top-level field (name, description, output_dir, model, stages)")
     root = Path(output_dir or recipe.get("output_dir") or Path("runs") / Path(path).stem)
+    if seed and output_dir is None:
+        root = root.with_name(f"{root.name}-seed{seed}")
     variables = {"model": recipe.get("model", "smollm2-135m-instruct"), "output_dir": str(root)}
     planned: dict[str, PlannedStage] = {}
     for name, values in recipe["stages"].items():
@@ -610,6 +634,8 @@ def plan_recipe(path: Path, *, output_dir: Path | None = None, overrides: dict |
         resolved = {**kind.defaults(directory), **_substitute(values, lookup, used)}
         try:
             config = kind.validate(resolved)
+            if seed and kind.seed_field:
+                config = _shift_seed(config, kind, resolved, seed)
         except (ValidationError, ValueError) as exc:
             raise RecipeError(_error_lines(exc, source, name)) from None
         depends = sorted(u for u in used if u in planned)
@@ -643,11 +669,11 @@ def stage_state(stage: PlannedStage) -> str:
 
 
 def run_recipe(path: Path, *, output_dir: Path | None = None, only: list[str] | None = None, show_progress: bool = True,
-               echo: Callable[[str], None] = print, overrides: dict | None = None) -> list[PlannedStage]:
+               echo: Callable[[str], None] = print, overrides: dict | None = None, seed: int = 0) -> list[PlannedStage]:
     """Run the stages not done yet, in order. Under N processes (``accelerate launch``,
     ``torchrun``) every process runs each stage, which splits its work; the main process alone
     decides what is done (from its files) and writes the stage files and messages."""
-    stages = plan_recipe(path, output_dir=output_dir, overrides=overrides)
+    stages = plan_recipe(path, output_dir=output_dir, overrides=overrides, seed=seed)
     names = [s.name for s in stages]
     for name in only or []:
         if name not in names:
