@@ -500,3 +500,12 @@ def test_run_seed_option_plans_the_replicate(tmp_path):
     planned = {s.name: s.key for s in plan_recipe(RECIPE_DIR / "odpo-sentiment.yaml", output_dir=tmp_path / "r", seed=1)}
     rows = [line.split() for line in result.output.splitlines()]
     assert {row[0]: row[3] for row in rows if row and row[0] in planned} == planned
+
+
+def test_run_refuses_a_negative_seed_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefalign.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(RECIPE_DIR / "odpo-sentiment.yaml"), "--seed", "-1", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()

@@ -299,7 +299,7 @@ def run_recipe_command(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: the recipe's output_dir"),
     stage: Optional[list[str]] = typer.Option(None, "--stage", help="run only these stages (repeatable)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and show the plan without running"),
-    seed: int = typer.Option(0, "--seed", help="a replicate: every stage's seed (generation and evaluation samples, "
+    seed: int = typer.Option(0, "--seed", min=0, help="a replicate: every stage's seed (generation and evaluation samples, "
                              "training order) shifted by N; default folder: the recipe's + -seedN"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:

@@ -581,9 +581,12 @@ def shipped_recipe(name: str) -> Path:
 
 
 def _with_value(values: dict, field: tuple[str, ...], value) -> dict:
+    """A copy of ``values`` with ``value`` at the nested ``field`` (mappings on the way made as needed)."""
     head, *rest = field
-    inner = values.get(head) if rest else None
-    return {**values, head: _with_value(inner if isinstance(inner, dict) else {}, tuple(rest), value) if rest else value}
+    if not rest:
+        return {**values, head: value}
+    inner = values.get(head)
+    return {**values, head: _with_value(inner if isinstance(inner, dict) else {}, tuple(rest), value)}
 
 
 def _shift_seed(config, kind: StageKind, resolved: dict, shift: int):
