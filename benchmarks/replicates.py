@@ -6,8 +6,8 @@ runs and prints, per run, each model's difference to the base on one metric and 
 comparison's points (first − second at the first's KL, with its interval), then the totals over
 runs: how many points sit at or above, how many have their interval above 0, how many below.
 
-    python benchmarks/replicates.py /tmp/runs/odpo-sentiment/eval /tmp/runs/odpo-sentiment-seed1/eval \\
-        /tmp/runs/odpo-sentiment-seed2/eval --metric "sentiment[rtp]"
+    python benchmarks/replicates.py runs/odpo-sentiment/eval runs/odpo-sentiment-seed1/eval \\
+        runs/odpo-sentiment-seed2/eval --metric "sentiment[rtp]"
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def read_metrics(path: Path) -> dict:
     return json.loads(file.read_text())
 
 
-def interval(d: dict) -> str:
-    return f"{d['value'] if 'value' in d else d['difference']:+.3f} [{d.get('low', d.get('difference_low')):+.3f}, {d.get('high', d.get('difference_high')):+.3f}]"
+def interval(value: float, low: float, high: float) -> str:
+    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def point_sign(point: dict) -> str:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             base = metrics["metrics"][metric].get(metrics.get("baseline", "base"), {}).get("value")
             print(f"{metric}, difference to the base ({base:.3f}):" if base is not None else f"{metric}, difference to the base:")
             for model, d in differences[metric].items():
-                print(f"  {model:<28} {interval(d)}  n={d['n']}")
+                print(f"  {model:<28} {interval(d['value'], d['low'], d['high'])}  n={d['n']}")
         for comparison in metrics.get("curve_comparisons", []):
             print(f"{comparison['first']} − {comparison['second']} at {comparison['first']}'s KL [{comparison['prompt_set']}]: "
                   f"at or above at {comparison['at_or_above']} of {comparison['compared']}")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 if p.get("difference") is None:
                     print(f"  {p['label']:<28} {where}  outside {comparison['second']}'s KL range")
                 else:
-                    print(f"  {p['label']:<28} {where}  {interval(p)}  {point_sign(p)}")
+                    print(f"  {p['label']:<28} {where}  {interval(p['difference'], p['difference_low'], p['difference_high'])}  {point_sign(p)}")
         print()
     totals = comparison_totals(runs)
     if totals["draws"]:
