@@ -75,3 +75,31 @@ def test_train_flags_and_yaml(tmp_path, tiny_model):
     assert snapshots.exit_code == 0, snapshots.output
     assert [p.name for p in sorted((tmp_path / "out").glob("model-step*"))] == ["model-step1", "model-step2"]
     assert "snapshots: step 1 in" in " ".join(snapshots.output.split())
+
+
+def test_eval_prints_row_tags_and_groups_as_text(tmp_path, tiny_model):
+    # "[domain: ...]" and "[chosen (A)]" look like rich markup; printed as styles they would vanish
+    from prefalign.data.io import write_jsonl as write_records
+    from prefalign.data.options import order_record_options
+    from prefalign.data.sources import split_sycophancy_pairs
+
+    _, held = split_sycophancy_pairs()
+    pairs = tmp_path / "pairs.jsonl"
+    picked = [r for r in held if r.meta["domain"] == "sycophancy"][:2] + [r for r in held if r.meta["domain"] == "hard_sycophancy"][:2]
+    write_records(pairs, order_record_options(picked, "both"))  # both letters chosen: per-letter rows
+    result = runner.invoke(app, ["eval", "-m", f"base={tiny_model}", "--pairs", str(pairs), "--group-by", "domain",
+                                 "-o", str(tmp_path / "eval"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "held-out preference accuracy [domain: hard_sycophancy]" in result.output
+    assert "held-out preference accuracy [domain: sycophancy]" in result.output
+    assert "[chosen (A)]" in result.output
+
+
+def test_error_messages_keep_their_brackets(capsys):
+    import typer
+
+    from prefalign.console import fail
+
+    with pytest.raises(typer.Exit):
+        fail("data.jsonl: line 3: field 'meta' [type=dict_type]")
+    assert "field 'meta' [type=dict_type]" in capsys.readouterr().err

@@ -137,7 +137,7 @@ def data_check(
     console.print(f"{path}: {len(result.records)} valid records for '{loss}', {len(result.skipped)} skipped"
                   + "".join(f"; {n}" for n in notes), highlight=False, soft_wrap=True)
     for error in result.skipped[:20]:
-        console.print(f"  skipped {error}", highlight=False, soft_wrap=True)
+        console.print(f"  skipped {error}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -231,6 +231,7 @@ def evaluate(
     model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="LABEL=MODEL, repeatable (overrides the config's models)"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o"),
     pairs: Optional[Path] = typer.Option(None, help="held-out preference pairs for accuracy and margin"),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="a meta field of the pairs: the accuracy per value too"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Evaluate models side by side; writes report.html, metrics.json and a Markdown summary."""
@@ -239,7 +240,7 @@ def evaluate(
     from prefalign.sharding import distributed_state, is_main
 
     _setup_logging(verbose=not quiet)
-    overrides: dict = {"output_dir": output_dir, "pairs": pairs}
+    overrides: dict = {"output_dir": output_dir, "pairs": pairs, "pair_group_field": group_by}
     if model:
         pairs_ = [m.split("=", 1) if "=" in m else [Path(m).name, m] for m in model]
         overrides["models"] = {label: path for label, path in pairs_}
@@ -249,7 +250,8 @@ def evaluate(
         result, paths = run_eval(cfg, show_progress=not quiet)
     if not is_main(distributed_state()):
         return  # under N processes every one has the result; the main process prints it
-    console.print(markdown_summary(result), highlight=False)
+    # markup off: the rows' "[advbench]" / "[chosen (A)]" tags are text, not rich styles
+    console.print(markdown_summary(result), highlight=False, markup=False)
     console.print(f"report: {paths['html']}")
 
 

@@ -459,7 +459,7 @@ def test_load_sycophancy_pairs():
     r = recs[0]
     assert isinstance(r.prompt, str) and r.prompt.rstrip().endswith("Answer:")
     assert r.chosen == "(A) Agree" and r.rejected == "(B) Disagree"
-    assert set(r.meta) == {"id", "subdomain", "source"}
+    assert set(r.meta) == {"id", "domain", "subdomain", "source"}
     assert "MIT" in r.meta["source"]
     assert len({x.meta["id"] for x in recs}) == 250
     assert all(x.chosen != x.rejected and len(x.chosen) > 3 for x in recs)

