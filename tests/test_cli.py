@@ -103,3 +103,17 @@ def test_error_messages_keep_their_brackets(capsys):
     with pytest.raises(typer.Exit):
         fail("data.jsonl: line 3: field 'meta' [type=dict_type]")
     assert "field 'meta' [type=dict_type]" in capsys.readouterr().err
+
+
+def test_eval_group_field_missing_from_every_pair_is_an_error_before_any_model_loads(tmp_path, monkeypatch):
+    from prefalign.data.io import write_jsonl as write_records
+    from prefalign.data.sources import split_sycophancy_pairs
+    import prefalign.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    pairs = tmp_path / "pairs.jsonl"
+    write_records(pairs, split_sycophancy_pairs()[1][:2])
+    result = runner.invoke(app, ["eval", "-m", "base=tiny-random", "--pairs", str(pairs), "--group-by", "no_such_field",
+                                 "-o", str(tmp_path / "eval"), "-q"])
+    assert result.exit_code == 2
+    assert f"no pair in {pairs} has meta.no_such_field" in " ".join(result.output.split())

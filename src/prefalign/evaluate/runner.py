@@ -416,6 +416,9 @@ class Evaluator:
             from prefalign.data.validate import load_records
 
             candidates = load_records(config.pairs, ("prompt", "chosen", "rejected")).records
+            field = config.pair_group_field
+            if field and not any(isinstance(r.meta, dict) and r.meta.get(field) is not None for r in candidates):
+                raise EvalConfigError(f"pair_group_field: no pair in {config.pairs} has meta.{field}")
             out.pairs, dropped = seen.split(candidates, record_texts)
             pairs = entry(f"file:{config.pairs}", "given file (held out by whoever made it, and by the training-data check)",
                           candidates, out.pairs, dropped, record_id)
