@@ -234,6 +234,11 @@ def option_balanced(wins, groups: dict[str, list[int]]) -> list[float]:
     return values
 
 
+def meta_value(record, field: str):
+    """``record.meta[field]``, None where the record has no such field (or no meta dict)."""
+    return record.meta.get(field) if isinstance(record.meta, dict) else None
+
+
 def meta_groups(records, field: str | None) -> dict[str, list[int]]:
     """The pair indices by the value of ``meta[field]`` (missing: "none"), in value order; empty
     without a field or with a single value (its row would repeat the overall one)."""
@@ -241,7 +246,7 @@ def meta_groups(records, field: str | None) -> dict[str, list[int]]:
         return {}
     groups: dict[str, list[int]] = {}
     for i, record in enumerate(records):
-        value = record.meta.get(field) if isinstance(record.meta, dict) else None
+        value = meta_value(record, field)
         groups.setdefault("none" if value is None else str(value), []).append(i)
     return dict(sorted(groups.items())) if len(groups) > 1 else {}
 
@@ -252,7 +257,7 @@ def question_groups(records) -> list[list[int]] | None:
     more than one pair (then every pair is its own item)."""
     groups: dict[str, list[int]] = {}
     for i, record in enumerate(records):
-        key = record.meta.get("question") if isinstance(record.meta, dict) else None
+        key = meta_value(record, "question")
         groups.setdefault(f"q:{key}" if key is not None else f"i:{i}", []).append(i)
     return list(groups.values()) if any(len(rows) > 1 for rows in groups.values()) else None
 
@@ -417,7 +422,7 @@ class Evaluator:
 
             candidates = load_records(config.pairs, ("prompt", "chosen", "rejected")).records
             field = config.pair_group_field
-            if field and not any(isinstance(r.meta, dict) and r.meta.get(field) is not None for r in candidates):
+            if field and all(meta_value(r, field) is None for r in candidates):
                 raise EvalConfigError(f"pair_group_field: no pair in {config.pairs} has meta.{field}")
             out.pairs, dropped = seen.split(candidates, record_texts)
             pairs = entry(f"file:{config.pairs}", "given file (held out by whoever made it, and by the training-data check)",
