@@ -78,6 +78,39 @@ def read_bandwidth(threads: int, mib: int = 512, seconds: float = 1.0) -> float:
         torch.set_num_threads(old)
 
 
+def projection_rate(model, compute_dtype, rows: int, threads: int, repeats: int = 5) -> float:
+    """FLOP/s of one decode step's matmuls alone, at ``rows`` rows: the fast engine's own fused,
+    prepacked weights (q/k/v, output, gate/up and down of every layer, then the LM head) applied
+    to ``rows`` inputs, best of ``repeats``. No attention, norms or sampling: the rate that bounds
+    any decode loop built on these kernels at this batch size."""
+    import torch
+
+    from prefalign.generate.backends.fast_decode import FastDecoder
+
+    decoder = FastDecoder(model, compute_dtype=getattr(torch, compute_dtype), threads=threads)
+    decoder._refresh()
+    weights = [w for layer in decoder._layers for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd)] + [decoder._head]
+    hidden, inner = model.config.hidden_size, model.config.intermediate_size
+    x_hidden = torch.randn(rows, hidden).to(decoder.compute_dtype)
+    x_inner = torch.randn(rows, inner).to(decoder.compute_dtype)
+    projections = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+    flop = 2 * rows * sum(m.weight.numel() for m in projections)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            best = float("inf")
+            for _ in range(repeats + 1):  # the first pass warms oneDNN's kernel cache
+                start = time.perf_counter()
+                for i, w in enumerate(weights):
+                    down = i < len(weights) - 1 and i % 4 == 3
+                    decoder._linear(x_inner if down else x_hidden, w, None)
+                best = min(best, time.perf_counter() - start)
+        return flop / best
+    finally:
+        torch.set_num_threads(old)
+
+
 # ------------------------------------------------------------------------------------ llama.cpp
 
 def gguf_path(model: str) -> Path | None:
@@ -276,6 +309,12 @@ def main() -> None:
                 name = "llama.cpp in-process, batch API"
             add((name, batch_size, tokens, time.perf_counter() - start, f"threads {llama.threads}"))
 
+    ceilings = {}
+    if new_default.engine == "fast":
+        dtype = new_default.compute_dtype
+        for b in [int(b) for b in args.batch_sizes.split(",")]:
+            ceilings[b] = max(projection_rate(model, dtype, b, t) for t in sorted({1, max_threads}))
+
     print(f"\nmachine: {machine()}")
     print(f"model {args.model} ({n_params / 1e6:.1f}M parameters); {len(prompts)} AdvBench prompts; "
           f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, top_p 1, seed {args.seed}")
@@ -291,6 +330,11 @@ def main() -> None:
             caps = ", ".join(f"batch {b} {b * bandwidth / (size * n_params):.0f}" for b in batches)
             print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s: reading the {dtype} weights "
                   f"({size * n_params / 1e6:.0f} MB) once per step caps tokens/s at {caps}")
+    for b, rate in ceilings.items():
+        tokens_cap = rate / (2 * n_params)
+        print(f"matmuls alone at batch {b} ({new_default.compute_dtype}, the engine's own prepacked projections, no "
+              f"attention or sampling): {rate / 1e9:.0f} GFLOP/s = {100 * rate / peaks[best_dtype]:.0f}% of the "
+              f"{best_dtype} peak: at most {tokens_cap:.0f} tokens/s, {100 * tokens_cap / limit:.0f}% of the limit")
     print(f"peak RSS {peak_rss_mib():.0f} MiB\n")
     header = f"{'run':<46} {'batch':>5} {'new tokens':>10} {'seconds':>8} {'tokens/s':>9} {'% limit':>8} {'vs old':>7}  notes"
     print(header)

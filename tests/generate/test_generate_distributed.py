@@ -98,3 +98,14 @@ def test_two_processes_write_the_file_one_process_writes_and_resume_it(tmp_path,
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("5 skipped as already done") == 1  # resumed, and reported once
     assert two.read_text() == one.read_text()
+
+
+def test_the_vllm_backend_is_refused_under_several_processes_before_anything_loads(tmp_path, prompt_file, monkeypatch):
+    from prefalign.generate.config import load_generate_config
+
+    monkeypatch.setattr(runner, "distributed_state", lambda: SecondOfTwoProcesses())
+    cfg = load_generate_config(None, dict(strategy="anchors", prompts={"source": "file", "path": prompt_file},
+                                          models=["some-model"], backend="vllm", output=tmp_path / "out.jsonl"))
+    with pytest.raises(ValueError, match=r"backend vllm runs one engine .*tensor_parallel_size: N"):
+        runner.run_from_config(cfg, show_progress=False, echo=None)
+    assert not (tmp_path / "out.jsonl").exists()

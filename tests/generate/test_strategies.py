@@ -468,6 +468,43 @@ def test_toxic_control_on_tiny_random(tiny_backend, tiny_model, tmp_path):
     load_records(out, ("prompt", "chosen", "rejected", "toxic"))
 
 
+class SecondOfTwo:
+    """What accelerate reports in the second of two processes."""
+
+    num_processes, process_index, is_main_process = 2, 1, False
+
+
+def test_toxic_base_samples_are_split_over_processes_and_written_by_the_main_one(tmp_path, monkeypatch):
+    """Under two processes the base sampling runs every other batch here and writes nothing: the
+    main process found the file empty (the broadcast), sampled batches 0, 2, ... (the gather) and
+    alone appends them."""
+    import accelerate.utils
+
+    from prefalign.generate import toxic_control
+
+    prompts = [Prompt(f"q{i}", f"Question number {i}?", "test", "MIT", "unit test", {}) for i in range(4)]
+    backend = Scripted(lambda c, i: f"mine {c[-1]['content']} {i}")
+    strategy = get_strategy("toxic-sft-data")({"n": 2, "threshold": 0.5, "work_dir": str(tmp_path / "tc")},
+                                              ctx_for(backend, scorer=lambda texts: [0.9] * len(texts), batch_size=1))
+    keys = {p.id: strategy._sample_key(p) for p in prompts}
+
+    def gather(parts):  # the first process's batch of this round, then this process's
+        (k, _), = parts
+        theirs = [{"key": keys[prompts[k - 1].id], "prompt_id": prompts[k - 1].id, "prompt": prompts[k - 1].prompt,
+                   "samples": [f"main {k - 1} {i}" for i in range(2)], "truncated": [False, False]}]
+        return [(k - 1, theirs), *parts]
+
+    monkeypatch.setattr(toxic_control, "distributed_state", lambda: SecondOfTwo())
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects, from_process: [{}])
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+    strategy.setup(prompts)
+    assert [conversations for conversations, _ in backend.calls] == [[[U(prompts[1].prompt)]], [[U(prompts[3].prompt)]]]
+    assert not (tmp_path / "tc" / "base_samples.jsonl").exists()  # the main process writes it
+    assert strategy.base["q0"][0] == ["main 0 0", "main 0 1"]
+    assert strategy.base["q1"][0] == [f"mine {prompts[1].prompt} 0", f"mine {prompts[1].prompt} 1"]
+    assert [len(strategy.base[p.id][1]) for p in prompts] == [2, 2, 2, 2]  # every sample scored
+
+
 def test_toxic_sft_data_needs_a_toxic_sample(tmp_path):
     strategy = get_strategy("toxic-sft-data")({"n": 2, "threshold": 0.5, "work_dir": str(tmp_path / "tc")},
                                               ctx_for(Scripted(lambda c, i: "calm"), scorer=lambda texts: [0.1] * len(texts)))

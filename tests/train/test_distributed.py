@@ -46,9 +46,13 @@ def free_port() -> int:
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
 
 
-def train_cmd(processes: int, tiny_model, data, out, batch_size, *extra, launch_config: Path | None = None) -> list[str]:
+def train_cmd(processes: int, tiny_model, data, out, batch_size, *extra, launch_config: Path | None = None,
+              torchrun: bool = False) -> list[str]:
     launcher = [sys.executable, "-m", "prefalign.cli"]
-    if processes > 1:
+    if processes > 1 and torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                    str(free_port()), "-m", "prefalign.cli"]
+    elif processes > 1:
         how = ["--config_file", str(launch_config)] if launch_config else [
             "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         launcher = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes),
@@ -63,11 +67,13 @@ def run_env(tmp: Path, rows_dir: Path) -> dict:
             "PYTHONUNBUFFERED": "1", TRAINED_ROWS_DIR_ENV: str(rows_dir)}
 
 
-def train(processes, tiny_model, data, tmp: Path, name: str, *extra, launch_config: Path | None = None) -> dict:
+def train(processes, tiny_model, data, tmp: Path, name: str, *extra, launch_config: Path | None = None,
+          torchrun: bool = False) -> dict:
     """One run in its own folder and reference cache; returns where things are and what it printed."""
     out, rows = tmp / name, tmp / f"{name}-rows"
     env = {**run_env(tmp, rows), "PREFALIGN_CACHE": str(tmp / f"{name}-cache")}
-    cmd = train_cmd(processes, tiny_model, data, out, 4 // processes, *extra, launch_config=launch_config)
+    cmd = train_cmd(processes, tiny_model, data, out, 4 // processes, *extra, launch_config=launch_config,
+                    torchrun=torchrun)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"out": out, "rows": rows, "cache": tmp / f"{name}-cache", "stdout": result.stdout, "stderr": result.stderr}
@@ -209,6 +215,53 @@ def test_two_processes_train_the_same_model_as_one_with_the_same_global_batch(dp
     # DDP over gloo ran (the DDP recipe with no GPU visible), not one process twice.
     assert "global batch 4 = batch size 2 per process x 2 process(es) x grad-accum 1 (MULTI_CPU)" in dpo_runs["two"]["stderr"]
     assert "global batch 4 = batch size 4 per process x 1 process(es) x grad-accum 1 (no distribution)" in dpo_runs["one"]["stderr"]
+
+
+@launches_processes
+def test_torchrun_trains_the_same_model_as_one_process(dpo_runs, tiny_model, data):
+    """``torchrun`` (no accelerate launcher) starts the same data-parallel run: the processes join
+    over gloo, and the losses and final weights are one process's with the same global batch."""
+    run = train(2, tiny_model, data, dpo_runs["tmp"], "torchrun", torchrun=True)
+    assert "x 2 process(es)" in run["stderr"]
+    a, b = losses(dpo_runs["one"]["out"]), losses(run["out"])
+    assert sorted(b) == list(range(1, STEPS + 1))
+    assert max(abs(a[step] - b[step]) for step in a) < 1e-5
+    model = "model.safetensors"
+    assert max_weight_gap(weights(dpo_runs["one"]["out"] / "model", model), weights(run["out"] / "model", model)) < 1e-5
+
+
+@launches_processes
+def test_a_recipe_train_stage_under_two_processes_trains_one_process_model(tmp_path, tiny_model, data):
+    """``prefalign run`` under 2 processes: the split stage on the main process, the train stage
+    sharded; its model and losses are one process's with the same global batch, written once."""
+    runs = {}
+    for processes in (1, 2):
+        recipe = tmp_path / f"recipe-{processes}.yaml"
+        recipe.write_text(json.dumps({  # JSON is YAML
+            "name": "tiny", "output_dir": str(tmp_path / "unused"), "model": tiny_model,
+            "stages": {"data": {"kind": "split", "input": str(data), "eval_fraction": 0.25},
+                       "train": {"kind": "train", "model": "${model}", "data": "${data.train}", "loss": "dpo",
+                                 "batch_size": 4 // processes, "max_steps": 4, "lr": 1e-3, "seed": 7, "dtype": "float32"}}}))
+        out = tmp_path / f"run-{processes}"
+        launcher = [sys.executable, "-m", "prefalign.cli"] if processes == 1 else [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision",
+            "no", "--dynamo_backend", "no", "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "prefalign.cli"]
+        result = subprocess.run([*launcher, "run", str(recipe), "-o", str(out)], env=run_env(tmp_path, tmp_path / f"rows-{processes}"),
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = (out, result.stdout)
+    (one, _), (two, printed) = runs[1], runs[2]
+    assert (two / "data" / "train.jsonl").read_bytes() == (one / "data" / "train.jsonl").read_bytes()
+    a, b = losses(one / "train"), losses(two / "train")
+    assert sorted(b) == [1, 2, 3, 4] and max(abs(a[step] - b[step]) for step in a) < 1e-5
+    model = "model.safetensors"
+    assert max_weight_gap(weights(one / "train" / "model", model), weights(two / "train" / "model", model)) < 1e-5
+    assert printed.count("[train] done") == 1  # the stage reported once, by the main process
+    assert len(log_rows(two / "train")) == len(log_rows(one / "train"))  # each log line written once
+    first, second = trained_rows(tmp_path / "rows-2", 0), trained_rows(tmp_path / "rows-2", 1)
+    assert [r["step"] for r in first] == [r["step"] for r in second] == [1, 2, 3, 4]
+    for mine, theirs in zip(first, second):  # each process its own part of every global batch
+        assert mine["rows"] and not set(mine["rows"]) & set(theirs["rows"])
 
 
 @launches_processes

@@ -264,7 +264,7 @@ def test_a_snapshot_holds_the_weights_of_a_run_stopped_at_its_step(tmp_path, tin
     assert summary["snapshots"] == {"2": str(long.snapshots[2]), "4": str(long.snapshots[4])}
 
 
-def test_a_lora_snapshot_is_merged_on_a_copy_and_training_goes_on(tmp_path, tiny_model, pairs_file):
+def test_a_lora_snapshot_is_merged_from_its_saved_adapter_and_training_goes_on(tmp_path, tiny_model, pairs_file):
     result = run_training(config_for(tmp_path, tiny_model, pairs_file, lora={"r": 4}, merge=True, lr=1e-2, max_steps=3,
                                      snapshot_steps=[1]), show_progress=False)
     from peft import AutoPeftModelForCausalLM

@@ -361,6 +361,10 @@ def run_from_config(
     from prefalign.generate.core import StrategyContext
     from prefalign.generate.registry import get_strategy
 
+    if cfg.backend == "vllm" and distributed_state() is not None:
+        # Each process would start its own vLLM engine on the first visible GPU.
+        raise ValueError("backend vllm runs one engine over all its GPUs: start this generate stage as one process "
+                         "(not under accelerate launch / torchrun) and set backend_options: {tensor_parallel_size: N}")
     strategy_cls = get_strategy(cfg.strategy)
     strategy_config = cfg.strategy_config()
     p = cfg.prompts

@@ -37,6 +37,7 @@ from prefalign.data.render import with_control_token
 from prefalign.generate.backends.base import Completion, is_truncated
 from prefalign.generate.core import Candidate, Strategy, StrategyConfig, complete, pair_problem, stripped, user
 from prefalign.generate.scoring import resolve_scorer, score_texts
+from prefalign.sharding import distributed_state, from_main, is_main, sharded_rounds
 
 log = logging.getLogger("prefalign.generate")
 
@@ -70,6 +71,16 @@ class ToxicControlConfig(LabelledSamplesConfig):
 
 def label(scores: Sequence[float], threshold: float) -> list[bool]:
     return [s >= threshold for s in scores]
+
+
+def _recover_base_samples(path: Path) -> dict[str, list]:
+    """The base samples a run (perhaps killed) left in ``path``, by sample key; a torn last line is
+    dropped from the file."""
+    rows, torn = read_resumable_lines(path)
+    if torn:
+        log.warning("%s: dropping a torn last line left by an interrupted run", path)
+        rewrite_lines(path, [raw for raw, _ in rows])
+    return {obj["key"]: _samples_of(obj) for _, obj in rows if "key" in obj and isinstance(obj.get("samples"), list)}
 
 
 def _samples_of(row: dict) -> list[str]:
@@ -138,26 +149,32 @@ class LabelledSamples(Strategy):
 
     def _base_samples(self, prompts: Sequence[Prompt]) -> dict[str, list[str]]:
         path = self.work_dir / "base_samples.jsonl"
-        rows, torn = read_resumable_lines(path)
-        if torn:
-            log.warning("%s: dropping a torn last line left by an interrupted run", path)
-            rewrite_lines(path, [raw for raw, _ in rows])
-        done = {obj["key"]: _samples_of(obj) for _, obj in rows if "key" in obj and isinstance(obj.get("samples"), list)}
+        # Under several processes (accelerate launch, torchrun) the main process reads the file and
+        # alone writes it; the batches are split over the processes as in the generation runner.
+        state = distributed_state()
+        main = is_main(state)
+        done = from_main(lambda: _recover_base_samples(path), state)
         keys = {p.id: self._sample_key(p) for p in prompts}
         todo = [p for p in prompts if keys[p.id] not in done]
         # One seed for every batch (not the runner's per-batch seeds): the samples depend only on the
-        # prompts and the settings, so both strategies draw the same ones.
+        # prompts and the settings, so both strategies draw the same ones, on any process.
         params = self.ctx.params(self.ctx.seed, "toxic-control/base", n=self.config.n)
         size = self.ctx.batch_size
-        with tqdm(total=len(todo), desc=f"{self.name}: base samples", unit="prompt", disable=not self.ctx.show_progress) as bar:
-            for start in range(0, len(todo), size):
-                batch = todo[start:start + size]
-                samples = complete(self.backend, [[user(p.prompt)] for p in batch], params)
-                new = [{"key": keys[p.id], "prompt_id": p.id, "prompt": p.prompt, "samples": s,
-                        "truncated": [is_truncated(t) for t in s]} for p, s in zip(batch, samples)]
-                write_jsonl(path, new, append=True)
-                done.update((r["key"], r["samples"]) for r in new)
-                bar.update(len(batch))
+        batches = [todo[start:start + size] for start in range(0, len(todo), size)]
+
+        def sample(batch: list[Prompt]) -> list[dict]:
+            samples = complete(self.backend, [[user(p.prompt)] for p in batch], params)
+            return [{"key": keys[p.id], "prompt_id": p.id, "prompt": p.prompt, "samples": s,
+                     "truncated": [is_truncated(t) for t in s]} for p, s in zip(batch, samples)]
+
+        with tqdm(total=len(todo), desc=f"{self.name}: base samples", unit="prompt",
+                  disable=not self.ctx.show_progress or not main) as bar:
+            for rows in sharded_rounds(batches, sample, state):
+                for new in rows:
+                    if main:
+                        write_jsonl(path, new, append=True)
+                    done.update((r["key"], r["samples"]) for r in new)
+                    bar.update(len(new))
         self.stats["base_samples_reused"] = len(prompts) - len(todo)
         return {p.id: done[keys[p.id]] for p in prompts}
 

@@ -153,10 +153,9 @@ def load_merged_model(source: ExportSource):
 
     if not source.is_adapter:
         return load_model(source.folder, dtype="float32")
-    from peft import PeftModel
+    from prefalign.models.lora import merge_saved_adapter
 
-    base = load_model(source.base_folder, dtype="float32")
-    return PeftModel.from_pretrained(base, str(source.folder)).merge_and_unload()
+    return merge_saved_adapter(source.base_folder, source.folder)
 
 
 def permute_for_llama_cpp_rope(weight, n_heads: int):

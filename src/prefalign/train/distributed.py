@@ -175,3 +175,85 @@ def is_sharded_engine(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+@contextmanager
+def weights_for_generation(accelerator, model):
+    """The policy as a plain module whose ``generate`` sees whole weights, for sampling inside a
+    training run (D²O's online anchors). Every process must enter it together under FSDP and
+    ZeRO-3, as their forward passes do.
+
+    - FSDP (``FullyShardedDataParallel``): the root unit's weights (embeddings, final norm, LM head)
+      are gathered for the block (``summon_full_params(recurse=False)``, read-only); the decoder
+      layers, FSDP units of their own, gather theirs in their forward as in training.
+    - DeepSpeed ZeRO-3: every parameter is gathered for the block (``GatheredParameters``), as
+      TRL's ``unwrap_model_for_generation`` does.
+    - FSDP2 (``fully_shard``) gathers in each module's forward hooks, DDP and one process hold
+      whole weights: the model as it is.
+    """
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and _zero_stage(accelerator) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield unwrapped
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=False):
+            yield unwrapped
+        return
+    yield unwrapped
+
+
+def _zero_stage(accelerator) -> int | None:
+    # As accelerate's own get_state_dict reads it: from the config DeepSpeed runs with.
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+
+
+def fill_deepspeed_micro_batch(deepspeed_config: dict, batch_size: int) -> None:
+    """Write the per-process batch into a DeepSpeed config that leaves it to accelerate
+    (``"auto"``, as accelerate's own config files do). accelerate fills "auto" from a dataloader
+    passed to ``prepare``; the trainer batches rows itself and passes none, so without this
+    ``prepare`` stops ("requires you to pass at least one of training or evaluation dataloaders").
+    A number the user set stays."""
+    if deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+
+
+def weights_are_sharded(accelerator) -> bool:
+    """Whether each process holds only a shard of every weight between steps: FSDP (but for its
+    NO_SHARD strategy, which keeps whole copies) and DeepSpeed ZeRO-3. DDP and ZeRO-1/2 hold whole
+    weights everywhere."""
+    from accelerate.utils import DistributedType
+
+    engine = accelerator.distributed_type
+    if engine == DistributedType.DEEPSPEED:
+        return _zero_stage(accelerator) == 3
+    if engine == DistributedType.FSDP:
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        strategy = f"{getattr(plugin, 'reshard_after_forward', '')} {getattr(plugin, 'sharding_strategy', '')}"
+        return "NO_SHARD" not in strategy
+    return False
+
+
+def weight_norm(parameters: Sequence[torch.Tensor], accelerator) -> float:
+    """The L2 norm of ``parameters`` as whole weights, the same number on every process: where the
+    weights are sharded, the squares of this process's shards (a DTensor's local part, a ZeRO-3
+    partition) are summed over the processes. The trainer's divergence check decides from it, and
+    a decision that differed between processes would leave the others waiting for ever."""
+    sharded = weights_are_sharded(accelerator)
+    squares = 0.0
+    for p in parameters:
+        local = p.detach()
+        if sharded:
+            local = getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else local
+            local = local.to_local() if hasattr(local, "to_local") else local
+        squares += float(torch.linalg.vector_norm(local, dtype=torch.float32)) ** 2
+    if sharded:
+        squares = sum_over_processes(accelerator, {"squares": squares})["squares"]
+    return squares ** 0.5

@@ -4,7 +4,6 @@ here branches on its name."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -24,14 +23,15 @@ from prefalign.data.validate import load_for_loss
 from prefalign.data.sources import stable_split
 from prefalign.losses import AnyLoss, LossInputs, implicit_rewards
 from prefalign.models.loading import load_model, load_tokenizer
-from prefalign.models.lora import apply_lora
+from prefalign.models.lora import apply_lora, merge_saved_adapter
 from prefalign.train.checkpoint import (
     checkpoints_dir, commit_checkpoint, discard_pending, latest_checkpoint, read_state, write_pending,
 )
 from prefalign.train.config import ConfigError, TrainConfig
 from prefalign.train.distributed import (
-    RankSlice, ReadOnlyMetricsLogger, check_engine_supported, check_same_processes, global_batch_line, is_sharded_engine, main_process_writes,
-    make_accelerator, rank_slice, record_trained_rows, sum_over_processes,
+    RankSlice, ReadOnlyMetricsLogger, check_engine_supported, check_same_processes, fill_deepspeed_micro_batch, global_batch_line,
+    is_sharded_engine, main_process_writes, make_accelerator, rank_slice, record_trained_rows, sum_over_processes,
+    weight_norm, weights_for_generation,
 )
 from prefalign.train.logging import MetricsLogger
 from prefalign.train.memory import PeakMemory
@@ -306,6 +306,9 @@ class Trainer:
         scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps)
         self.share_prompt = config.share_prompt and supports_shared_prompt(model)
         self.pack = config.pack and self.share_prompt and supports_packing(model)
+        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if deepspeed is not None:
+            fill_deepspeed_micro_batch(deepspeed.deepspeed_config, config.batch_size)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         if self.pack and self.accelerator.unwrap_model(self.model) is not self.model:
             log.info("packing off: the model is wrapped for %s, and packing calls its decoder alone",
@@ -482,8 +485,7 @@ class Trainer:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _weight_norm(self) -> float:
-        norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for _, p in self._trainable()]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        return weight_norm([p for _, p in self._trainable()], self.accelerator)
 
     def _diverged(self, cause: str, *, step: int | None = None):
         step = self.step + 1 if step is None else step
@@ -617,16 +619,17 @@ class Trainer:
             return
         examples = self.upcoming_examples(every * self.config.grad_accum)
         tokenizer = self.tokenizer
-        refreshed = refresh_anchors(
-            self.accelerator.unwrap_model(self.model), list({ex.index: ex for ex in examples}.values()),
-            pad_id=self.pad_id, eos_id=tokenizer.eos_token_id, max_new_tokens=self.config.anchor_max_new_tokens,
-            temperature=self.config.anchor_temperature, seed=self.config.seed * 1_000_003 + self.step,
-            max_length=self.config.max_length,
-            # Data-parallel processes split the chunks and gather the anchors (the same chunks and
-            # seeds as one process). Under FSDP/DeepSpeed every process samples them all: a sharded
-            # model's forward passes must run in step on every process.
-            state=None if is_sharded_engine(self.accelerator) else self.accelerator,
-        )
+        with weights_for_generation(self.accelerator, self.model) as policy:
+            refreshed = refresh_anchors(
+                policy, list({ex.index: ex for ex in examples}.values()),
+                pad_id=self.pad_id, eos_id=tokenizer.eos_token_id, max_new_tokens=self.config.anchor_max_new_tokens,
+                temperature=self.config.anchor_temperature, seed=self.config.seed * 1_000_003 + self.step,
+                max_length=self.config.max_length,
+                # Data-parallel processes split the chunks and gather the anchors (the same chunks and
+                # seeds as one process). Under FSDP/DeepSpeed every process samples them all: a sharded
+                # model's forward passes must run in step on every process.
+                state=None if is_sharded_engine(self.accelerator) else self.accelerator,
+            )
         self.refreshed_anchors.update(refreshed)
 
     def train_step(self) -> dict[str, float]:
@@ -755,11 +758,10 @@ class Trainer:
             self.logger.log({"step": self.step, **final_eval})
         return self.finish(last.get("loss"), final_eval)
 
-    def _save_model(self, suffix: str = "", *, last: bool = False) -> tuple[Path, Path | None]:
+    def _save_model(self, suffix: str = "") -> tuple[Path, Path | None]:
         """Write the policy as it is now to ``model{suffix}/`` (with LoRA: ``adapter{suffix}/``, and
         the merged model unless ``merge`` is off); returns (the folder a model loads from, adapter
-        folder or None). Except at the ``last`` save, the LoRA merge runs on a copy: training goes
-        on with the adapters."""
+        folder or None)."""
         model = self.accelerator.unwrap_model(self.model)
         # FSDP and ZeRO-3 hold shards: every process takes part in gathering the full weights.
         state_dict = self.accelerator.get_state_dict(self.model) if is_sharded_engine(self.accelerator) else None
@@ -772,7 +774,10 @@ class Trainer:
         if main:
             self._save_folder(adapter_dir, model, state_dict)
             if self.config.merge:
-                self._save_folder(self._model_dir(suffix), (model if last else copy.deepcopy(model)).merge_and_unload())
+                # From the adapter just written: the live model may be sharded, and training goes on
+                # with its adapters.
+                merged = merge_saved_adapter(self.config.model, adapter_dir, trust_remote_code=self.config.trust_remote_code)
+                self._save_folder(self._model_dir(suffix), merged)
         return self._model_dir(suffix), adapter_dir
 
     def _model_dir(self, suffix: str = "") -> Path:
@@ -781,7 +786,7 @@ class Trainer:
         return self.output_dir / f"{'model' if merged else 'adapter'}{suffix}"
 
     def finish(self, final_loss, final_eval) -> TrainResult:
-        model_dir, adapter_dir = self._save_model(last=True)
+        model_dir, adapter_dir = self._save_model()
         # From the config, not from this process's saves: a resumed run saved the early ones before.
         snapshots = {step: self._model_dir(f"-step{step}") for step in self.config.snapshot_steps if step <= self.step}
         self.logger.close()

@@ -233,8 +233,30 @@ def _decoder_path_blocker(model) -> str | None:
         return "the model exposes no decoder / output embeddings"
     if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
         return "the model transforms its logits (scaling or soft-capping)"
+    engine = distributed_wrapper(model)
+    if engine is not None:
+        return f"calling the decoder alone would bypass {engine}"
+    return None
+
+
+def distributed_wrapper(model) -> str | None:
+    """The engine that wraps or shards ``model`` (DDP, FSDP, FSDP2's ``fully_shard``, DeepSpeed),
+    or None. Their forward pass is what gathers sharded weights (FSDP, ZeRO-3) and syncs gradients
+    (DDP); calling the inner decoder, or reading the LM head's weight, outside it would skip that."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return "calling the decoder alone would bypass DistributedDataParallel"
+        return "DistributedDataParallel"
+    if type(model).__name__ == "DeepSpeedEngine":  # by name: deepspeed is an optional install
+        return "DeepSpeed"
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    fsdp2 = getattr(torch.distributed.fsdp, "FSDPModule", None)
+    for module in model.modules():  # a sharded submodule anywhere (the head, a layer) counts
+        if isinstance(module, FullyShardedDataParallel):
+            return "FullyShardedDataParallel"
+        if fsdp2 is not None and isinstance(module, fsdp2):
+            return "FSDP (fully_shard)"
     return None
 
 
