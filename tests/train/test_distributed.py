@@ -6,6 +6,7 @@ The runs go through `accelerate launch` on CPU (gloo). `--multi_gpu` is accelera
 over gloo (`--cpu` would start one process and expect mpirun to start the rest).
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -199,6 +200,30 @@ def test_an_fsdp_launch_on_a_machine_without_a_gpu_fails_in_one_line(tmp_path, t
     assert len(errors) == 1 and "FSDP needs a GPU here" in errors[0] and "ddp.yaml" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "model").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's message")
+@pytest.mark.parametrize("asked", [{"ACCELERATE_USE_DEEPSPEED": "true"},
+                                   {"ACCELERATE_USE_FSDP": "true", "FSDP_SYNC_MODULE_STATES": "false"}])
+def test_a_sharded_launch_config_that_runs_unsharded_here_says_so(tmp_path, tiny_model, data, asked):
+    """What the launcher sets for a DeepSpeed config (or FSDP without sync_module_states): with no
+    GPU accelerate trains without sharding; the run goes on and says so in one warning. Without
+    deepspeed installed, a DeepSpeed config stops in one line instead."""
+    env = {**os.environ, **asked, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "PREFALIGN_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "prefalign.cli", "train", "--model", str(tiny_model), "--data", str(data),
+           "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--quiet"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    engine = "DEEPSPEED" if "ACCELERATE_USE_DEEPSPEED" in asked else "FSDP"
+    if engine == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        # Not installed: one line that says so, exit 2, before any model loads.
+        assert result.returncode == 2, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "asks for DeepSpeed" in errors[0] and "pip install deepspeed" in errors[0], result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+        return
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if "the launch config asks for" in line]
+    assert len(warnings) == 1 and f"asks for {engine}, but accelerate runs NO" in warnings[0], result.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------ runs

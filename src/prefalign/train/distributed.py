@@ -12,6 +12,7 @@ not split evenly. Nothing here talks to the network itself: the collectives are 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from prefalign.sharding import leave_process_group_at_exit
 from prefalign.train.config import ConfigError
 from prefalign.train.logging import LOG_FILE, MetricsLogger
 from prefalign.train.reference import reference_kind
+
+log = logging.getLogger("prefalign.train")
 
 #: Where each process appends the row ids it trained, one JSON line per micro-batch, and those it
 #: evaluated, one line per eval batch (a debugging and test hook: it shows that the processes
@@ -78,9 +81,29 @@ def make_accelerator(dtype: str):
                               f"{str(err).strip()}); launch with recipes/accelerate/ddp.yaml, or "
                               "--fsdp_sync_module_states false to run as plain DDP") from err
         raise
+    except ImportError as err:
+        # A DeepSpeed launch config without deepspeed installed: accelerate stops with a traceback.
+        if requested_engine() == "DEEPSPEED":
+            raise ConfigError(f"the launch config asks for DeepSpeed: {str(err).strip()} (pip install deepspeed)") from err
+        raise
     if accelerator.num_processes > 1:
         leave_process_group_at_exit()
+    asked = requested_engine()
+    if asked is not None and accelerator.distributed_type.value != asked:
+        # accelerate runs a DeepSpeed config (and FSDP without sync_module_states) as plain data
+        # parallelism on a machine with no GPU, saying nothing: the user planned on sharded memory.
+        log.warning("the launch config asks for %s, but accelerate runs %s on this machine (no GPU): every process "
+                    "holds the whole model and optimizer state", asked, accelerator.distributed_type.value)
     return accelerator
+
+
+def requested_engine() -> str | None:
+    """The sharded engine an ``accelerate launch`` config asked for (``DEEPSPEED``, ``FSDP``), from
+    the variables the launcher sets; None for DDP, torchrun and one process."""
+    for variable, engine in (("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(variable, "false").lower() == "true":
+            return engine
+    return None
 
 
 def global_batch_line(batch_size: int, num_processes: int, grad_accum: int, engine: str) -> str:
