@@ -208,7 +208,8 @@ def weights_for_generation(accelerator, model):
 
     - FSDP (``FullyShardedDataParallel``): the root unit's weights (embeddings, final norm, LM head)
       are gathered for the block (``summon_full_params(recurse=False)``, read-only); the decoder
-      layers, FSDP units of their own, gather theirs in their forward as in training.
+      layers, FSDP units of their own, gather theirs in their forward as in training. TRL's
+      GRPOTrainer samples under FSDP the same way.
     - DeepSpeed ZeRO-3: every parameter is gathered for the block (``GatheredParameters``), as
       TRL's ``unwrap_model_for_generation`` does.
     - FSDP2 (``fully_shard``) gathers in each module's forward hooks, DDP and one process hold
