@@ -1,6 +1,7 @@
 """The shipped accelerate configs (recipes/accelerate/) load the way `accelerate launch` loads
 them: no unknown key at the top, every engine key one the launcher reads, and the engine each file
-promises. Schema only: DeepSpeed is not installed here, and the GPU runs are not CPU tests."""
+promises; where deepspeed is installed, DeepSpeed's own config checker accepts the DeepSpeed files.
+Schema only: the GPU runs are not CPU tests."""
 
 from pathlib import Path
 
@@ -64,3 +65,24 @@ def test_multi_node_config_names_the_main_node():
     config = yaml.safe_load((RECIPES / "multi-node.yaml").read_text())
     assert config["num_machines"] > 1 and config["num_processes"] % config["num_machines"] == 0
     assert config["main_process_ip"] and config["main_process_port"]
+
+
+@pytest.mark.parametrize("name, stage", [("deepspeed-zero2.yaml", 2), ("deepspeed-zero3.yaml", 3)])
+def test_deepspeed_accepts_the_config_accelerate_builds_from_the_file(name, stage):
+    """DeepSpeed's own config checker on what it would receive: accelerate's plugin built from the
+    file's deepspeed_config, its "auto" batch sizes filled as prefalign and accelerate fill them
+    (--batch-size 4, one process). Runs where deepspeed is installed (it is not a dependency)."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed runs this check)")
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from prefalign.train.distributed import fill_deepspeed_micro_batch
+
+    raw = yaml.safe_load((RECIPES / name).read_text())["deepspeed_config"]
+    config = DeepSpeedPlugin(**raw).deepspeed_config
+    assert config["train_micro_batch_size_per_gpu"] == "auto"  # left to accelerate, which needs a dataloader for it
+    fill_deepspeed_micro_batch(config, 4)
+    config["train_batch_size"] = 4 * config["gradient_accumulation_steps"]  # accelerate: micro x accumulation x processes
+    checked = DeepSpeedConfig(config)  # raises on an unknown value or inconsistent batch sizes
+    assert checked.zero_optimization_stage == stage
+    assert checked.train_micro_batch_size_per_gpu == 4 and checked.gradient_clipping == raw["gradient_clipping"]
