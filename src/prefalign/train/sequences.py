@@ -245,7 +245,7 @@ def distributed_wrapper(model) -> str | None:
     (DDP); calling the inner decoder, or reading the LM head's weight, outside it would skip that."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return "DistributedDataParallel"
-    if type(model).__name__ == "DeepSpeedEngine":  # by name: deepspeed is an optional install
+    if any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__):  # by name: deepspeed is optional
         return "DeepSpeed"
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
