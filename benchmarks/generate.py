@@ -23,6 +23,7 @@ rows of one batch size run back to back, so their ratios hold even on a busy mac
 
     python benchmarks/generate.py                                    # SmolLM2-135M-Instruct, 32 prompts
     python benchmarks/generate.py --model tiny-random --prompts 8 --no-llama-cpp   # smoke run
+    python benchmarks/generate.py --batch-sizes 32 --profile    # + the projections' share of the default's time
 """
 
 from __future__ import annotations
@@ -109,6 +110,25 @@ def projection_rate(model, compute_dtype, rows: int, threads: int, repeats: int 
         return flop / best
     finally:
         torch.set_num_threads(old)
+
+
+def profile_default(model, tokenizer, conversations, params, batch_size: int) -> tuple[int, int, float, float]:
+    """One run of prefalign's default generation at ``batch_size`` under torch.profiler: (batch,
+    new tokens, seconds in ops, seconds in the projections' matmuls: the oneDNN linear the fast
+    engine calls, or ``aten::addmm``/``aten::mm`` on a path without it). Warmed up first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from prefalign.generate.backends import SamplingParams, TransformersBackend
+
+    backend = TransformersBackend(model, tokenizer, batch_size=batch_size, show_progress=False)
+    backend.generate(conversations[:2], SamplingParams(max_new_tokens=4))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        backend.generate(conversations, params)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    matmul = sum(e.self_cpu_time_total for e in events
+                 if e.key in ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm")) / 1e6
+    return batch_size, backend.last_stats.new_tokens, total, matmul
 
 
 # ------------------------------------------------------------------------------------ llama.cpp
@@ -222,6 +242,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile prefalign's default at the largest batch size: the projections' share of its time")
     args = parser.parse_args()
 
     import torch
@@ -315,6 +337,9 @@ def main() -> None:
         for b in [int(b) for b in args.batch_sizes.split(",")]:
             ceilings[b] = max(projection_rate(model, dtype, b, t) for t in sorted({1, max_threads}))
 
+    profiled = profile_default(model, tokenizer, conversations, params, max(int(b) for b in args.batch_sizes.split(","))) \
+        if args.profile else None
+
     print(f"\nmachine: {machine()}")
     print(f"model {args.model} ({n_params / 1e6:.1f}M parameters); {len(prompts)} AdvBench prompts; "
           f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, top_p 1, seed {args.seed}")
@@ -335,6 +360,12 @@ def main() -> None:
         print(f"matmuls alone at batch {b} ({new_default.compute_dtype}, the engine's own prepacked projections, no "
               f"attention or sampling): {rate / 1e9:.0f} GFLOP/s = {100 * rate / peaks[best_dtype]:.0f}% of the "
               f"{best_dtype} peak: at most {tokens_cap:.0f} tokens/s, {100 * tokens_cap / limit:.0f}% of the limit")
+    if profiled is not None:
+        batch, tokens, seconds, matmul_seconds = profiled
+        print(f"profile of prefalign's default at batch {batch} (torch.profiler): {tokens} new tokens in {seconds:.2f} s, "
+              f"of which the projections (oneDNN linear) {matmul_seconds:.2f} s = {100 * matmul_seconds / seconds:.0f}% "
+              f"(prefill included); with every other op free: at most {tokens / matmul_seconds:.0f} tokens/s, "
+              f"{100 * tokens / matmul_seconds / limit:.0f}% of the limit")
     print(f"peak RSS {peak_rss_mib():.0f} MiB\n")
     header = f"{'run':<46} {'batch':>5} {'new tokens':>10} {'seconds':>8} {'tokens/s':>9} {'% limit':>8} {'vs old':>7}  notes"
     print(header)
