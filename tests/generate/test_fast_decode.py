@@ -109,23 +109,6 @@ def test_greedy_matches_hf_generate_fp32(model_and_tokenizer):
         assert fast_one.generate_token_ids([convs[i]], params)[0] == want[i]
 
 
-@pytest.mark.parametrize("prefill_chunk", [3, 16])
-def test_prefill_in_chunks_skipping_padding_columns_gives_the_same_tokens(model_and_tokenizer, prefill_chunk):
-    """Prompts of different lengths prefilled a few rows (or one) at a time and a few positions at a
-    time: the columns that are padding in every row of a chunk are skipped, and the tokens are the
-    ones of one whole-batch prefill and of HF generate."""
-    model, tokenizer = model_and_tokenizer
-    fast, hf = backends(model, tokenizer)
-    convs = [LONG, *CONVS[:3], PREFILLED]
-    prompts = [fast.encode(c) for c in convs]
-    assert len({len(p) for p in prompts}) > 2  # padded rows of several widths
-    decoder = FastDecoder(model, torch.float32, threads=1)
-    whole = decoder.generate(prompts, 1, 8, Sampler(0), {tokenizer.eos_token_id})
-    chunked = decoder.generate(prompts, 1, 8, Sampler(0), {tokenizer.eos_token_id}, prefill_chunk=prefill_chunk)
-    assert chunked == whole
-    assert [[row] for row in whole] == hf.generate_token_ids(convs, SamplingParams(max_new_tokens=8, temperature=0))
-
-
 @pytest.mark.parametrize("n_convs", [4, 8])  # 1 of 4 ended: the batch is compacted; 1 of 8: the row stays
 def test_greedy_rows_that_end_early_match_hf(model_and_tokenizer, n_convs):
     """A row that hits an end token stops (and leaves the batch once a quarter has ended); the

@@ -360,11 +360,7 @@ class FastDecoder:
             sl = slice(r0, r0 + step_rows)
             sub_cache = cache[:, :, sl]  # a view: the forward's cache writes land in ``cache``
             h = None
-            # Columns that are padding in every row of this chunk are skipped: no real token
-            # attends to them (the key mask), so their cache slots may stay empty. The backend
-            # batches prompts by length, so neighbouring rows are padded alike.
-            first_real = int(pad[sl].min())
-            for c0 in range(first_real, width, prefill_chunk):
+            for c0 in range(0, width, prefill_chunk):
                 c1 = min(width, c0 + prefill_chunk)
                 h = self._forward(ids[sl, c0:c1], positions[sl, c0:c1], sub_cache, c0, key_mask[sl])
             hidden[sl] = h
