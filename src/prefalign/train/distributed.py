@@ -271,13 +271,15 @@ def weight_norm(parameters: Sequence[torch.Tensor], accelerator) -> float:
     partition) are summed over the processes. The trainer's divergence check decides from it, and
     a decision that differed between processes would leave the others waiting for ever."""
     sharded = weights_are_sharded(accelerator)
-    squares = 0.0
-    for p in parameters:
-        local = p.detach()
-        if sharded:
-            local = getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else local
-            local = local.to_local() if hasattr(local, "to_local") else local
-        squares += float(torch.linalg.vector_norm(local, dtype=torch.float32)) ** 2
+    norms = [torch.linalg.vector_norm(_local_shard(p) if sharded else p.detach(), dtype=torch.float32) for p in parameters]
+    norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0  # one device sync
     if sharded:
-        squares = sum_over_processes(accelerator, {"squares": squares})["squares"]
-    return squares ** 0.5
+        norm = sum_over_processes(accelerator, {"squares": norm ** 2})["squares"] ** 0.5
+    return norm
+
+
+def _local_shard(p: torch.Tensor) -> torch.Tensor:
+    """The part of a sharded parameter this process holds: ZeRO-3's partition, a DTensor's local
+    tensor (FSDP2), or the tensor itself (FSDP's flat-parameter views)."""
+    local = p.ds_tensor if getattr(p, "ds_tensor", None) is not None else p.detach()
+    return local.to_local() if hasattr(local, "to_local") else local

@@ -247,6 +247,8 @@ def distributed_wrapper(model) -> str | None:
         return "DistributedDataParallel"
     if any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__):  # by name: deepspeed is optional
         return "DeepSpeed"
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None  # FSDP shards over a process group: one plain process skips the walk below (per batch)
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch built without distributed
