@@ -90,10 +90,11 @@ def projection_rate(model, compute_dtype, rows: int, threads: int, repeats: int 
 
     decoder = FastDecoder(model, compute_dtype=getattr(torch, compute_dtype), threads=threads)
     decoder._refresh()
-    weights = [w for layer in decoder._layers for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd)] + [decoder._head]
-    hidden, inner = model.config.hidden_size, model.config.intermediate_size
-    x_hidden = torch.randn(rows, hidden).to(decoder.compute_dtype)
-    x_inner = torch.randn(rows, inner).to(decoder.compute_dtype)
+    x_hidden = torch.randn(rows, model.config.hidden_size).to(decoder.compute_dtype)
+    x_inner = torch.randn(rows, model.config.intermediate_size).to(decoder.compute_dtype)  # the down projection's input
+    steps = [(x, w) for layer in decoder._layers
+             for x, w in ((x_hidden, layer.wqkv), (x_hidden, layer.wo), (x_hidden, layer.wgu), (x_inner, layer.wd))]
+    steps.append((x_hidden, decoder._head))
     projections = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
     flop = 2 * rows * sum(m.weight.numel() for m in projections)
     old = torch.get_num_threads()
@@ -103,9 +104,8 @@ def projection_rate(model, compute_dtype, rows: int, threads: int, repeats: int 
             best = float("inf")
             for _ in range(repeats + 1):  # the first pass warms oneDNN's kernel cache
                 start = time.perf_counter()
-                for i, w in enumerate(weights):
-                    down = i < len(weights) - 1 and i % 4 == 3
-                    decoder._linear(x_inner if down else x_hidden, w, None)
+                for x, w in steps:
+                    decoder._linear(x, w, None)
                 best = min(best, time.perf_counter() - start)
         return flop / best
     finally:
@@ -245,6 +245,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile prefalign's default at the largest batch size: the projections' share of its time")
     args = parser.parse_args()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
 
     import torch
 
@@ -314,7 +315,7 @@ def main() -> None:
         print(f"  {name}, batch {batch_size}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f}/s, {note})",
               flush=True)
 
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+    for batch_size in batches:
         add(run_backend("HF generate (old path)", batch_size, "hf"))
         if max_threads > 1:
             add(run_backend("HF generate, 1 thread", batch_size, "hf", threads=1))
@@ -334,11 +335,10 @@ def main() -> None:
     ceilings = {}
     if new_default.engine == "fast":
         dtype = new_default.compute_dtype
-        for b in [int(b) for b in args.batch_sizes.split(",")]:
+        for b in batches:
             ceilings[b] = max(projection_rate(model, dtype, b, t) for t in sorted({1, max_threads}))
 
-    profiled = profile_default(model, tokenizer, conversations, params, max(int(b) for b in args.batch_sizes.split(","))) \
-        if args.profile else None
+    profiled = profile_default(model, tokenizer, conversations, params, max(batches)) if args.profile else None
 
     print(f"\nmachine: {machine()}")
     print(f"model {args.model} ({n_params / 1e6:.1f}M parameters); {len(prompts)} AdvBench prompts; "
@@ -349,7 +349,6 @@ def main() -> None:
           + f" (best of 1 and {max_threads} threads)")
     print(f"compute limit: 2 x {n_params / 1e6:.1f}M FLOP/token at the {best_dtype} peak = {limit:.0f} tokens/s"
           + (f" (fp32: {peaks['float32'] / (2 * n_params):.0f})" if best_dtype != "float32" else ""))
-    batches = [int(b) for b in args.batch_sizes.split(",")]
     for dtype, size in (("bfloat16", 2), ("float32", 4)):
         if dtype in peaks:
             caps = ", ".join(f"batch {b} {b * bandwidth / (size * n_params):.0f}" for b in batches)
