@@ -42,15 +42,26 @@ def synthetic_pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int,
     ]
 
 
-def matmul_peak_flops(size: int = 1024, seconds: float = 2.0, dtype: torch.dtype = torch.float32) -> float:
-    """Best FLOP/s of a square ``dtype`` matmul on this machine (the roofline for the 'share' column)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_peak_flops(size: int = 1024, seconds: float = 2.0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    """Best FLOP/s of a square ``dtype`` matmul on ``device`` (the roofline for the 'share' column).
+    On a GPU the matrices are larger (8192: a 1024 product is too small to fill one) and each
+    product is timed to its end (a CUDA synchronize), since kernels run asynchronously."""
+    if device != "cpu":
+        size = max(size, 8192)
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize()
+
     torch.mm(a, b)
+    sync()
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
 
@@ -68,7 +79,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.python_version()}"
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    return f"{gpu}{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.python_version()}"
 
 
 def write_json(path: Path, data) -> None:

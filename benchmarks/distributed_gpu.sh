@@ -4,10 +4,15 @@
 # frozen reference copy and LoRA. Prints, per engine, the largest per-step loss gap and final-weight
 # gap to the one-GPU run (and any tensor a saved model lacks), and the wall time; then vLLM
 # generation with tensor parallelism against one GPU (when vllm is installed).
-# Needs >= 2 GPUs; DeepSpeed rows are skipped unless `import deepspeed` works.
+# With one GPU (GPUS=1, what the `device` tool lends) every engine runs as one process: accelerate
+# still wraps, gathers and consolidates through the engine (FSDP and DeepSpeed launch through
+# torchrun even for one process), so each row must equal the plain run; that checks the engine
+# paths, not the sharding arithmetic. A `cpu` row (the same run with no GPU) sits beside them.
+# DeepSpeed rows are skipped unless `import deepspeed` works.
 #   bash benchmarks/distributed_gpu.sh                 # all visible GPUs, smollm2-135m-instruct
 #   GPUS=4 MODEL=tiny-random STEPS=8 bash benchmarks/distributed_gpu.sh
-# Not yet run: no multi-GPU machine was available when it was written (see README, "Running on many GPUs").
+#   GPUS=1 MODEL=tiny-random ENGINES="fsdp deepspeed-zero3" bash benchmarks/distributed_gpu.sh   # one GPU
+# Not yet run: no GPU machine was available when it was written (see README, "Running on many GPUs").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,7 +21,9 @@ MODEL=${MODEL:-smollm2-135m-instruct}
 STEPS=${STEPS:-16}
 BATCH=${BATCH:-16}            # the global batch; each of the N GPUs gets BATCH / N
 OUT=${OUT:-runs/distributed-gpu}
-[ "$GPUS" -ge 2 ] || { echo "needs at least 2 GPUs (found $GPUS)"; exit 2; }
+ENGINES=${ENGINES:-ddp fsdp deepspeed-zero2 deepspeed-zero3}
+VARIANTS=${VARIANTS:-plain copy lora}
+[ "$GPUS" -ge 1 ] || { echo "needs a GPU (found none)"; exit 2; }
 [ $((BATCH % GPUS)) -eq 0 ] || { echo "BATCH=$BATCH must be a multiple of GPUS=$GPUS"; exit 2; }
 rm -rf "$OUT"; mkdir -p "$OUT"
 
@@ -27,11 +34,15 @@ rows = [{"id": f"p{i}", "prompt": f"Question {i}: what is {i} plus {i}?", "chose
 open(sys.argv[1], "w").write("".join(json.dumps(r) + "\n" for r in rows))
 PY
 
+# The model as a folder, so that each run can have a cache of its own: a run that found another
+# run's reference log-probs in a shared cache would skip its engine's reference pass.
+MODEL_DIR=$($PY -c "import sys; from prefalign.models.registry import resolve_model; print(resolve_model(sys.argv[1]))" "$MODEL")
+
 train() {  # name, per-process batch size, extra train args (a quoted string), launcher args...
   local name=$1 batch=$2 extra=$3; shift 3
   local start=$SECONDS
   # shellcheck disable=SC2086  # $extra is a list of flags
-  if "$@" train --model "$MODEL" --data "$OUT/pairs.jsonl" -o "$OUT/$name" --max-steps "$STEPS" --batch-size "$batch" \
+  if PREFALIGN_CACHE="$OUT/$name.cache" "$@" train --model "$MODEL_DIR" --data "$OUT/pairs.jsonl" -o "$OUT/$name" --max-steps "$STEPS" --batch-size "$batch" \
       --lr 1e-5 --seed 0 --dtype float32 --save-every "$STEPS" --quiet $extra > "$OUT/$name.log" 2>&1; then
     echo "$name $((SECONDS - start))" >> "$OUT/times.txt"
   else
@@ -43,9 +54,10 @@ train() {  # name, per-process batch size, extra train args (a quoted string), l
 #   plain: the precomputed reference; copy: a frozen reference copy (sharded with the policy);
 #   lora: LoRA adapters (merged into model/ from the saved adapter).
 declare -A EXTRA=([plain]="" [copy]="--reference copy" [lora]="--lora")
-for variant in plain copy lora; do
+for variant in $VARIANTS; do
   CUDA_VISIBLE_DEVICES=0 train "one-gpu-$variant" "$BATCH" "${EXTRA[$variant]}" $PY -m prefalign.cli
-  for engine in ddp fsdp deepspeed-zero2 deepspeed-zero3; do
+  CUDA_VISIBLE_DEVICES="" train "cpu-$variant" "$BATCH" "${EXTRA[$variant]}" $PY -m prefalign.cli
+  for engine in $ENGINES; do
     if [[ $engine == deepspeed* ]] && ! $PY -c "import deepspeed" 2>/dev/null; then
       echo "$engine-$variant skipped: deepspeed is not installed" >> "$OUT/skipped.txt"; continue
     fi
@@ -66,7 +78,7 @@ heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", N
 print(max(t for t in range(1, int(sys.argv[2]) + 1) if heads % t == 0 and kv % t == 0))
 PY
 )
-  for tp in 1 "$TP"; do
+  for tp in $(printf '%s\n' 1 "$TP" | sort -un); do
     cat > "$OUT/vllm-tp$tp.yaml" <<YAML
 strategy: prefix
 prompts: {source: advbench, limit: 256}
@@ -89,23 +101,24 @@ else
   echo "vllm skipped: vllm is not installed" >> "$OUT/skipped.txt"
 fi
 
-$PY - "$OUT" "$GPUS" <<'PY'
+$PY - "$OUT" "$GPUS" "$VARIANTS" "$ENGINES" <<'PY'
 import json, sys
 from pathlib import Path
 from safetensors.torch import load_file
-out, gpus = Path(sys.argv[1]), int(sys.argv[2])
+out, gpus, variants, engines = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
 times = dict(line.split() for line in (out / "times.txt").read_text().splitlines()) if (out / "times.txt").exists() else {}
 def losses(run): return {r["step"]: r["loss"] for r in map(json.loads, (out / run / "train_log.jsonl").read_text().splitlines()) if "loss" in r}
-def weights(run):
-    files = sorted((out / run / "model").glob("*.safetensors"))
+def weights(run):  # the saved model, or with LoRA (no --merge) the adapter
+    folder = out / run / "model"
+    files = sorted((folder if folder.is_dir() else out / run / "adapter").glob("*.safetensors"))
     return {k: v for f in files for k, v in load_file(str(f)).items()}
 print(f"{'run':22} {'GPUs':>4} {'max loss gap':>13} {'max weight gap':>15} {'wall s':>7}")
-for variant in ("plain", "copy", "lora"):
+for variant in variants:
     base = f"one-gpu-{variant}"
     if base not in times:
         continue
     base_l, base_w = losses(base), weights(base)
-    for engine in ("one-gpu", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"):
+    for engine in ("one-gpu", "cpu", *engines):
         run = f"{engine}-{variant}"
         if run not in times:
             continue
@@ -117,7 +130,7 @@ for variant in ("plain", "copy", "lora"):
         note = f"  MISSING {len(missing)} tensors, e.g. {missing[0]}" if missing else ""
         note += f"  EXTRA {len(extra)} tensors" if extra else ""
         note += "" if l.keys() == base_l.keys() else f"  logged steps differ ({len(l)} vs {len(base_l)})"
-        print(f"{run:22} {1 if engine == 'one-gpu' else gpus:>4} {loss_gap:>13.2e} {weight_gap:>15.2e} {times[run]:>7}{note}")
+        print(f"{run:22} {gpus if engine not in ('one-gpu', 'cpu') else int(engine == 'one-gpu'):>4} {loss_gap:>13.2e} {weight_gap:>15.2e} {times[run]:>7}{note}")
 for name in ("vllm.txt", "skipped.txt"):
     for line in (out / name).read_text().splitlines() if (out / name).exists() else []:
         print(line)

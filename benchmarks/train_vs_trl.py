@@ -9,6 +9,12 @@ both: if they disagree by more than 1e-3 on the first steps the comparison is vo
 
     python benchmarks/train_vs_trl.py                       # SmolLM2-135M-Instruct, 8 steps
     python benchmarks/train_vs_trl.py --model tiny-random --steps 3 --pairs 12   # smoke run
+    python benchmarks/train_vs_trl.py --dtype bfloat16      # bf16 autocast on both sides (fp32 weights)
+
+On a CUDA machine both trainers run on the GPU (TRL as its Trainer places the model, prefalign
+through accelerate), the peak is the GPU's matmul peak in the run's dtype, and the memory column
+is the GPU's peak allocation. In bf16 both sides autocast (TRL's ``bf16=True``, prefalign's
+``--dtype bfloat16``) over fp32 weights, so the losses agree to bf16's rounding, not to 1e-3.
 
 Needs ``pip install trl`` (an optional benchmark dependency).
 """
@@ -30,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, matmul_peak_flops, peak_rss_mib, synthetic_pairs, write_json  # noqa: E402
 
-LOSS_TOLERANCE = 1e-3
+LOSS_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2}
 COMPARED_STEPS = 3
 
 
@@ -59,7 +65,7 @@ def run_prefalign(args, data: Path, workdir: Path) -> dict:
         model=args.model, data=data, output_dir=workdir / "out", loss="dpo", beta=args.beta, lr=args.lr,
         schedule="constant", warmup_steps=0, batch_size=args.batch_size, max_steps=args.steps, max_length=1024,
         max_prompt_length=768, chat_template="never", shuffle=False, group_by_length=False, seed=args.seed,
-        save_every=10_000, ref_cache_dir=workdir / "refcache", max_grad_norm=1.0,
+        save_every=10_000, ref_cache_dir=workdir / "refcache", max_grad_norm=1.0, dtype=args.dtype,
     )
     trainer = Trainer(config, show_progress=False)
     start = time.perf_counter()
@@ -69,13 +75,23 @@ def run_prefalign(args, data: Path, workdir: Path) -> dict:
     train_start = time.perf_counter()
     while trainer.step < trainer.total_steps:
         losses.append(trainer.train_step()["loss"])
+    synchronize()
     train_s = time.perf_counter() - train_start
     return {"losses": losses, "load_s": setup_s - trainer.reference_seconds, "reference_s": trainer.reference_seconds,
             "train_s": train_s, "share_prompt": trainer.share_prompt}
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued kernels, so a clock read after a run counts them."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_trl(args, data: Path, workdir: Path) -> dict:
     import datasets
+    import torch
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -88,12 +104,12 @@ def run_trl(args, data: Path, workdir: Path) -> dict:
     cfg = DPOConfig(
         output_dir=str(workdir / "trl"), per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
         max_steps=args.steps, beta=args.beta, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
-        report_to="none", use_cpu=True, seed=args.seed, train_sampling_strategy="sequential", save_strategy="no",
+        report_to="none", use_cpu=not torch.cuda.is_available(), seed=args.seed, train_sampling_strategy="sequential", save_strategy="no",
         max_length=1024, max_grad_norm=1.0, weight_decay=0.0, dataloader_num_workers=0, disable_dropout=True,
         optim="adamw_torch",
         # TRL's configs default to bf16 mixed precision (bf16=True unless fp16 is set), even on a CPU;
-        # the comparison is fp32 against fp32, so it is turned off explicitly.
-        bf16=False, fp16=False,
+        # it follows --dtype explicitly, as prefalign does.
+        bf16=args.dtype == "bfloat16", fp16=False,
         # TRL defaults to gradient checkpointing, which only costs time on CPU; off, as in prefalign.
         gradient_checkpointing=False,
     )
@@ -103,6 +119,7 @@ def run_trl(args, data: Path, workdir: Path) -> dict:
             self.start = time.perf_counter()
 
         def on_train_end(self, *a, **k):
+            synchronize()
             self.end = time.perf_counter()
 
     clock = Clock()
@@ -122,6 +139,7 @@ def worker(args) -> None:
     runner = {"prefalign": run_prefalign, "trl": run_trl}[args.worker]
     result = runner(args, Path(args.data), workdir)
     result["peak_rss_mib"] = peak_rss_mib()
+    result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     write_json(Path(args.result), result)
 
 
@@ -136,6 +154,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=sorted(LOSS_TOLERANCE), default="float32",
+                        help="float32, or bfloat16 autocast on both sides (on a GPU, or a CPU with native bf16)")
     parser.add_argument("--repeats", type=int, default=1, help="A/B rounds (prefalign, trl, prefalign, trl, ...)")
     parser.add_argument("--worker", choices=["prefalign", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -164,7 +184,12 @@ def main() -> None:
     ]
     work = matmul_work(load_model(args.model), lengths)
     tokens = sum(2 * p + c + r for p, c, r in lengths)
-    peak = matmul_peak_flops()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = matmul_peak_flops(dtype=getattr(torch, args.dtype), device=device)
+    memory = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
+    tolerance = LOSS_TOLERANCE[args.dtype]
 
     runs: dict[str, list[dict]] = {"prefalign": [], "trl": []}
     for round_ in range(args.repeats):
@@ -177,12 +202,12 @@ def main() -> None:
             print(f"round {round_ + 1}: {name} done", flush=True)
 
     samples = len(used)
-    print(f"\nmachine: {machine()}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"\nmachine: {machine()}; {args.dtype} matmul peak on {device} {peak / 1e9:.1f} GFLOP/s")
     print(f"model {args.model}; {samples} pairs ({args.steps} steps x batch {args.batch_size}); "
           f"prompt ~{args.prompt_tokens} tokens, responses ~{args.response_tokens}; {tokens} DPO tokens")
     print(f"matmul work (forward+backward+reference): TRL {work['trl'] / 1e12:.2f} TFLOP, prefalign "
           f"{work['prefalign'] / 1e12:.2f} TFLOP ({work['trl'] / work['prefalign']:.2f}x less)\n")
-    header = f"{'trainer':<10} {'run':>3} {'load s':>7} {'ref s':>6} {'train s':>8} {'samples/s':>10} {'tokens/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'peak RSS MiB':>13}"
+    header = f"{'trainer':<10} {'run':>3} {'load s':>7} {'ref s':>6} {'train s':>8} {'samples/s':>10} {'tokens/s':>9} {'GFLOP/s':>8} {'% peak':>7} {memory:>13}"
     print(header)
     print("-" * len(header))
     best = {}
@@ -194,7 +219,7 @@ def main() -> None:
             rate = samples / seconds
             best[name] = max(best.get(name, 0.0), rate)
             print(f"{name:<10} {i + 1:>3} {r['load_s']:>7.1f} {r['reference_s']:>6.1f} {r['train_s']:>8.1f} {rate:>10.3f} {tokens / seconds:>9.0f} "
-                  f"{work[name] / seconds / 1e9:>8.1f} {100 * work[name] / seconds / peak:>6.1f}% {r['peak_rss_mib']:>13.0f}")
+                  f"{work[name] / seconds / 1e9:>8.1f} {100 * work[name] / seconds / peak:>6.1f}% {r['peak_gpu_mib' if device == 'cuda' else 'peak_rss_mib']:>13.0f}")
     print(f"\nspeed-up (best prefalign samples/s / best TRL samples/s): {best['prefalign'] / best['trl']:.2f}x")
     print("  (time = reference precompute + training steps; TRL computes its reference inside its steps;\n"
           "   loading the model and tokenizing the data are left out on both sides)")
@@ -212,8 +237,8 @@ def main() -> None:
         print(f"  step {step:>2}: prefalign {x:.6f}  trl {y:.6f}  |diff| {abs(x - y):.2e}")
         if step <= COMPARED_STEPS:
             worst = max(worst, abs(x - y))
-    verdict = "MATCH" if worst <= LOSS_TOLERANCE else "VOID (losses differ: the comparison does not hold)"
-    print(f"losses over the first {COMPARED_STEPS} steps agree within {LOSS_TOLERANCE}: {verdict} (max |diff| {worst:.2e})")
+    verdict = "MATCH" if worst <= tolerance else "VOID (losses differ: the comparison does not hold)"
+    print(f"losses over the first {COMPARED_STEPS} steps agree within {tolerance} ({args.dtype}): {verdict} (max |diff| {worst:.2e})")
 
 
 if __name__ == "__main__":
