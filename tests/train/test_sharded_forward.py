@@ -4,8 +4,10 @@ Under FSDP and ZeRO-3 a process holds only a shard of each weight; the engine ga
 weights inside the model's forward pass. Calling the inner decoder alone or reading the LM head's
 weight (the fast path on one process) would skip that, so on a sharded model the log-probs must go
 through the model's own forward, and sampling must see gathered weights. accelerate refuses FSDP
-on a machine without a GPU, but torch's own FSDP (``fully_shard``) runs on CPU over gloo: these
-tests shard a tiny model with it across two processes (``torchrun``) and compare with one process.
+on a machine without a GPU, but torch's own FSDP runs on CPU over gloo, FSDP2 (``fully_shard``)
+and FSDP1 (``FullyShardedDataParallel``, each decoder layer a unit as accelerate's
+TRANSFORMER_BASED_WRAP makes them): these tests shard a tiny model with each across two processes
+(``torchrun``) and compare with one process.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from prefalign.train.sequences import distributed_wrapper
 TIMEOUT = 600
 
 # Run under torchrun with 1 or 2 processes: log-probs of three records in the three batch layouts,
-# and anchors sampled from the policy, from a model fully_shard-ed over the processes (2) or whole (1).
+# and anchors sampled from the policy, from a model sharded over the processes (2: fully_shard or
+# FSDP1, as argv[3] says) or whole (1).
 SCRIPT = r"""
 import gc, json, sys, types, torch
 import torch.distributed as dist
@@ -38,18 +41,33 @@ from prefalign.data.tokenize import TokenizeSettings, tokenize_record
 from prefalign.models.loading import load_model, load_tokenizer
 from prefalign.train.distributed import weight_norm, weights_for_generation
 from prefalign.train.online_anchors import sample_anchor_ids
-from prefalign.train.sequences import collate, distributed_wrapper, sequence_logps
+from prefalign.train.sequences import collate, distributed_wrapper, sequence_logps, supports_packing
 
-model_dir, out = sys.argv[1], sys.argv[2]
+model_dir, out, engine = sys.argv[1], sys.argv[2], sys.argv[3]
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
 model, tok = load_model(model_dir), load_tokenizer(model_dir)
-if accelerator.num_processes > 1:
+whole = sum(p.numel() for p in model.parameters())
+if accelerator.num_processes > 1 and engine == "fully_shard":
     from torch.distributed.fsdp import fully_shard
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
     assert any(p.to_local().numel() < p.numel() for p in model.parameters()), "nothing sharded"
+elif accelerator.num_processes > 1 and engine == "fsdp1":
+    import functools
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    layer = type(model.model.layers[0])
+    model = FullyShardedDataParallel(model, auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer}),
+                                     device_id=torch.device("cpu"), use_orig_params=True)
+    assert sum(p.numel() for p in model.parameters()) < whole, "nothing sharded"
+elif accelerator.num_processes > 1 and engine == "zero3":
+    import deepspeed
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}}}
+    model, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
+    assert sum(p.ds_tensor.numel() for p in model.module.parameters()) < whole, "nothing sharded"
 records = [
     PreferenceRecord(prompt="Hi", chosen="Hello there, friend.", rejected="Go away", anchors=["a", "b c d"]),
     PreferenceRecord(prompt="A longer prompt with several more words in it", chosen="Ok", rejected="A long rejected answer", anchors=["x y", "z"]),
@@ -57,21 +75,30 @@ records = [
 ]
 groups = ("chosen", "rejected", "anchors")
 examples = [tokenize_record(r, i, tok, groups, TokenizeSettings()) for i, r in enumerate(records)]
-report = {"wrapper": distributed_wrapper(model), "logps": {}}
-# The trainer's divergence check, as FSDP would run it: the norm of the whole weights on every process,
-# taken between steps, where every weight is a shard (FSDP2 keeps the root's gathered after a forward).
-fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=accelerator.num_processes,
-                             device=accelerator.device, reduce=accelerator.reduce,
-                             state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(reshard_after_forward=True)))
-norm = weight_norm(list(model.parameters()), fsdp if accelerator.num_processes > 1 else accelerator)
+# The trainer packs only where the decoder may be called alone (not on a sharded model).
+report = {"wrapper": distributed_wrapper(model), "packing": supports_packing(model), "logps": {}}
+# The accelerator as the engine's run would describe it (accelerate itself shards on a GPU only), for
+# the divergence check's norm of the whole weights on every process, taken between steps where every
+# weight is a shard (FSDP2 keeps the root's gathered after a forward), and for sampling.
+state = {"fully_shard": {"fsdp_plugin": types.SimpleNamespace(reshard_after_forward=True)},
+         "fsdp1": {"fsdp_plugin": types.SimpleNamespace(reshard_after_forward=True)},
+         "zero3": {"deepspeed_plugin": types.SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})}}[engine]
+described = types.SimpleNamespace(
+    distributed_type=DistributedType.DEEPSPEED if engine == "zero3" else DistributedType.FSDP,
+    num_processes=accelerator.num_processes, device=accelerator.device, reduce=accelerator.reduce,
+    unwrap_model=accelerator.unwrap_model, state=types.SimpleNamespace(**state))
+if accelerator.num_processes == 1:
+    described = accelerator
+norm = weight_norm(list(model.parameters()), described)
 report["weight_norms"] = [None] * accelerator.num_processes
 dist.all_gather_object(report["weight_norms"], norm) if dist.is_initialized() else report.update(weight_norms=[norm])
 model.eval()
-for layout, options in {"pairs": {}, "shared": {"share_prompt": True}, "packed": {"pack": True}}.items():
+layouts = {"pairs": {}, "shared": {"share_prompt": True}, "packed": {"pack": True}}
+for layout, options in list(layouts.items())[: 3 if report["packing"] else 2]:
     batch = collate(examples, groups, tok.pad_token_id, **options)
     with torch.no_grad():
         report["logps"][layout] = sequence_logps(model, batch).tolist()
-with weights_for_generation(accelerator, model) as policy:
+with weights_for_generation(described, model) as policy:
     report["anchors"] = sample_anchor_ids(policy, [ex.prompt_ids for ex in examples], 2, pad_id=tok.pad_token_id,
                                           eos_id=tok.eos_token_id, max_new_tokens=6, temperature=1.0, seed=5,
                                           max_response_tokens=6)
@@ -92,15 +119,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(processes: int, tiny_model: str, tmp: Path) -> dict:
-    script, out = tmp / "sharded.py", tmp / f"report-{processes}.json"
+def run(processes: int, tiny_model: str, tmp: Path, engine: str = "fully_shard") -> dict:
+    script, out = tmp / "sharded.py", tmp / f"report-{processes}-{engine}.json"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-           str(free_port()), str(script), tiny_model, str(out)]
+           str(free_port()), str(script), tiny_model, str(out), engine]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def deepspeed_runs() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def fully_shard_runs() -> bool:
@@ -116,12 +151,21 @@ def fully_shard_runs() -> bool:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not fully_shard_runs(), reason="this torch has no gloo backend or no fully_shard")
-def test_a_sharded_model_gives_one_process_logps_and_anchors(tmp_path, tiny_model):
-    one, two = run(1, tiny_model, tmp_path), run(2, tiny_model, tmp_path)
-    assert one["wrapper"] is None and two["wrapper"] == "FSDP (fully_shard)"
-    for layout, logps in one["logps"].items():
-        assert len(two["logps"][layout]) == len(logps)
-        assert max(abs(a - b) for a, b in zip(logps, two["logps"][layout])) < 1e-4, layout
+@pytest.mark.parametrize("engine,wrapper", [
+    ("fully_shard", "FSDP (fully_shard)"),
+    ("fsdp1", "FullyShardedDataParallel"),
+    # DeepSpeed runs ZeRO-3 on CPU over gloo by itself (accelerate will not): where it is installed.
+    pytest.param("zero3", "DeepSpeed", marks=pytest.mark.skipif(not deepspeed_runs(), reason="deepspeed is not installed")),
+])
+def test_a_sharded_model_gives_one_process_logps_and_anchors(tmp_path, tiny_model, engine, wrapper):
+    one, two = run(1, tiny_model, tmp_path), run(2, tiny_model, tmp_path, engine)
+    assert one["wrapper"] is None and two["wrapper"] == wrapper
+    assert one["packing"] and not two["packing"]  # packing would call the decoder outside the engine
+    assert set(one["logps"]) == {"pairs", "shared", "packed"} and set(two["logps"]) == {"pairs", "shared"}
+    for layout, logps in two["logps"].items():
+        logps_one = one["logps"][layout]
+        assert len(logps) == len(logps_one)
+        assert max(abs(a - b) for a, b in zip(logps_one, logps)) < 1e-4, layout
     assert two["anchors"] == one["anchors"]  # the same tokens: the sampling saw the whole weights
     # Each process's norm is the whole model's, so their divergence checks decide alike.
     (whole,) = one["weight_norms"]

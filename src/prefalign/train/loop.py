@@ -39,8 +39,8 @@ from prefalign.train.online_anchors import refresh_anchors
 from prefalign.train.precision import resolve_dtype
 from prefalign.train.reference import TOXIC_REF, ReferenceSetup, build_reference
 from prefalign.train.retain import load_retain_examples, retain_term
-from prefalign.train.sequences import (collate, sequence_logps, sequence_token_logps, split_groups, supports_packing,
-                                       supports_shared_prompt)
+from prefalign.train.sequences import (collate, distributed_wrapper, sequence_logps, sequence_token_logps, split_groups,
+                                       supports_packing, supports_shared_prompt)
 
 log = logging.getLogger("prefalign.train")
 
@@ -310,9 +310,11 @@ class Trainer:
         if deepspeed is not None:
             fill_deepspeed_micro_batch(deepspeed.deepspeed_config, config.batch_size)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        if self.pack and self.accelerator.unwrap_model(self.model) is not self.model:
-            log.info("packing off: the model is wrapped for %s, and packing calls its decoder alone",
-                     self.accelerator.distributed_type)
+        # FSDP2 shards the model in place (unwrap_model returns it as it is), so ask what wraps or
+        # shards it: packing calls the decoder alone, which would bypass the engine's gathering.
+        engine = distributed_wrapper(self.model)
+        if self.pack and engine is not None:
+            log.info("packing off: the model is wrapped by %s, and packing calls its decoder alone", engine)
             self.pack = False
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.refreshed_anchors: dict[int, list[list[int]]] = {}
