@@ -18,7 +18,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=${OUT:-runs/device-check}
 WORK=${WORK:-/tmp/prefalign-device-check}
-ENGINES=${ENGINES:-ddp fsdp deepspeed-zero3}
+ENGINES=${ENGINES:-fsdp deepspeed-zero3}
+VARIANTS=${VARIANTS:-plain copy adapters}
 WHEELS=${WHEELS:-.whl}  # none: use the packages $PY has
 TRL_ARGS=${TRL_ARGS:---steps 8 --batch-size 8 --pairs 64}
 mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK"
@@ -60,7 +61,7 @@ step tests 240 $PY -m pytest -q -p no:cacheprovider -m "not slow and not browser
   --tb=short tests
 
 # The engines at one process against a plain GPU run and a CPU run (losses and weights in fp32).
-step engines 240 env GPUS="${GPUS:-1}" MODEL=tiny-random STEPS=4 BATCH=8 ENGINES="$ENGINES" OUT="$WORK/engines" \
+step engines 240 env GPUS="${GPUS:-1}" MODEL=tiny-random STEPS=4 BATCH=8 ENGINES="$ENGINES" VARIANTS="$VARIANTS" OUT="$WORK/engines" \
   PY="$PY" bash benchmarks/distributed_gpu.sh
 
 # prefalign against TRL's DPOTrainer in bf16 on a random model of SmolLM2-135M's shape (the speed

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 15, the GPU half: one GPU x batch B against N GPUs x B/N under DDP, FSDP (full shard) and
 # DeepSpeed ZeRO-2/3, with the shipped recipes/accelerate configs, for a precomputed reference, a
-# frozen reference copy and LoRA. Prints, per engine, the largest per-step loss gap and final-weight
-# gap to the one-GPU run (and any tensor a saved model lacks), and the wall time; then vLLM
-# generation with tensor parallelism against one GPU (when vllm is installed).
+# frozen reference copy, LoRA, and LoRA with its adapters off as the reference. Prints, per engine,
+# the largest per-step loss gap and final-weight gap to the one-GPU run (and any tensor a saved
+# model lacks), and the wall time; then vLLM generation with tensor parallelism against one GPU
+# (when vllm is installed).
 # With one GPU (GPUS=1, what the `device` tool lends) every engine runs as one process: accelerate
 # still wraps, gathers and consolidates through the engine (FSDP and DeepSpeed launch through
 # torchrun even for one process), so each row must equal the plain run; that checks the engine
@@ -22,7 +23,7 @@ STEPS=${STEPS:-16}
 BATCH=${BATCH:-16}            # the global batch; each of the N GPUs gets BATCH / N
 OUT=${OUT:-runs/distributed-gpu}
 ENGINES=${ENGINES:-ddp fsdp deepspeed-zero2 deepspeed-zero3}
-VARIANTS=${VARIANTS:-plain copy lora}
+VARIANTS=${VARIANTS:-plain copy lora adapters}
 [ "$GPUS" -ge 1 ] || { echo "needs a GPU (found none)"; exit 2; }
 [ $((BATCH % GPUS)) -eq 0 ] || { echo "BATCH=$BATCH must be a multiple of GPUS=$GPUS"; exit 2; }
 rm -rf "$OUT"; mkdir -p "$OUT"
@@ -51,9 +52,10 @@ train() {  # name, per-process batch size, extra train args (a quoted string), l
 }
 
 # Each variant: one GPU with the global batch, then every engine with BATCH / GPUS per GPU.
-#   plain: the precomputed reference; copy: a frozen reference copy (sharded with the policy);
-#   lora: LoRA adapters (merged into model/ from the saved adapter).
-declare -A EXTRA=([plain]="" [copy]="--reference copy" [lora]="--lora")
+#   plain: the precomputed reference; copy: a frozen reference copy (whole, on every GPU);
+#   lora: LoRA adapters (saved as adapter/); adapters: LoRA with the policy's adapters switched off
+#   as the reference (scored through the engine).
+declare -A EXTRA=([plain]="" [copy]="--reference copy" [lora]="--lora" [adapters]="--lora --reference disable-adapters")
 for variant in $VARIANTS; do
   CUDA_VISIBLE_DEVICES=0 train "one-gpu-$variant" "$BATCH" "${EXTRA[$variant]}" $PY -m prefalign.cli
   CUDA_VISIBLE_DEVICES="" train "cpu-$variant" "$BATCH" "${EXTRA[$variant]}" $PY -m prefalign.cli

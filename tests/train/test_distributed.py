@@ -178,12 +178,13 @@ def test_what_sharded_engines_do_not_support_yet_is_refused_in_one_line():
     def engine(kind):
         return SimpleNamespace(distributed_type=kind)
 
-    check_engine_supported(engine(DistributedType.MULTI_GPU), grad_accum=4, reference_mode="disable-adapters")
-    check_engine_supported(engine(DistributedType.FSDP), grad_accum=4, reference_mode="precompute")
+    check_engine_supported(engine(DistributedType.MULTI_GPU), grad_accum=4, retain=True)
+    check_engine_supported(engine(DistributedType.FSDP), grad_accum=4, retain=True)
+    check_engine_supported(engine(DistributedType.DEEPSPEED), grad_accum=1)
     with pytest.raises(ConfigError, match="--grad-accum above 1 is not supported with DeepSpeed"):
-        check_engine_supported(engine(DistributedType.DEEPSPEED), grad_accum=2, reference_mode=None)
-    with pytest.raises(ConfigError, match="disable-adapters is not supported with FSDP"):
-        check_engine_supported(engine(DistributedType.FSDP), grad_accum=1, reference_mode="disable-adapters")
+        check_engine_supported(engine(DistributedType.DEEPSPEED), grad_accum=2)
+    with pytest.raises(ConfigError, match="retain_data is not supported with DeepSpeed"):
+        check_engine_supported(engine(DistributedType.DEEPSPEED), grad_accum=1, retain=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's message")

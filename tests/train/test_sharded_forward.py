@@ -29,8 +29,9 @@ from prefalign.train.sequences import distributed_wrapper
 TIMEOUT = 600
 
 # Run under torchrun with 1 or 2 processes: log-probs of three records in the three batch layouts,
-# and anchors sampled from the policy, from a model sharded over the processes (2: fully_shard or
-# FSDP1, as argv[3] says) or whole (1).
+# and anchors sampled from the policy, from a model sharded over the processes (2: fully_shard,
+# FSDP1 or ZeRO-3, as argv[3] says) or whole (1). With argv[4] == "lora" the model is a LoRA policy
+# (adapters made non-zero) and the `disable-adapters` reference scores it too, through the engine.
 SCRIPT = r"""
 import gc, json, sys, types, torch
 import torch.distributed as dist
@@ -43,14 +44,22 @@ from prefalign.train.distributed import weight_norm, weights_for_generation
 from prefalign.train.online_anchors import sample_anchor_ids
 from prefalign.train.sequences import collate, distributed_wrapper, sequence_logps, supports_packing
 
-model_dir, out, engine = sys.argv[1], sys.argv[2], sys.argv[3]
+model_dir, out, engine, lora = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "lora"
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
 model, tok = load_model(model_dir), load_tokenizer(model_dir)
+if lora:
+    from prefalign.models.lora import LoraSettings, apply_lora
+    model = apply_lora(model, LoraSettings(r=4))
+    with torch.no_grad():  # trained adapters: switched off, they must make a difference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+policy = model
 whole = sum(p.numel() for p in model.parameters())
 if accelerator.num_processes > 1 and engine == "fully_shard":
     from torch.distributed.fsdp import fully_shard
-    for layer in model.model.layers:
+    for layer in model.get_decoder().layers:
         fully_shard(layer)
     fully_shard(model)
     assert any(p.to_local().numel() < p.numel() for p in model.parameters()), "nothing sharded"
@@ -58,7 +67,7 @@ elif accelerator.num_processes > 1 and engine == "fsdp1":
     import functools
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-    layer = type(model.model.layers[0])
+    layer = type(model.get_decoder().layers[0])
     model = FullyShardedDataParallel(model, auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer}),
                                      device_id=torch.device("cpu"), use_orig_params=True)
     assert sum(p.numel() for p in model.parameters()) < whole, "nothing sharded"
@@ -98,8 +107,13 @@ for layout, options in list(layouts.items())[: 3 if report["packing"] else 2]:
     batch = collate(examples, groups, tok.pad_token_id, **options)
     with torch.no_grad():
         report["logps"][layout] = sequence_logps(model, batch).tolist()
-with weights_for_generation(described, model) as policy:
-    report["anchors"] = sample_anchor_ids(policy, [ex.prompt_ids for ex in examples], 2, pad_id=tok.pad_token_id,
+if lora:
+    from prefalign.train.reference import ModelScorer, ScoredReference, score_through_engine
+    reference = ScoredReference(ModelScorer(policy, tok.pad_token_id, policy.disable_adapter), ("chosen", "rejected"))
+    reference = score_through_engine(reference, policy, model)
+    report["adapters_off"] = {k: v.tolist() for k, v in reference.logps(examples).items()}
+with weights_for_generation(described, model) as sampler:
+    report["anchors"] = sample_anchor_ids(sampler, [ex.prompt_ids for ex in examples], 2, pad_id=tok.pad_token_id,
                                           eos_id=tok.eos_token_id, max_new_tokens=6, temperature=1.0, seed=5,
                                           max_response_tokens=6)
 if accelerator.is_main_process:
@@ -119,11 +133,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(processes: int, tiny_model: str, tmp: Path, engine: str = "fully_shard") -> dict:
-    script, out = tmp / "sharded.py", tmp / f"report-{processes}-{engine}.json"
+def run(processes: int, tiny_model: str, tmp: Path, engine: str = "fully_shard", model: str = "plain") -> dict:
+    script, out = tmp / "sharded.py", tmp / f"report-{processes}-{engine}-{model}.json"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-           str(free_port()), str(script), tiny_model, str(out), engine]
+           str(free_port()), str(script), tiny_model, str(out), engine, model]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -148,16 +162,17 @@ def fully_shard_runs() -> bool:
     return True
 
 
+# DeepSpeed runs ZeRO-3 on CPU over gloo by itself (accelerate will not): where it is installed.
+ENGINES = ["fully_shard", "fsdp1",
+           pytest.param("zero3", marks=pytest.mark.skipif(not deepspeed_runs(), reason="deepspeed is not installed"))]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not fully_shard_runs(), reason="this torch has no gloo backend or no fully_shard")
-@pytest.mark.parametrize("engine,wrapper", [
-    ("fully_shard", "FSDP (fully_shard)"),
-    ("fsdp1", "FullyShardedDataParallel"),
-    # DeepSpeed runs ZeRO-3 on CPU over gloo by itself (accelerate will not): where it is installed.
-    pytest.param("zero3", "DeepSpeed", marks=pytest.mark.skipif(not deepspeed_runs(), reason="deepspeed is not installed")),
-])
-def test_a_sharded_model_gives_one_process_logps_and_anchors(tmp_path, tiny_model, engine, wrapper):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_sharded_model_gives_one_process_logps_and_anchors(tmp_path, tiny_model, engine):
+    wrapper = {"fully_shard": "FSDP (fully_shard)", "fsdp1": "FullyShardedDataParallel", "zero3": "DeepSpeed"}[engine]
     one, two = run(1, tiny_model, tmp_path), run(2, tiny_model, tmp_path, engine)
     assert one["wrapper"] is None and two["wrapper"] == wrapper
     assert one["packing"] and not two["packing"]  # packing would call the decoder outside the engine
@@ -170,6 +185,23 @@ def test_a_sharded_model_gives_one_process_logps_and_anchors(tmp_path, tiny_mode
     # Each process's norm is the whole model's, so their divergence checks decide alike.
     (whole,) = one["weight_norms"]
     assert len(two["weight_norms"]) == 2 and all(abs(n - whole) < 1e-4 * whole for n in two["weight_norms"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not fully_shard_runs(), reason="this torch has no gloo backend or no fully_shard")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_adapters_off_reference_scores_a_sharded_lora_policy_as_one_process(tmp_path, tiny_model, engine):
+    """`--reference disable-adapters` on a sharded engine: the LoRA policy's own weights with the
+    adapters off, scored through the engine's forward (``score_through_engine``)."""
+    one, two = run(1, tiny_model, tmp_path, model="lora"), run(2, tiny_model, tmp_path, engine, model="lora")
+    for group, logps in one["adapters_off"].items():
+        assert max(abs(a - b) for a, b in zip(logps, two["adapters_off"][group])) < 1e-4, group
+    # The adapters were off: the reference differs from the policy, which has them on.
+    on = one["logps"]["pairs"]
+    off = [x for pair in zip(one["adapters_off"]["chosen"], one["adapters_off"]["rejected"]) for x in pair]
+    assert len(on) >= len(off) and max(abs(a - b) for a, b in zip(on, off)) > 1e-2
+    assert max(abs(a - b) for a, b in zip(on, two["logps"]["pairs"])) < 1e-4
 
 
 def test_every_engine_that_shards_or_wraps_the_model_is_recognised():

@@ -24,7 +24,6 @@ import torch
 from prefalign.sharding import leave_process_group_at_exit
 from prefalign.train.config import ConfigError
 from prefalign.train.logging import LOG_FILE, MetricsLogger
-from prefalign.train.reference import reference_kind
 
 log = logging.getLogger("prefalign.train")
 
@@ -174,7 +173,7 @@ def record_trained_rows(process_index: int, row: dict, kind: str = "rank") -> No
         f.write(json.dumps(row) + "\n")
 
 
-def check_engine_supported(accelerator, *, grad_accum: int, reference_mode: str | None, retain: bool = False) -> None:
+def check_engine_supported(accelerator, *, grad_accum: int, retain: bool = False) -> None:
     """Refuse, in one line, what prefalign does not yet do right on a sharded engine."""
     from accelerate.utils import DistributedType
 
@@ -187,9 +186,6 @@ def check_engine_supported(accelerator, *, grad_accum: int, reference_mode: str 
         # The retain term is a second backward pass per micro-batch; DeepSpeed's engine counts each
         # backward as a micro-step of its own accumulation.
         raise ConfigError("retain_data is not supported with DeepSpeed yet: use DDP or FSDP")
-    if is_sharded_engine(accelerator) and reference_mode is not None and reference_kind(reference_mode).on_lora_policy:
-        # The policy's weights exist only as shards outside the engine's forward pass.
-        raise ConfigError(f"--reference {reference_mode} is not supported with {engine.value} yet: use --reference precompute or copy")
 
 
 def is_sharded_engine(accelerator) -> bool:

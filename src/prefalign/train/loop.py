@@ -37,7 +37,7 @@ from prefalign.train.logging import MetricsLogger
 from prefalign.train.memory import PeakMemory
 from prefalign.train.online_anchors import refresh_anchors
 from prefalign.train.precision import resolve_dtype
-from prefalign.train.reference import TOXIC_REF, ReferenceSetup, build_reference
+from prefalign.train.reference import TOXIC_REF, ReferenceSetup, build_reference, score_through_engine
 from prefalign.train.retain import load_retain_examples, retain_term
 from prefalign.train.sequences import (collate, distributed_wrapper, sequence_logps, sequence_token_logps, split_groups,
                                        supports_packing, supports_shared_prompt)
@@ -261,9 +261,7 @@ class Trainer:
         config = self.config
         self.dtype = resolve_dtype(config.dtype)
         self.accelerator = make_accelerator(self.dtype)
-        check_engine_supported(self.accelerator, grad_accum=config.grad_accum,
-                               reference_mode=config.reference_mode() if self.spec.needs_reference else None,
-                               retain=config.retain_data is not None)
+        check_engine_supported(self.accelerator, grad_accum=config.grad_accum, retain=config.retain_data is not None)
         # The output dir's state, then the data: a conflict or a bad file fails in seconds,
         # before any model is loaded.
         self._check_output_dir()
@@ -310,6 +308,8 @@ class Trainer:
         if deepspeed is not None:
             fill_deepspeed_micro_batch(deepspeed.deepspeed_config, config.batch_size)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        if is_sharded_engine(self.accelerator):
+            self.reference = score_through_engine(self.reference, model, self.model)
         # FSDP2 shards the model in place (unwrap_model returns it as it is), so ask what wraps or
         # shards it: packing calls the decoder alone, which would bypass the engine's gathering.
         engine = distributed_wrapper(self.model)

@@ -30,7 +30,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
@@ -325,11 +325,21 @@ def adapters_off(setup: ReferenceSetup) -> ScoredReference:
     return _scored(setup, setup.policy)
 
 
+def score_through_engine(reference: Reference, policy, prepared) -> Reference:
+    """A reference on the policy's own weights (``disable-adapters``) scoring through ``prepared``,
+    the policy as the engine wrapped it: under FSDP and ZeRO-3 its weights exist whole only inside
+    that forward pass. The adapters are still switched off on ``policy``: the same LoRA layers."""
+    if isinstance(reference, ScoredReference) and reference.scorer.model is policy:
+        reference.scorer = replace(reference.scorer, model=prepared)
+    return reference
+
+
 @dataclass(frozen=True)
 class ReferenceKind:
     """How one kind of reference is made. ``live``: it scores each batch as it comes, so it also
     scores anchors refreshed during training (D²O online). ``on_lora_policy``: it runs the LoRA
-    policy's own weights, so it needs LoRA and the whole policy on each process (no sharding)."""
+    policy's own weights, so it needs LoRA (and, on a sharded engine, scores through the engine:
+    :func:`score_through_engine`)."""
 
     name: str
     build: Callable[[ReferenceSetup], Reference]
