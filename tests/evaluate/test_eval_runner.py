@@ -187,6 +187,25 @@ def test_baseline_is_chosen_and_validated(compare_config):
         load_eval_config(None, {**compare_config, "baseline": "nope"})
 
 
+def test_head_to_head_equals_the_differences_against_the_second_model(compare_config, tmp_path):
+    """``comparisons: [[a, b]]`` is a − b on the same items: the numbers of a run whose baseline is b."""
+    common = {**compare_config, "prompt_sets": [], "reference_texts": []}
+    config = load_eval_config(None, {**common, "comparisons": [["base", "other"]]})
+    result, paths = run_eval(config, show_progress=False)
+    against_other = Evaluator(load_eval_config(None, {**common, "baseline": "other", "output_dir": str(tmp_path / "e2")}),
+                              show_progress=False).run()
+    assert set(result.head_to_head) == set(against_other.differences) == {"preference_accuracy", "implicit_margin"}
+    for name, per in result.head_to_head.items():
+        assert per == {"base − other": against_other.differences[name]["base"]}, name
+    assert json.loads(paths["json"].read_text())["head_to_head"]["preference_accuracy"]["base − other"]["n"] == 6
+    summary = markdown_summary(result)
+    assert "| head to head (95% paired bootstrap) | base − other |" in summary and "the first model − the second" in summary
+    assert "<h2>Head to head</h2>" in paths["html"].read_text()
+    for comparisons, message in (([["base", "nope"]], "'nope' not a model label"), ([["base", "base"]], "compares a model with itself")):
+        with pytest.raises(EvalConfigError, match=message):
+            load_eval_config(None, {**common, "comparisons": comparisons})
+
+
 def test_prompt_set_split_options_reach_the_sample_cache_key(eval_config):
     plain = PromptSetConfig(name="a", source="advbench")
     assert plain.eval_fraction == 0.25 and plain.where == {}

@@ -44,6 +44,8 @@ class EvalResult:
     # metric name -> model -> difference to the baseline (kind "difference": mean(model) − mean(baseline);
     # kind "relative": ratio − 1), each with its 95% paired bootstrap interval
     differences: dict[str, dict[str, Estimate]] = field(default_factory=dict)
+    # metric name -> "a − b" -> the config's comparisons, two trained models head to head, as above
+    head_to_head: dict[str, dict[str, Estimate]] = field(default_factory=dict)
     bootstrap: dict = field(default_factory=dict)  # {"samples": B, "seed": seed}
 
     def to_json(self) -> dict:
@@ -58,6 +60,7 @@ class EvalResult:
             "contrast_agreement": [a.as_dict() for a in self.contrast_agreement],
             "baseline": self.baseline,
             "differences": {m: {k: e.as_dict() for k, e in per.items()} for m, per in self.differences.items()},
+            "head_to_head": {m: {k: e.as_dict() for k, e in per.items()} for m, per in self.head_to_head.items()},
             "bootstrap": self.bootstrap,
         }
 
@@ -238,12 +241,17 @@ def format_difference(estimate: Estimate | None, marker: str = " *") -> str:
     return text + (marker if estimate.excludes_zero() else "")
 
 
-def difference_legend(result: EvalResult) -> str:
+def difference_legend(result: EvalResult, what: str | None = None) -> str:
     boot = result.bootstrap or {}
     resamples = f"{boot['samples']} resamples" if "samples" in boot else "resampled"
-    return (f"Δ = model − {result.baseline} on the same prompts / pairs / texts (mean of per-item values; perplexity on "
+    what = what or f"model − {result.baseline}"
+    return (f"Δ = {what} on the same prompts / pairs / texts (mean of per-item values; perplexity on "
             f"reference text: relative change of the pooled perplexity, ratio − 1, in %); [95% paired bootstrap "
             f"percentile interval, {resamples}]; * = the interval excludes 0.")
+
+
+def head_to_head_legend(result: EvalResult) -> str:
+    return difference_legend(result, "the first model − the second")
 
 
 def _difference_cell(estimate: Estimate | None, higher_is_better: bool | None) -> str:
@@ -258,16 +266,29 @@ def _difference_cell(estimate: Estimate | None, higher_is_better: bool | None) -
     return f'<td class="num{css}">{html.escape(value)}{star}{ci}</td>'
 
 
-def differences_table_html(result: EvalResult) -> str:
-    models = result.compared
-    head = "".join(f"<th>{html.escape(m)} − {html.escape(str(result.baseline))}</th>" for m in models)
+def _columns(table: dict[str, dict[str, Estimate]]) -> list[str]:
+    """A difference table's columns, in the order they first appear."""
+    return list(dict.fromkeys(column for per in table.values() for column in per))
+
+
+def _difference_table_html(result: EvalResult, table: dict[str, dict[str, Estimate]], columns: dict[str, str]) -> str:
+    """``columns``: key in ``table`` -> header."""
+    head = "".join(f"<th>{html.escape(header)}</th>" for header in columns.values())
     rows = []
-    for name, per in result.differences.items():
+    for name, per in table.items():
         info = result.info.get(name)
         label = html.escape(info.label if info else name)
-        cells = "".join(_difference_cell(per.get(m), info.higher_is_better if info else None) for m in models)
+        cells = "".join(_difference_cell(per.get(key), info.higher_is_better if info else None) for key in columns)
         rows.append(f"<tr><td>{label}</td>{cells}</tr>")
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def differences_table_html(result: EvalResult) -> str:
+    return _difference_table_html(result, result.differences, {m: f"{m} − {result.baseline}" for m in result.compared})
+
+
+def head_to_head_table_html(result: EvalResult) -> str:
+    return _difference_table_html(result, result.head_to_head, {c: c for c in _columns(result.head_to_head)})
 
 
 def examples_html(examples: dict[str, list[dict]], models: Sequence[str]) -> str:
@@ -291,6 +312,10 @@ def render_html(result: EvalResult) -> str:
         sections.append(f"<h2>Difference to {html.escape(str(result.baseline))}</h2>"
                         f'<p class="note">{html.escape(difference_legend(result))} Green: better, red: worse.</p>'
                         + differences_table_html(result))
+    if result.head_to_head:
+        sections.append("<h2>Head to head</h2>"
+                        f'<p class="note">{html.escape(head_to_head_legend(result))} Green: the first model better, red: worse.</p>'
+                        + head_to_head_table_html(result))
     plots = [("Metrics per model (95% intervals)", metric_bars(result)),
              ("Training curves", training_curves(result.training_logs)),
              ("Reward vs KL", reward_kl_plot(result.reward_vs_kl))]
@@ -353,18 +378,25 @@ def markdown_summary(result: EvalResult) -> str:
         lines.append(f"| {info.label if info else name} | " + " | ".join(cells) + " |")
     models = result.compared
     if result.differences and models:
-        lines += ["", f"| difference to {result.baseline} (95% paired bootstrap) | " + " | ".join(models) + " |",
-                  "|---|" + "---|" * len(models)]
-        for name, per in result.differences.items():
-            info = result.info.get(name)
-            lines.append(f"| {info.label if info else name} | " + " | ".join(format_difference(per.get(m)) for m in models) + " |")
-        lines += ["", difference_legend(result)]
+        lines += ["", *_difference_table_lines(result, result.differences, f"difference to {result.baseline}", models),
+                  "", difference_legend(result)]
+    if result.head_to_head:
+        lines += ["", *_difference_table_lines(result, result.head_to_head, "head to head", _columns(result.head_to_head)),
+                  "", head_to_head_legend(result)]
     if result.curve_comparisons:
         lines += ["", *curve_comparison_lines(result.curve_comparisons)]
     if result.contrast_agreement:
         lines += ["", "| contrast | pairs | ties | unscored | share agreeing |", "|---|---|---|---|---|"]
         lines += [f"| {r.group} | {r.pairs} | {r.ties} | {r.unscored} | {r.estimate.fmt()} |" for r in result.contrast_agreement]
     return "\n".join(lines)
+
+
+def _difference_table_lines(result: EvalResult, table: dict[str, dict[str, Estimate]], title: str, columns: list[str]) -> list[str]:
+    lines = [f"| {title} (95% paired bootstrap) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, per in table.items():
+        info = result.info.get(name)
+        lines.append(f"| {info.label if info else name} | " + " | ".join(format_difference(per.get(c)) for c in columns) + " |")
+    return lines
 
 
 def report_paths(output_dir: Path) -> dict[str, Path]:

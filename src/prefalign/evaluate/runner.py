@@ -111,6 +111,9 @@ class EvalConfig(BaseModel):
     models: dict[str, str]  # label -> registry name, HF folder or .gguf
     reference: str | None = None  # for KL and perplexity; default: the first model
     baseline: str | None = None  # the model label every other model is compared with; default: the first
+    # head to head: each [a, b] adds the paired difference a − b on every metric (e.g. [rdpo, dpo]:
+    # the soft labels against plain DPO on the same pairs), with the same bootstrap as the baseline's
+    comparisons: list[tuple[str, str]] = Field(default_factory=list)
     prompt_sets: list[PromptSetConfig] = Field(default_factory=list)
     reference_texts: list[ReferenceTextConfig] = Field(default_factory=list)
     # The recipe's training files: eval prompts found in them (after normalising) are dropped.
@@ -169,6 +172,12 @@ class EvalConfig(BaseModel):
                 raise ValueError(f"compare_curves: {', '.join(map(repr, shared))} on both curves (list the base model in the second only)")
         if self.baseline is not None and self.baseline not in self.models:
             raise ValueError(f"baseline: '{self.baseline}' is not a model label (labels: {', '.join(self.models)})")
+        for first, second in self.comparisons:
+            unknown = [m for m in (first, second) if m not in self.models]
+            if unknown:
+                raise ValueError(f"comparisons: {', '.join(map(repr, unknown))} not a model label (labels: {', '.join(self.models)})")
+            if first == second:
+                raise ValueError(f"comparisons: [{first}, {second}] compares a model with itself")
         return self
 
     @property
@@ -608,23 +617,33 @@ class Evaluator:
         self.record(name, label, pooled_perplexity(-logps, tokens, seed=c.bootstrap_seed, n_boot=c.bootstrap_samples))
         self.pooled.setdefault(name, {})[label] = (-logps, tokens)
 
+    def paired(self, name: str, label: str, against: str) -> Estimate | None:
+        """``label`` against ``against`` on metric ``name``, item by item (None where either lacks it)."""
+        c = self.config
+        if against in self.items.get(name, {}) and label in self.items[name]:
+            return paired_difference(self.items[name][label], self.items[name][against],
+                                     seed=c.bootstrap_seed, n_boot=c.bootstrap_samples)
+        if against in self.pooled.get(name, {}) and label in self.pooled[name]:
+            return paired_perplexity_change(*self.pooled[name][label], *self.pooled[name][against],
+                                            seed=c.bootstrap_seed, n_boot=c.bootstrap_samples)
+        return None
+
     def differences(self, labels: list[str]) -> dict[str, dict[str, Estimate]]:
         """Every other model against the baseline, metric by metric, on the same items."""
-        c, base = self.config, self.config.baseline_label
+        base = self.config.baseline_label
+        return self._table({label: (label, base) for label in labels if label != base})
+
+    def head_to_head(self) -> dict[str, dict[str, Estimate]]:
+        """The config's ``comparisons``, each ``a − b`` on the same items."""
+        return self._table({f"{a} − {b}": (a, b) for a, b in self.config.comparisons})
+
+    def _table(self, columns: dict[str, tuple[str, str]]) -> dict[str, dict[str, Estimate]]:
         out: dict[str, dict[str, Estimate]] = {}
         for name in self.metrics:
-            for label in labels:
-                if label == base:
-                    continue
-                if base in self.items.get(name, {}) and label in self.items[name]:
-                    estimate = paired_difference(self.items[name][label], self.items[name][base],
-                                                 seed=c.bootstrap_seed, n_boot=c.bootstrap_samples)
-                elif base in self.pooled.get(name, {}) and label in self.pooled[name]:
-                    estimate = paired_perplexity_change(*self.pooled[name][label], *self.pooled[name][base],
-                                                        seed=c.bootstrap_seed, n_boot=c.bootstrap_samples)
-                else:
-                    continue
-                out.setdefault(name, {})[label] = estimate
+            for column, (label, against) in columns.items():
+                estimate = self.paired(name, label, against)
+                if estimate is not None:
+                    out.setdefault(name, {})[column] = estimate
         return out
 
     # -- run ----------------------------------------------------------------------------------
@@ -673,7 +692,7 @@ class Evaluator:
         reward_vs_kl = self.reward_vs_kl(labels)
         return EvalResult(config.title, labels, self.metrics, info, self.examples, logs, reward_vs_kl,
                           curve_comparisons=self.curve_comparisons(reward_vs_kl), notes=self.notes(), contrast_agreement=self.contrast_agreement(),
-                          baseline=config.baseline_label, differences=self.differences(labels),
+                          baseline=config.baseline_label, differences=self.differences(labels), head_to_head=self.head_to_head(),
                           bootstrap={"samples": config.bootstrap_samples, "seed": config.bootstrap_seed})
 
     def notes(self) -> list[str]:
