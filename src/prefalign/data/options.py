@@ -86,6 +86,13 @@ def leading_letter(answer: str | None) -> str | None:
     return m.group(1) if m else None
 
 
+def option_text(answer: str | None) -> str | None:
+    """The text of the option an answer opens with, its letter dropped ("(A) Agree" -> "Agree"), or
+    None for an answer that opens with no option letter."""
+    m = _ANY_LEADING_LETTER.match(answer or "")
+    return (answer or "")[m.end():].strip() if m else None
+
+
 def _swap_meta(meta: dict) -> dict:
     """Letter-only values ("(A)", e.g. a source's ``truthful_answer``) follow their option."""
     return {k: swap_letter(v) if isinstance(v, str) and _ONLY_LETTER.match(v) else v for k, v in meta.items()}

