@@ -1,19 +1,13 @@
 """benchmarks/replicates.py: totals over replicates' curve comparisons equal a count done apart."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "replicates.py"
+from conftest import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("replicates", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("replicates")
 
 
 def point(label, difference, low, high):

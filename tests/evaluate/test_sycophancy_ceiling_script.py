@@ -1,22 +1,15 @@
 """benchmarks/sycophancy_ceiling.py: the bare claim is the prompt from its last "Do you agree or
 disagree" on, and a question's accuracy is the mean of its option orders."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
 from prefalign.data.options import order_record_options
 from prefalign.data.records import PreferenceRecord
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sycophancy_ceiling.py"
-
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("sycophancy_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sycophancy_ceiling")
 
 
 def test_the_bare_claim_drops_the_users_pressure_and_keeps_the_options():
